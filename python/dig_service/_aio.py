@@ -1,0 +1,78 @@
+"""asyncio glue called by the native core (``dig_service._core``).
+
+Private: these helpers run on the event loop's thread. They are plain
+Python because the work they do (awaiting a future, setting many futures'
+results, a timer) is what asyncio itself does fastest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from ._errors import ShutdownDeadlineExceeded
+
+__all__ = ["await_future", "join_all", "ready", "resolve", "wake_all"]
+
+
+async def await_future(fut: asyncio.Future[None]) -> None:
+    """Wait for ``fut``: the body of ``ShutdownToken.cancelled()``."""
+    await fut
+
+
+async def ready() -> None:
+    """An already-finished wait (``cancelled()`` on a fired token)."""
+
+
+def wake_all(futs: Iterable[asyncio.Future[None]]) -> None:
+    """Resolve every pending future in ``futs`` (one call per loop, not per waiter)."""
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+
+
+def resolve(fut: asyncio.Future[Any], value: Any = None) -> None:
+    """Set ``fut``'s result unless it is already done (cancelled or timed out)."""
+    if not fut.done():
+        fut.set_result(value)
+
+
+class _Joinable(Protocol):
+    def _try_close(self, fut: asyncio.Future[None]) -> bool: ...
+    def _close_and_stop_all(self) -> list[str]: ...
+
+
+_TIMED_OUT = object()
+
+
+async def join_all(registry: _Joinable, deadline: float) -> None:
+    """``TaskRegistry.join_all``: wait for every task, up to ``deadline`` seconds.
+
+    Tasks spawned while waiting are waited for too. At the deadline, Python
+    stragglers are cancelled and native ones aborted, the loop is given one
+    turn so that cancelled tasks on it can unwind, and
+    ``ShutdownDeadlineExceeded`` names them. The registry is closed either way.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        idle: asyncio.Future[Any] = loop.create_future()
+        if registry._try_close(idle):
+            return
+        remaining = end - loop.time()
+        if remaining <= 0:
+            break
+        timer = loop.call_later(remaining, resolve, idle, _TIMED_OUT)
+        try:
+            timed_out = await idle is _TIMED_OUT
+        finally:
+            timer.cancel()
+        if timed_out:
+            break
+    names = registry._close_and_stop_all()
+    if not names:
+        return
+    # One turn of the loop: cancelled tasks on it run their cancellation.
+    await asyncio.sleep(0)
+    raise ShutdownDeadlineExceeded(deadline, len(names), names)

@@ -1,0 +1,60 @@
+//! # dig-service
+//!
+//! The service scaffold every DIG Network process stands on: a node with
+//! five lifecycle hooks, optional peer and RPC APIs, ordered start-up and
+//! shut-down, a registry of named background tasks joined under a deadline,
+//! a broadcast [`ShutdownToken`] with a typed [`ShutdownReason`], a
+//! [`ServiceHandle`] usable from anywhere, and an [`ExitStatus`] an
+//! operator can trust.
+//!
+//! The same core backs the Python package `dig_service` (feature `python`):
+//! asyncio tasks are tracked by the same [`TaskRegistry`] as tokio tasks,
+//! under one token and one deadline.
+//!
+//! ## Lifecycle
+//!
+//! ```text
+//! pre_start → on_start → run ─┬→ cancel token → join_all(deadline) → on_stop → post_stop
+//!                              └ (run bounded by the deadline once the token fired)
+//! ```
+//!
+//! ## Feature flags
+//!
+//! | flag | effect |
+//! |---|---|
+//! | `testing` | ships [`testing::TestNode`] |
+//! | `python` | the PyO3 bindings (`dig_service._core`) |
+//! | `abi3` | `python`, built against the stable ABI (CPython >= 3.11) |
+
+#![warn(missing_docs)]
+
+mod error;
+mod exit;
+mod handle;
+mod service;
+mod shutdown;
+mod tasks;
+mod traits;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[cfg(feature = "python")]
+pub mod python;
+
+pub use tokio::task::JoinHandle;
+pub use tokio_util::sync::CancellationToken;
+
+pub use error::{HookTimeout, Result, ServiceError};
+pub use exit::{ExitReason, ExitStatus};
+pub use handle::ServiceHandle;
+pub use service::{Service, ServiceConfig};
+pub use shutdown::{ShutdownReason, ShutdownToken};
+pub use tasks::{
+    ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
+    TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,
+};
+pub use traits::{
+    DisconnectReason, InboundMessage, JsonRpcError, NodeLifecycle, PeerApi, PeerId, PeerInfo,
+    RpcApi, RunContext, StartContext, StopContext,
+};

@@ -1,0 +1,148 @@
+//! Cached Python objects and the argument checks shared by the bindings.
+//!
+//! Every check raises an exception that names the function and the
+//! parameter, and says what was given.
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyFloat, PyInt, PyString, PyTuple};
+
+use crate::error::ServiceError;
+
+macro_rules! cached {
+    ($fn_name:ident, $module:literal, $attr:literal) => {
+        pub(crate) fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+            static CELL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            CELL.get_or_try_init(py, || Ok::<_, PyErr>(py.import($module)?.getattr($attr)?.unbind()))
+                .map(|o| o.bind(py))
+        }
+    };
+}
+
+cached!(get_running_loop, "asyncio", "get_running_loop");
+cached!(iscoroutine, "asyncio", "iscoroutine");
+cached!(coroutine_type, "types", "CoroutineType");
+cached!(timedelta_type, "datetime", "timedelta");
+cached!(aio_await_future, "dig_service._aio", "await_future");
+cached!(aio_ready, "dig_service._aio", "ready");
+cached!(aio_wake_all, "dig_service._aio", "wake_all");
+cached!(aio_resolve, "dig_service._aio", "resolve");
+cached!(aio_join_all, "dig_service._aio", "join_all");
+cached!(err_already_stopped, "dig_service._errors", "AlreadyStopped");
+cached!(err_deadline_exceeded, "dig_service._errors", "ShutdownDeadlineExceeded");
+cached!(get_logger, "logging", "getLogger");
+cached!(monotonic, "time", "monotonic");
+
+/// The running event loop, or a `RuntimeError` saying who needed one.
+pub(crate) fn running_loop<'py>(py: Python<'py>, who: &str) -> PyResult<Bound<'py, PyAny>> {
+    get_running_loop(py)?.call0().map_err(|_| {
+        PyRuntimeError::new_err(format!(
+            "{who} needs a running asyncio event loop: call it from a coroutine \
+             (inside asyncio.run(...) or dig_service.run(...))"
+        ))
+    })
+}
+
+/// A name in Python's words for error messages: `int`, `function`, ...
+pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "<unknown>".to_owned())
+}
+
+/// A `str` argument.
+pub(crate) fn str_arg<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    func: &str,
+    param: &str,
+) -> PyResult<&'a Bound<'py, PyString>> {
+    obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{func}: `{param}` must be str, got {}",
+            type_name(obj)
+        ))
+    })
+}
+
+/// A duration in seconds: int, float or `datetime.timedelta`; finite and >= 0.
+pub(crate) fn seconds_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyResult<f64> {
+    let py = obj.py();
+    let secs = if obj.is_instance_of::<PyFloat>()
+        || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<pyo3::types::PyBool>())
+    {
+        obj.extract::<f64>()?
+    } else if obj.is_instance(timedelta_type(py)?)? {
+        obj.call_method0(pyo3::intern!(py, "total_seconds"))?
+            .extract::<f64>()?
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "{func}: `{param}` must be a number of seconds (int or float) or a datetime.timedelta, got {}",
+            type_name(obj)
+        )));
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "{func}: `{param}` must be a finite number of seconds >= 0, got {secs}"
+        )));
+    }
+    Ok(secs)
+}
+
+/// `Duration` from already-checked seconds (saturating for huge values).
+pub(crate) fn duration(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+}
+
+/// Translate a core error into the Python exception of the same name.
+pub(crate) fn service_err(py: Python<'_>, err: &ServiceError) -> PyErr {
+    let built = match err {
+        ServiceError::AlreadyStopped => err_already_stopped(py)
+            .and_then(|cls| cls.call1((err.to_string(),))),
+        ServiceError::ShutdownDeadlineExceeded {
+            deadline,
+            pending,
+            pending_names,
+        } => err_deadline_exceeded(py).and_then(|cls| {
+            cls.call1((deadline.as_secs_f64(), *pending, pending_names.clone()))
+        }),
+        other => Err(PyRuntimeError::new_err(other.to_string())),
+    };
+    match built {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
+/// Converts core `Instant`s to `time.monotonic()` seconds.
+///
+/// Both are CLOCK_MONOTONIC on Linux; the offset is measured once.
+pub(crate) fn monotonic_of(py: Python<'_>, at: Instant) -> PyResult<f64> {
+    static BASE: PyOnceLock<(Instant, f64)> = PyOnceLock::new();
+    let (base_instant, base_secs) = BASE.get_or_try_init(py, || {
+        let now = Instant::now();
+        let secs = monotonic(py)?.call0()?.extract::<f64>()?;
+        Ok::<_, PyErr>((now, secs))
+    })?;
+    Ok(if at >= *base_instant {
+        base_secs + (at - *base_instant).as_secs_f64()
+    } else {
+        base_secs - (*base_instant - at).as_secs_f64()
+    })
+}
+
+/// Log `msg` with `exc`'s traceback on the `dig_service.tasks` logger.
+pub(crate) fn log_task_exception(
+    py: Python<'_>,
+    msg: &str,
+    exc: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let logger = get_logger(py)?.call1(("dig_service.tasks",))?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("exc_info", exc)?;
+    logger.call_method("error", PyTuple::new(py, ["%s", msg])?, Some(&kwargs))?;
+    Ok(())
+}

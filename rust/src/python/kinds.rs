@@ -1,0 +1,157 @@
+//! `TaskKind` and `ShutdownReason` as Python classes, and their conversions
+//! to and from the core enums. Both compare by value; `match` works on
+//! `ShutdownReason` variants.
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+
+use super::interop::type_name;
+use crate::shutdown::ShutdownReason;
+use crate::tasks::TaskKind;
+
+/// What a tracked task is for (observability only).
+#[pyclass(name = "TaskKind", module = "dig_service._core", eq, eq_int, frozen, hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PyTaskKind {
+    /// A long-running background loop.
+    BackgroundLoop,
+    /// A per-peer connection handler.
+    PeerConnection,
+    /// A per-request RPC handler.
+    RpcHandler,
+    /// A periodic maintenance job.
+    Maintenance,
+}
+
+#[pymethods]
+impl PyTaskKind {
+    fn __repr__(&self) -> String {
+        format!("TaskKind.{}", self.name())
+    }
+}
+
+impl PyTaskKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::BackgroundLoop => "BackgroundLoop",
+            Self::PeerConnection => "PeerConnection",
+            Self::RpcHandler => "RpcHandler",
+            Self::Maintenance => "Maintenance",
+        }
+    }
+
+    /// A `TaskKind` argument, or a `TypeError` naming `param`.
+    pub(crate) fn from_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyResult<TaskKind> {
+        match obj.cast::<PyTaskKind>() {
+            Ok(k) => Ok((*k.get()).into()),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{func}: `{param}` must be a dig_service.TaskKind (e.g. TaskKind.BackgroundLoop), got {}",
+                type_name(obj)
+            ))),
+        }
+    }
+}
+
+impl From<PyTaskKind> for TaskKind {
+    fn from(k: PyTaskKind) -> Self {
+        match k {
+            PyTaskKind::BackgroundLoop => TaskKind::BackgroundLoop,
+            PyTaskKind::PeerConnection => TaskKind::PeerConnection,
+            PyTaskKind::RpcHandler => TaskKind::RpcHandler,
+            PyTaskKind::Maintenance => TaskKind::Maintenance,
+        }
+    }
+}
+
+impl From<TaskKind> for PyTaskKind {
+    fn from(k: TaskKind) -> Self {
+        match k {
+            TaskKind::BackgroundLoop => PyTaskKind::BackgroundLoop,
+            TaskKind::PeerConnection => PyTaskKind::PeerConnection,
+            TaskKind::RpcHandler => PyTaskKind::RpcHandler,
+            TaskKind::Maintenance => PyTaskKind::Maintenance,
+        }
+    }
+}
+
+/// Why the service is shutting down. Variants compare by value.
+#[pyclass(name = "ShutdownReason", module = "dig_service._core", eq, frozen, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum PyShutdownReason {
+    /// SIGINT / SIGTERM / Ctrl-C.
+    UserRequested(),
+    /// An admin RPC method requested shutdown.
+    RpcRequested(),
+    /// A reload was requested.
+    ReloadRequested(),
+    /// The node's `run` returned by itself.
+    RequestedByRun(),
+    /// An unrecoverable error, with a message.
+    Fatal {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[pymethods]
+impl PyShutdownReason {
+    fn __repr__(&self) -> String {
+        self.repr()
+    }
+
+    fn __str__(&self) -> String {
+        ShutdownReason::from(self.clone()).to_string()
+    }
+}
+
+impl PyShutdownReason {
+    pub(crate) fn repr(&self) -> String {
+        match self {
+            Self::UserRequested() => "ShutdownReason.UserRequested()".into(),
+            Self::RpcRequested() => "ShutdownReason.RpcRequested()".into(),
+            Self::ReloadRequested() => "ShutdownReason.ReloadRequested()".into(),
+            Self::RequestedByRun() => "ShutdownReason.RequestedByRun()".into(),
+            Self::Fatal { message } => format!("ShutdownReason.Fatal(message={message:?})"),
+        }
+    }
+
+    /// A `ShutdownReason` argument, or a `TypeError` naming `param`.
+    pub(crate) fn from_arg(
+        obj: &Bound<'_, PyAny>,
+        func: &str,
+        param: &str,
+    ) -> PyResult<ShutdownReason> {
+        match obj.cast::<PyShutdownReason>() {
+            Ok(r) => Ok(r.get().clone().into()),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{func}: `{param}` must be a dig_service.ShutdownReason \
+                 (e.g. ShutdownReason.UserRequested()), got {}",
+                type_name(obj)
+            ))),
+        }
+    }
+}
+
+impl From<PyShutdownReason> for ShutdownReason {
+    fn from(r: PyShutdownReason) -> Self {
+        match r {
+            PyShutdownReason::UserRequested() => ShutdownReason::UserRequested,
+            PyShutdownReason::RpcRequested() => ShutdownReason::RpcRequested,
+            PyShutdownReason::ReloadRequested() => ShutdownReason::ReloadRequested,
+            PyShutdownReason::RequestedByRun() => ShutdownReason::RequestedByRun,
+            PyShutdownReason::Fatal { message } => ShutdownReason::Fatal(message),
+        }
+    }
+}
+
+impl From<ShutdownReason> for PyShutdownReason {
+    fn from(r: ShutdownReason) -> Self {
+        match r {
+            ShutdownReason::UserRequested => PyShutdownReason::UserRequested(),
+            ShutdownReason::RpcRequested => PyShutdownReason::RpcRequested(),
+            ShutdownReason::ReloadRequested => PyShutdownReason::ReloadRequested(),
+            ShutdownReason::RequestedByRun => PyShutdownReason::RequestedByRun(),
+            ShutdownReason::Fatal(message) => PyShutdownReason::Fatal { message },
+        }
+    }
+}

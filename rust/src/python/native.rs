@@ -1,0 +1,86 @@
+//! Native tokio tasks spawned from Python into a registry.
+//!
+//! `spawn_native_sleeper` is the testing helper of `dig_service.testing`:
+//! a real tokio task on the bindings' runtime, tracked by the same
+//! registry as the asyncio tasks, so native tracking can be exercised from
+//! Python (`origin == "native"`).
+
+use std::future::Future;
+
+use pyo3::prelude::*;
+use pyo3::types::PyString;
+use tokio::sync::watch;
+
+use super::interop::{duration, seconds_arg, service_err, str_arg};
+use super::kinds::PyTaskKind;
+use super::registry::{PyTaskHandle, PyTaskRegistry};
+use super::runtime;
+use crate::tasks::TaskKind;
+
+/// Spawn `fut` as a tracked native task and hand back a Python handle whose
+/// awaiters all see the task's result.
+pub(crate) fn spawn_native<F>(
+    py: Python<'_>,
+    registry: &PyTaskRegistry,
+    name: &Bound<'_, PyString>,
+    kind: TaskKind,
+    fut: F,
+) -> PyResult<PyTaskHandle>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let rt = runtime::handle(py)?;
+    let handle = registry
+        .core
+        .spawn_on(&rt, name.to_str()?, kind, fut)
+        .map_err(|e| service_err(py, &e))?;
+    let abort = handle.abort_handle();
+    let (tx, rx) = watch::channel(None);
+    // Forward the result to every awaiter; if the task is aborted the
+    // sender is dropped and awaiters see "aborted".
+    rt.spawn(async move {
+        let res = handle.await;
+        let _ = tx.send(Some(res));
+    });
+    Ok(PyTaskHandle::native(name.clone().unbind(), kind, abort, rx))
+}
+
+/// Spawn a real tokio task that sleeps `seconds` (returning early when the
+/// registry's token fires, if `honor_shutdown`), tracked by `registry`.
+#[pyfunction]
+#[pyo3(signature = (registry, name, seconds, *, honor_shutdown = true, kind = None))]
+pub(crate) fn spawn_native_sleeper(
+    py: Python<'_>,
+    registry: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyAny>,
+    seconds: &Bound<'_, PyAny>,
+    honor_shutdown: bool,
+    kind: Option<&Bound<'_, PyAny>>,
+) -> PyResult<PyTaskHandle> {
+    const FUNC: &str = "spawn_native_sleeper()";
+    let registry = registry.cast::<PyTaskRegistry>().map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(format!(
+            "{FUNC}: `registry` must be a dig_service.TaskRegistry, got {}",
+            super::interop::type_name(registry)
+        ))
+    })?;
+    let name = str_arg(name, FUNC, "name")?;
+    let secs = seconds_arg(seconds, FUNC, "seconds")?;
+    let kind = match kind {
+        Some(k) => PyTaskKind::from_arg(k, FUNC, "kind")?,
+        None => TaskKind::BackgroundLoop,
+    };
+    let token = registry.get().core.shutdown().clone();
+    let sleep = duration(secs);
+    spawn_native(py, registry.get(), name, kind, async move {
+        if honor_shutdown {
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = token.cancelled() => {}
+            }
+        } else {
+            tokio::time::sleep(sleep).await;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,489 @@
+//! `TaskRegistry`, `TaskHandle`, `TaskSummary` and `TaskStats` for Python.
+//!
+//! A Python spawn is one crossing in (`spawn`: checks, `loop.create_task`,
+//! one registry insert) and one crossing out (the task's done callback:
+//! outcome, logging, one registry removal). Nothing waits on tokio: the
+//! deadline join runs on the event loop (`dig_service._aio.join_all`) and is
+//! woken once, when the registry empties, by whichever thread empties it.
+
+use std::sync::Arc;
+use std::thread::{self, ThreadId};
+
+use pyo3::exceptions::asyncio::CancelledError;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::interop::{
+    aio_join_all, aio_resolve, coroutine_type, iscoroutine, log_task_exception, monotonic_of,
+    running_loop, seconds_arg, service_err, str_arg, type_name,
+};
+use super::kinds::PyTaskKind;
+use super::token::PyShutdownToken;
+use crate::error::ServiceError;
+use crate::shutdown::{ShutdownReason, ShutdownToken};
+use crate::tasks::{
+    ForeignTask, ForeignTaskId, TaskFailure, TaskKind, TaskOrigin, TaskOutcome, TaskRegistry,
+};
+
+/// An asyncio task as the core registry sees it.
+pub(crate) struct PyForeign {
+    task: Py<PyAny>,
+    event_loop: Py<PyAny>,
+    thread: ThreadId,
+}
+
+impl ForeignTask for PyForeign {
+    fn cancel(&self) {
+        Python::attach(|py| {
+            let task = self.task.bind(py);
+            if thread::current().id() == self.thread {
+                let _ = task.call_method0(pyo3::intern!(py, "cancel"));
+            } else if let Ok(cancel) = task.getattr(pyo3::intern!(py, "cancel")) {
+                // A closed loop raises RuntimeError: its tasks are gone.
+                let _ = self
+                    .event_loop
+                    .bind(py)
+                    .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (cancel,));
+            }
+        });
+    }
+}
+
+/// The result a native task's awaiters see.
+pub(crate) type NativeResult = Option<Result<(), TaskFailure>>;
+
+enum HandleInner {
+    Python(Arc<PyForeign>),
+    Native {
+        abort: AbortHandle,
+        done: watch::Receiver<NativeResult>,
+    },
+}
+
+/// A tracked task: abort it, ask whether it finished, or await its result.
+#[pyclass(name = "TaskHandle", module = "dig_service._core", frozen)]
+pub struct PyTaskHandle {
+    name: Py<PyString>,
+    kind: PyTaskKind,
+    inner: HandleInner,
+}
+
+impl PyTaskHandle {
+    pub(crate) fn native(
+        name: Py<PyString>,
+        kind: TaskKind,
+        abort: AbortHandle,
+        done: watch::Receiver<NativeResult>,
+    ) -> Self {
+        Self {
+            name,
+            kind: kind.into(),
+            inner: HandleInner::Native { abort, done },
+        }
+    }
+}
+
+#[pymethods]
+impl PyTaskHandle {
+    /// The task's name.
+    #[getter]
+    fn name(&self, py: Python<'_>) -> Py<PyString> {
+        self.name.clone_ref(py)
+    }
+
+    /// The task's kind.
+    #[getter]
+    fn kind(&self) -> PyTaskKind {
+        self.kind
+    }
+
+    /// `"python"` or `"native"`.
+    #[getter]
+    fn origin(&self) -> &'static str {
+        match self.inner {
+            HandleInner::Python(_) => TaskOrigin::Python.as_str(),
+            HandleInner::Native { .. } => TaskOrigin::Native.as_str(),
+        }
+    }
+
+    /// Cancel (Python task) or abort (native task). Safe from any thread.
+    fn abort(&self) {
+        match &self.inner {
+            HandleInner::Python(f) => f.cancel(),
+            HandleInner::Native { abort, .. } => abort.abort(),
+        }
+    }
+
+    /// Whether the task has finished, however it finished.
+    fn is_finished(&self, py: Python<'_>) -> PyResult<bool> {
+        match &self.inner {
+            HandleInner::Python(f) => f
+                .task
+                .bind(py)
+                .call_method0(pyo3::intern!(py, "done"))?
+                .is_truthy(),
+            HandleInner::Native { abort, .. } => Ok(abort.is_finished()),
+        }
+    }
+
+    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let awaitable = match &self.inner {
+            HandleInner::Python(f) => f.task.bind(py).clone(),
+            HandleInner::Native { done, .. } => {
+                let mut done = done.clone();
+                super::runtime::into_awaitable(py, async move {
+                    let outcome = match done.wait_for(Option::is_some).await {
+                        Ok(v) => v.clone().unwrap_or(Err(TaskFailure::Aborted)),
+                        Err(_) => Err(TaskFailure::Aborted),
+                    };
+                    // `None` on the Python side.
+                    match outcome {
+                        Ok(()) => Ok(None::<bool>),
+                        Err(TaskFailure::Aborted) => {
+                            Err(CancelledError::new_err("native task was aborted"))
+                        }
+                        Err(other) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                            "native task failed: {other}"
+                        ))),
+                    }
+                })?
+            }
+        };
+        awaitable.call_method0(pyo3::intern!(py, "__await__"))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
+    }
+}
+
+/// The done callback of a tracked asyncio task: reads the outcome, logs and
+/// counts a failure, fires the token for a critical task, and removes the
+/// entry from the registry.
+#[pyclass(module = "dig_service._core", frozen)]
+struct TaskDone {
+    registry: TaskRegistry,
+    id: ForeignTaskId,
+    name: Py<PyString>,
+    kind: PyTaskKind,
+    critical: bool,
+}
+
+#[pymethods]
+impl TaskDone {
+    fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = task.py();
+        let outcome = match task.call_method0(pyo3::intern!(py, "exception")) {
+            Ok(exc) if exc.is_none() => {
+                let token = self.registry.shutdown();
+                if self.critical && !token.is_cancelled() {
+                    let msg = format!(
+                        "critical task {} returned while the service was running",
+                        self.name.bind(py).repr()?
+                    );
+                    let _ = log_warning(py, &msg);
+                    token.cancel(ShutdownReason::Fatal(msg));
+                }
+                TaskOutcome::Completed
+            }
+            Ok(exc) => {
+                let what = format!(
+                    "task {} ({}) failed",
+                    self.name.bind(py).repr()?,
+                    self.kind.name()
+                );
+                log_task_exception(py, &what, &exc)?;
+                if self.critical {
+                    let msg = format!(
+                        "critical task {} failed: {}: {}",
+                        self.name.bind(py).repr()?,
+                        type_name(&exc),
+                        exc.str()?
+                    );
+                    self.registry.shutdown().cancel(ShutdownReason::Fatal(msg));
+                }
+                TaskOutcome::Failed
+            }
+            Err(e) if e.is_instance_of::<CancelledError>(py) => TaskOutcome::Cancelled,
+            Err(e) => {
+                self.registry.finish_foreign(self.id, TaskOutcome::Failed);
+                return Err(e);
+            }
+        };
+        self.registry.finish_foreign(self.id, outcome);
+        Ok(())
+    }
+}
+
+fn log_warning(py: Python<'_>, msg: &str) -> PyResult<()> {
+    super::interop::get_logger(py)?
+        .call1(("dig_service.tasks",))?
+        .call_method1("warning", ("%s", msg))?;
+    Ok(())
+}
+
+/// Named, tracked tasks (asyncio and tokio) joined under one deadline.
+#[pyclass(name = "TaskRegistry", module = "dig_service._core", frozen)]
+pub struct PyTaskRegistry {
+    pub(crate) core: TaskRegistry,
+    shutdown: Py<PyShutdownToken>,
+}
+
+impl PyTaskRegistry {
+    /// A Python view of `core` whose `shutdown` is `token`.
+    pub fn from_core(core: TaskRegistry, token: Py<PyShutdownToken>) -> Self {
+        Self {
+            core,
+            shutdown: token,
+        }
+    }
+
+    /// The core token.
+    pub fn shutdown_core(&self) -> &ShutdownToken {
+        self.core.shutdown()
+    }
+}
+
+#[pymethods]
+impl PyTaskRegistry {
+    #[new]
+    fn new(shutdown: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let token = shutdown.cast::<PyShutdownToken>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "TaskRegistry(): `shutdown` must be a dig_service.ShutdownToken, got {}",
+                type_name(shutdown)
+            ))
+        })?;
+        Ok(Self {
+            core: TaskRegistry::new(token.get().core.clone()),
+            shutdown: token.clone().unbind(),
+        })
+    }
+
+    /// The token this registry's tasks watch.
+    #[getter]
+    fn shutdown(&self, py: Python<'_>) -> Py<PyShutdownToken> {
+        self.shutdown.clone_ref(py)
+    }
+
+    /// Schedule `coro` on the running loop and track it.
+    #[pyo3(signature = (name, kind, coro, *, critical = false))]
+    fn spawn(
+        slf: &Bound<'_, Self>,
+        name: &Bound<'_, PyAny>,
+        kind: &Bound<'_, PyAny>,
+        coro: &Bound<'_, PyAny>,
+        critical: bool,
+    ) -> PyResult<PyTaskHandle> {
+        let py = slf.py();
+        let this = slf.get();
+        let is_coroutine =
+            coro.get_type().is(coroutine_type(py)?) || iscoroutine(py)?.call1((coro,))?.is_truthy()?;
+        if !is_coroutine {
+            let hint = if coro.is_callable() {
+                " (call the async function: spawn(name, kind, work()), not spawn(name, kind, work))"
+            } else {
+                ""
+            };
+            return Err(PyTypeError::new_err(format!(
+                "TaskRegistry.spawn(): `coro` must be a coroutine object{hint}, got {}",
+                type_name(coro)
+            )));
+        }
+        // From here on, every refusal closes the coroutine so that Python
+        // does not warn that it was never awaited.
+        let refuse = |err: PyErr| {
+            let _ = coro.call_method0(pyo3::intern!(py, "close"));
+            err
+        };
+        let name_str = str_arg(name, "TaskRegistry.spawn()", "name").map_err(refuse)?;
+        let kind = PyTaskKind::from_arg(kind, "TaskRegistry.spawn()", "kind").map_err(refuse)?;
+        if this.core.is_closed() {
+            return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
+        }
+        let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(pyo3::intern!(py, "name"), name_str)?;
+        let task = event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))?;
+        let foreign = Arc::new(PyForeign {
+            task: task.clone().unbind(),
+            event_loop: event_loop.unbind(),
+            thread: thread::current().id(),
+        });
+        let id = match this
+            .core
+            .track_foreign(name_str.to_str()?, kind, foreign.clone())
+        {
+            Ok(id) => id,
+            Err(e) => {
+                // Closed by another thread between the check and now.
+                let _ = task.call_method0(pyo3::intern!(py, "cancel"));
+                return Err(service_err(py, &e));
+            }
+        };
+        let name_obj = name_str.clone().unbind();
+        let done = TaskDone {
+            registry: this.core.clone(),
+            id,
+            name: name_obj.clone_ref(py),
+            kind: kind.into(),
+            critical,
+        };
+        task.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
+        Ok(PyTaskHandle {
+            name: name_obj,
+            kind: kind.into(),
+            inner: HandleInner::Python(foreign),
+        })
+    }
+
+    /// Wait for every tracked task up to `deadline` seconds, then stop the
+    /// stragglers and raise `ShutdownDeadlineExceeded`.
+    fn join_all<'py>(
+        slf: &Bound<'py, Self>,
+        deadline: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let secs = seconds_arg(deadline, "TaskRegistry.join_all()", "deadline")?;
+        aio_join_all(slf.py())?.call1((slf, secs))
+    }
+
+    /// Close the registry if it is empty; else resolve `fut` once it empties.
+    fn _try_close(&self, fut: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let py = fut.py();
+        let event_loop = fut.call_method0(pyo3::intern!(py, "get_loop"))?.unbind();
+        let fut = fut.clone().unbind();
+        let thread = thread::current().id();
+        Ok(self.core.try_close(move || {
+            Python::attach(|py| {
+                let Ok(resolve) = aio_resolve(py) else { return };
+                if thread::current().id() == thread {
+                    let _ = resolve.call1((fut,));
+                } else {
+                    let _ = event_loop.bind(py).call_method1(
+                        pyo3::intern!(py, "call_soon_threadsafe"),
+                        (resolve, fut),
+                    );
+                }
+            })
+        }))
+    }
+
+    /// Close the registry, stop every live task, return their names.
+    fn _close_and_stop_all(&self) -> Vec<String> {
+        self.core.close_and_stop_all().names
+    }
+
+    /// The live tasks.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<Vec<PyTaskSummary>> {
+        self.core
+            .snapshot()
+            .into_iter()
+            .map(|s| {
+                Ok(PyTaskSummary {
+                    name: PyString::new(py, &s.name).unbind(),
+                    kind: s.kind.into(),
+                    spawned_at: monotonic_of(py, s.spawned_at)?,
+                    origin: s.origin.as_str(),
+                })
+            })
+            .collect()
+    }
+
+    /// Counters since the registry was created.
+    fn stats(&self) -> PyTaskStats {
+        let s = self.core.stats();
+        PyTaskStats {
+            spawned: s.spawned,
+            completed: s.completed,
+            failed: s.failed,
+            cancelled: s.cancelled,
+            aborted: s.aborted,
+            live: s.live,
+        }
+    }
+
+    /// Whether no task is live.
+    fn is_empty(&self) -> bool {
+        self.core.is_empty()
+    }
+
+    /// Whether `join_all` has closed the registry.
+    fn is_closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    fn __len__(&self) -> usize {
+        self.core.len()
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.core.stats();
+        format!(
+            "<TaskRegistry live={} spawned={} closed={}>",
+            s.live,
+            s.spawned,
+            self.core.is_closed()
+        )
+    }
+}
+
+/// One live task.
+#[pyclass(name = "TaskSummary", module = "dig_service._core", frozen)]
+pub struct PyTaskSummary {
+    /// The name given at spawn.
+    #[pyo3(get)]
+    name: Py<PyString>,
+    /// The task's kind.
+    #[pyo3(get)]
+    kind: PyTaskKind,
+    /// `time.monotonic()` at spawn.
+    #[pyo3(get)]
+    spawned_at: f64,
+    /// `"python"` or `"native"`.
+    #[pyo3(get)]
+    origin: &'static str,
+}
+
+#[pymethods]
+impl PyTaskSummary {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "TaskSummary(name={}, kind=TaskKind.{}, spawned_at={}, origin='{}')",
+            self.name.bind(py).repr()?,
+            self.kind.name(),
+            self.spawned_at,
+            self.origin
+        ))
+    }
+}
+
+/// Counters of a registry since it was created.
+#[pyclass(name = "TaskStats", module = "dig_service._core", frozen, get_all, eq)]
+#[derive(PartialEq, Eq)]
+pub struct PyTaskStats {
+    spawned: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    aborted: u64,
+    live: u64,
+}
+
+#[pymethods]
+impl PyTaskStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "TaskStats(spawned={}, completed={}, failed={}, cancelled={}, aborted={}, live={})",
+            self.spawned, self.completed, self.failed, self.cancelled, self.aborted, self.live
+        )
+    }
+}
