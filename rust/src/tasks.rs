@@ -261,7 +261,9 @@ enum Control {
     /// is called without the state lock; `stop_requested` records a
     /// `close_and_stop_all` that ran in this window so `spawn_on` can abort
     /// the task once it has its handle.
-    Starting { stop_requested: bool },
+    Starting {
+        stop_requested: bool,
+    },
     Native(AbortHandle),
     Foreign(Arc<dyn ForeignTask>),
 }

@@ -16,8 +16,10 @@ macro_rules! cached {
     ($fn_name:ident, $module:literal, $attr:literal) => {
         pub(crate) fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
             static CELL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-            CELL.get_or_try_init(py, || Ok::<_, PyErr>(py.import($module)?.getattr($attr)?.unbind()))
-                .map(|o| o.bind(py))
+            CELL.get_or_try_init(py, || {
+                Ok::<_, PyErr>(py.import($module)?.getattr($attr)?.unbind())
+            })
+            .map(|o| o.bind(py))
         }
     };
 }
@@ -32,7 +34,11 @@ cached!(aio_wake_all, "dig_service._aio", "wake_all");
 cached!(aio_resolve, "dig_service._aio", "resolve");
 cached!(aio_join_all, "dig_service._aio", "join_all");
 cached!(err_already_stopped, "dig_service._errors", "AlreadyStopped");
-cached!(err_deadline_exceeded, "dig_service._errors", "ShutdownDeadlineExceeded");
+cached!(
+    err_deadline_exceeded,
+    "dig_service._errors",
+    "ShutdownDeadlineExceeded"
+);
 cached!(get_logger, "logging", "getLogger");
 cached!(monotonic, "time", "monotonic");
 
@@ -100,15 +106,15 @@ pub(crate) fn duration(secs: f64) -> Duration {
 /// Translate a core error into the Python exception of the same name.
 pub(crate) fn service_err(py: Python<'_>, err: &ServiceError) -> PyErr {
     let built = match err {
-        ServiceError::AlreadyStopped => err_already_stopped(py)
-            .and_then(|cls| cls.call1((err.to_string(),))),
+        ServiceError::AlreadyStopped => {
+            err_already_stopped(py).and_then(|cls| cls.call1((err.to_string(),)))
+        }
         ServiceError::ShutdownDeadlineExceeded {
             deadline,
             pending,
             pending_names,
-        } => err_deadline_exceeded(py).and_then(|cls| {
-            cls.call1((deadline.as_secs_f64(), *pending, pending_names.clone()))
-        }),
+        } => err_deadline_exceeded(py)
+            .and_then(|cls| cls.call1((deadline.as_secs_f64(), *pending, pending_names.clone()))),
         other => Err(PyRuntimeError::new_err(other.to_string())),
     };
     match built {

@@ -10,7 +10,14 @@ use crate::shutdown::ShutdownReason;
 use crate::tasks::TaskKind;
 
 /// What a tracked task is for (observability only).
-#[pyclass(name = "TaskKind", module = "dig_service._core", eq, eq_int, frozen, hash)]
+#[pyclass(
+    name = "TaskKind",
+    module = "dig_service._core",
+    eq,
+    eq_int,
+    frozen,
+    hash
+)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PyTaskKind {
     /// A long-running background loop.
@@ -75,7 +82,13 @@ impl From<TaskKind> for PyTaskKind {
 }
 
 /// Why the service is shutting down. Variants compare by value.
-#[pyclass(name = "ShutdownReason", module = "dig_service._core", eq, frozen, hash)]
+#[pyclass(
+    name = "ShutdownReason",
+    module = "dig_service._core",
+    eq,
+    frozen,
+    hash
+)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum PyShutdownReason {
     /// SIGINT / SIGTERM / Ctrl-C.

@@ -4,11 +4,13 @@
 //! bridge), [`kinds`] (`TaskKind`, `ShutdownReason`), [`token`]
 //! (`ShutdownToken` with per-loop batched wake-ups), [`registry`]
 //! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
-//! tokio tasks seen from Python). [`interop`] holds the cached Python
+//! tokio tasks seen from Python), [`logbridge`] (Rust `tracing` → Python
+//! `logging`). [`interop`] holds the cached Python
 //! objects and argument checks they share.
 
 mod interop;
 mod kinds;
+mod logbridge;
 mod native;
 mod registry;
 mod runtime;
@@ -25,6 +27,7 @@ pub use token::PyShutdownToken;
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    logbridge::install();
     m.add_class::<kinds::PyTaskKind>()?;
     m.add_class::<kinds::PyShutdownReason>()?;
     m.add_class::<token::PyShutdownToken>()?;
@@ -35,5 +38,45 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::runtime_started, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
+    // Take the runtime down deliberately (GIL released) before the
+    // interpreter finalises, not when the process tears its threads down.
+    let shutdown = m.getattr("shutdown_runtime")?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (shutdown,))?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Embedding: mixed Rust/Python binaries.
+
+/// Make `dig_service._core` importable in an interpreter embedded by this
+/// process (a mixed Rust/Python binary that links the crate instead of
+/// loading the wheel's shared library). Call before `import dig_service`;
+/// the pure-Python part of the package must be on `sys.path`.
+pub fn register_embedded(py: Python<'_>) -> PyResult<()> {
+    let module = pyo3::wrap_pymodule!(core_module)(py);
+    py.import("sys")?
+        .getattr("modules")?
+        .set_item("dig_service._core", module)?;
+    Ok(())
+}
+
+/// A Python view of a Rust [`ShutdownToken`](crate::ShutdownToken): the same
+/// token, so a cancel on either side is seen by both (and wakes Python
+/// waiters on every loop).
+pub fn token_to_py(py: Python<'_>, token: &crate::ShutdownToken) -> PyResult<Py<PyShutdownToken>> {
+    Py::new(py, PyShutdownToken::wrap(token.clone()))
+}
+
+/// A Python view of a Rust [`TaskRegistry`](crate::TaskRegistry): Python
+/// coroutines spawned through it are tracked by the same registry as the
+/// Rust side's tokio tasks, under one token and one deadline.
+pub fn registry_to_py(
+    py: Python<'_>,
+    registry: &crate::TaskRegistry,
+) -> PyResult<Py<PyTaskRegistry>> {
+    let token = token_to_py(py, registry.shutdown())?;
+    Py::new(py, PyTaskRegistry::from_core(registry.clone(), token))
 }

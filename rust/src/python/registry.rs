@@ -286,8 +286,8 @@ impl PyTaskRegistry {
     ) -> PyResult<PyTaskHandle> {
         let py = slf.py();
         let this = slf.get();
-        let is_coroutine =
-            coro.get_type().is(coroutine_type(py)?) || iscoroutine(py)?.call1((coro,))?.is_truthy()?;
+        let is_coroutine = coro.get_type().is(coroutine_type(py)?)
+            || iscoroutine(py)?.call1((coro,))?.is_truthy()?;
         if !is_coroutine {
             let hint = if coro.is_callable() {
                 " (call the async function: spawn(name, kind, work()), not spawn(name, kind, work))"
@@ -313,7 +313,8 @@ impl PyTaskRegistry {
         let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
         let kwargs = PyDict::new(py);
         kwargs.set_item(pyo3::intern!(py, "name"), name_str)?;
-        let task = event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))?;
+        let task =
+            event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))?;
         let foreign = Arc::new(PyForeign {
             task: task.clone().unbind(),
             event_loop: event_loop.unbind(),
@@ -368,10 +369,9 @@ impl PyTaskRegistry {
                 if thread::current().id() == thread {
                     let _ = resolve.call1((fut,));
                 } else {
-                    let _ = event_loop.bind(py).call_method1(
-                        pyo3::intern!(py, "call_soon_threadsafe"),
-                        (resolve, fut),
-                    );
+                    let _ = event_loop
+                        .bind(py)
+                        .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (resolve, fut));
                 }
             })
         }))

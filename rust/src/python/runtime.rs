@@ -69,8 +69,9 @@ pub(crate) fn handle(py: Python<'_>) -> PyResult<Handle> {
     if let Some(h) = current() {
         return Ok(h);
     }
-    py.detach(build)
-        .map_err(|e| PyRuntimeError::new_err(format!("dig_service: cannot start the tokio runtime: {e}")))
+    py.detach(build).map_err(|e| {
+        PyRuntimeError::new_err(format!("dig_service: cannot start the tokio runtime: {e}"))
+    })
 }
 
 /// Whether the runtime of this process is running.

@@ -69,10 +69,10 @@ fn wake(waiters: &SharedWaiters) {
             } else {
                 // A closed loop raises RuntimeError: its waiters are gone
                 // with it, nothing to report.
-                let _ = lw.event_loop.bind(py).call_method1(
-                    pyo3::intern!(py, "call_soon_threadsafe"),
-                    (wake_all, futs),
-                );
+                let _ = lw
+                    .event_loop
+                    .bind(py)
+                    .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (wake_all, futs));
             }
         }
     });
@@ -169,7 +169,10 @@ impl PyShutdownToken {
     fn __repr__(&self) -> String {
         match self.core.reason() {
             None => "<ShutdownToken active>".to_owned(),
-            Some(r) => format!("<ShutdownToken cancelled: {}>", PyShutdownReason::from(r).repr()),
+            Some(r) => format!(
+                "<ShutdownToken cancelled: {}>",
+                PyShutdownReason::from(r).repr()
+            ),
         }
     }
 }

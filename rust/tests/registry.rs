@@ -1,0 +1,477 @@
+//! `TaskRegistry` on its own: bookkeeping, the deadline join, outcomes,
+//! foreign tasks, and the fixes over the 0.1 registry.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dig_service::{
+    ForeignTask, ServiceError, ShutdownReason, ShutdownToken, TaskFailure, TaskKind, TaskOrigin,
+    TaskOutcome, TaskRegistry, TaskStats,
+};
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Barrier};
+use tokio::time::Instant;
+
+fn registry() -> (TaskRegistry, ShutdownToken) {
+    let token = ShutdownToken::new();
+    (TaskRegistry::new(token.clone()), token)
+}
+
+async fn stuck() -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
+/// **Proves:** finished tasks leave the registry the moment they end:
+/// after 10 000 short tasks, `len() == 0`, the snapshot is empty and the
+/// counters are exact.
+///
+/// **Why it matters:** the 0.1 registry kept every entry until `join_all`,
+/// so a long-lived node spawning per-request tasks leaked without bound.
+///
+/// **Catches:** entries not removed on completion, or miscounted outcomes
+/// under concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_leave_at_once() {
+    const N: u64 = 10_000;
+    let (r, _) = registry();
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            r.spawn(format!("short-{i}"), TaskKind::RpcHandler, async {
+                tokio::task::yield_now().await;
+                Ok(())
+            })
+            .unwrap()
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(r.len(), 0);
+    assert!(r.is_empty());
+    assert!(r.snapshot().is_empty());
+    assert_eq!(
+        r.stats(),
+        TaskStats {
+            spawned: N,
+            completed: N,
+            failed: 0,
+            cancelled: 0,
+            aborted: 0,
+            live: 0,
+        }
+    );
+    assert!(
+        !r.is_closed(),
+        "finishing tasks does not close the registry"
+    );
+}
+
+/// **Proves:** the snapshot lists exactly the live tasks with their name,
+/// kind and origin.
+///
+/// **Why it matters:** the SIGUSR1 dump and the shutdown progress display
+/// are built on it.
+///
+/// **Catches:** stale or missing entries, wrong kind/origin.
+#[tokio::test]
+async fn snapshot_lists_live_tasks() {
+    let (r, _) = registry();
+    let a = r
+        .spawn("sync-loop", TaskKind::BackgroundLoop, stuck())
+        .unwrap();
+    let _b = r.spawn("compact", TaskKind::Maintenance, stuck()).unwrap();
+    let snap = r.snapshot();
+    assert_eq!(snap.len(), 2);
+    let loop_ = snap.iter().find(|s| s.name == "sync-loop").unwrap();
+    assert_eq!(loop_.kind, TaskKind::BackgroundLoop);
+    assert_eq!(loop_.origin, TaskOrigin::Native);
+    assert_eq!(loop_.origin.as_str(), "native");
+    a.abort();
+    let _ = a.await;
+    let names: Vec<_> = r.snapshot().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["compact"]);
+}
+
+/// **Proves:** a task spawned while `join_all` is already waiting is
+/// joined too, and under the *same* deadline: one that finishes in time
+/// is waited for; one that does not is named when the original deadline
+/// passes (not a deadline restarted at its spawn).
+///
+/// **Why it matters:** tasks spawn tasks during wind-down (a connection
+/// handler spawning its close handshake); missing them leaves work running
+/// after `start()` returns, restarting the clock makes the deadline a lie.
+///
+/// **Catches:** a join over a snapshot of the tasks taken at call time, or
+/// a per-wave deadline.
+#[tokio::test(start_paused = true)]
+async fn tasks_spawned_during_join_are_joined_under_the_same_deadline() {
+    // Finishes in time: join_all waits for it.
+    let (r, _) = registry();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let late_done = Arc::new(AtomicBool::new(false));
+    r.spawn("first", TaskKind::BackgroundLoop, {
+        let (r, late_done) = (r.clone(), late_done.clone());
+        async move {
+            go_rx.await?;
+            r.spawn("late", TaskKind::BackgroundLoop, async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                late_done.store(true, Ordering::SeqCst);
+                Ok(())
+            })?;
+            Ok(())
+        }
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    let (joined, ()) = tokio::join!(r.join_all(Duration::from_secs(10)), async {
+        tokio::task::yield_now().await;
+        go_tx.send(()).unwrap();
+    });
+    joined.expect("all joined in time");
+    assert!(late_done.load(Ordering::SeqCst));
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+
+    // Outlives the deadline: named at the original deadline.
+    let (r, _) = registry();
+    r.spawn("first", TaskKind::BackgroundLoop, {
+        let r = r.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            r.spawn("late-stuck", TaskKind::BackgroundLoop, stuck())?;
+            Ok(())
+        }
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    let err = r.join_all(Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::from_secs(10));
+    assert!(
+        matches!(&err, ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, .. } if pending_names == &["late-stuck"]),
+        "{err:?}"
+    );
+}
+
+/// **Proves:** after `join_all` (clean or timed out) the registry is
+/// closed: `spawn` and `track_foreign` return `AlreadyStopped`, and the
+/// refused future is dropped without running.
+///
+/// **Why it matters:** a task spawned after the join would run unsupervised
+/// past shutdown, outliving the resources `post_stop` just closed.
+///
+/// **Catches:** a registry that silently accepts late tasks.
+#[tokio::test(start_paused = true)]
+async fn spawn_after_join_is_already_stopped() {
+    let (r, _) = registry();
+    r.join_all(Duration::from_secs(1)).await.unwrap();
+    assert!(r.is_closed());
+    let ran = Arc::new(AtomicBool::new(false));
+    let res = r.spawn("late", TaskKind::Maintenance, {
+        let ran = ran.clone();
+        async move {
+            ran.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    assert!(matches!(res, Err(ServiceError::AlreadyStopped)));
+    let foreign = r.track_foreign("late-py", TaskKind::RpcHandler, Arc::new(Flag::default()));
+    assert!(matches!(foreign, Err(ServiceError::AlreadyStopped)));
+    tokio::task::yield_now().await;
+    assert!(!ran.load(Ordering::SeqCst));
+    assert_eq!(r.stats().spawned, 0);
+
+    let (r, _) = registry();
+    r.spawn("stuck", TaskKind::BackgroundLoop, stuck()).unwrap();
+    r.join_all(Duration::from_secs(1)).await.unwrap_err();
+    assert!(matches!(
+        r.spawn("late", TaskKind::Maintenance, async { Ok(()) }),
+        Err(ServiceError::AlreadyStopped)
+    ));
+}
+
+/// **Proves:** `ShutdownDeadlineExceeded` names every straggler in spawn
+/// order (even when registry slots were reused out of order) and counts
+/// them; the tasks that finished are not named.
+///
+/// **Why it matters:** "3 tasks still running" is useless to an operator;
+/// the names say which subsystem hangs.
+///
+/// **Catches:** names missing, duplicated, in slot order, or including
+/// finished tasks.
+#[tokio::test(start_paused = true)]
+async fn deadline_error_names_stragglers_in_spawn_order() {
+    let (r, _) = registry();
+    let done = r
+        .spawn("quick", TaskKind::RpcHandler, async { Ok(()) })
+        .unwrap();
+    r.spawn("stuck-a", TaskKind::BackgroundLoop, stuck())
+        .unwrap();
+    done.await.unwrap();
+    // Reuses the slot "quick" freed, ahead of "stuck-a".
+    r.spawn("stuck-b", TaskKind::PeerConnection, stuck())
+        .unwrap();
+    r.spawn("stuck-c", TaskKind::Maintenance, stuck()).unwrap();
+
+    let err = r.join_all(Duration::from_secs(2)).await.unwrap_err();
+    let ServiceError::ShutdownDeadlineExceeded {
+        deadline,
+        pending,
+        pending_names,
+    } = &err
+    else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!(*deadline, Duration::from_secs(2));
+    assert_eq!(*pending, 3);
+    assert_eq!(pending_names, &["stuck-a", "stuck-b", "stuck-c"]);
+    let msg = err.to_string();
+    assert!(msg.contains("stuck-a, stuck-b, stuck-c"), "{msg}");
+}
+
+/// **Proves:** a task returning `Err` and a task that panics are both
+/// counted as `failed`, their handles yield `TaskFailure::Error` (the
+/// original error) and `TaskFailure::Panic` (the message), and both
+/// leave the registry.
+///
+/// **Why it matters:** "nothing is lost silently": a failing loop must
+/// show up in the counters (and the log), not vanish.
+///
+/// **Catches:** a panicking task counted as completed/aborted, or left
+/// in the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_error_and_panic_are_failed() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk full")]
+    struct DiskFull;
+
+    let (r, _) = registry();
+    let err = r
+        .spawn("errs", TaskKind::BackgroundLoop, async {
+            Err(anyhow::Error::new(DiskFull))
+        })
+        .unwrap();
+    let panics = r
+        .spawn("panics", TaskKind::BackgroundLoop, async {
+            panic!("kaboom");
+        })
+        .unwrap();
+    match err.await {
+        Err(TaskFailure::Error(e)) => assert!(e.downcast_ref::<DiskFull>().is_some()),
+        other => panic!("unexpected {other:?}"),
+    }
+    match panics.await {
+        Err(TaskFailure::Panic(msg)) => assert_eq!(msg, "kaboom"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let stats = r.stats();
+    assert_eq!((stats.failed, stats.completed, stats.aborted), (2, 0, 0));
+    assert!(r.is_empty());
+}
+
+/// **Proves:** an aborted task (by its handle, or by `join_all` at the
+/// deadline) is counted as `aborted` and leaves the registry; its handle
+/// yields `TaskFailure::Aborted`.
+///
+/// **Why it matters:** operators distinguish "crashed" from "killed at the
+/// deadline"; both must be visible.
+///
+/// **Catches:** an abort that leaves a ghost entry or is miscounted.
+#[tokio::test(start_paused = true)]
+async fn abort_is_counted_as_aborted() {
+    let (r, _) = registry();
+    let h = r
+        .spawn("victim", TaskKind::PeerConnection, stuck())
+        .unwrap();
+    h.abort();
+    assert!(matches!(h.await, Err(TaskFailure::Aborted)));
+    assert_eq!(r.stats().aborted, 1);
+    assert!(r.is_empty());
+
+    let straggler = r
+        .spawn("straggler", TaskKind::BackgroundLoop, stuck())
+        .unwrap();
+    r.join_all(Duration::from_secs(1)).await.unwrap_err();
+    assert!(matches!(straggler.await, Err(TaskFailure::Aborted)));
+    let stats = r.stats();
+    assert_eq!((stats.aborted, stats.live, stats.spawned), (2, 0, 2));
+}
+
+/// A foreign task stand-in (what the Python bindings do for an asyncio
+/// task): records cancel requests and signals them to its owner.
+#[derive(Default)]
+struct Flag {
+    cancels: AtomicUsize,
+    tx: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl ForeignTask for Flag {
+    fn cancel(&self) {
+        self.cancels.fetch_add(1, Ordering::SeqCst);
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// **Proves:** a foreign task is tracked (origin `Python` in snapshots),
+/// `join_all` waits for its owner to report its end, and `finish_foreign`
+/// counts the outcome and is idempotent.
+///
+/// **Why it matters:** asyncio tasks and tokio tasks are joined under one
+/// deadline by one registry; that is the point of the hybrid.
+///
+/// **Catches:** a join that ignores foreign tasks, or double counting.
+#[tokio::test(start_paused = true)]
+async fn foreign_task_is_joined() {
+    let (r, token) = registry();
+    let id = r
+        .track_foreign(
+            "py-handler",
+            TaskKind::RpcHandler,
+            Arc::new(Flag::default()),
+        )
+        .unwrap();
+    let snap = r.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap[0].origin, TaskOrigin::Python);
+    assert_eq!(snap[0].origin.as_str(), "python");
+
+    // The "event loop" finishes the task once shutdown is requested.
+    let owner = tokio::spawn({
+        let (r, token) = (r.clone(), token.clone());
+        async move {
+            token.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(r.finish_foreign(id, TaskOutcome::Completed));
+        }
+    });
+    token.cancel(ShutdownReason::UserRequested);
+    let t0 = Instant::now();
+    r.join_all(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_millis(300));
+    owner.await.unwrap();
+    assert!(
+        !r.finish_foreign(id, TaskOutcome::Completed),
+        "already finished"
+    );
+    let stats = r.stats();
+    assert_eq!((stats.completed, stats.live), (1, 0));
+}
+
+/// **Proves:** a foreign task still live at the deadline is named in
+/// `ShutdownDeadlineExceeded`, its `cancel()` is called exactly once, and
+/// when its owner then reports it `Cancelled` it is counted as such.
+///
+/// **Why it matters:** an asyncio task ignoring the token must be
+/// cancelled at the deadline just like a tokio task is aborted.
+///
+/// **Catches:** foreign stragglers left running, cancelled twice, or
+/// missing from the error.
+#[tokio::test(start_paused = true)]
+async fn foreign_task_is_cancelled_at_the_deadline() {
+    let (r, _) = registry();
+    let (tx, rx) = oneshot::channel();
+    let flag = Arc::new(Flag {
+        cancels: AtomicUsize::new(0),
+        tx: Mutex::new(Some(tx)),
+    });
+    let id = r
+        .track_foreign("py-stuck", TaskKind::BackgroundLoop, flag.clone())
+        .unwrap();
+    let owner = tokio::spawn({
+        let r = r.clone();
+        async move {
+            rx.await.unwrap();
+            r.finish_foreign(id, TaskOutcome::Cancelled)
+        }
+    });
+    let err = r.join_all(Duration::from_secs(1)).await.unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, .. } if pending_names == &["py-stuck"]),
+        "{err:?}"
+    );
+    assert!(owner.await.unwrap());
+    assert_eq!(flag.cancels.load(Ordering::SeqCst), 1);
+    let stats = r.stats();
+    assert_eq!((stats.cancelled, stats.live), (1, 0));
+}
+
+/// **Proves:** `join_all` waits for native tasks that finish after many
+/// concurrent spawners have raced it, with no lost wake-up.
+///
+/// **Why it matters:** spawns and completions happen on every worker
+/// thread while the join waits; a lost idle wake-up would hang shutdown
+/// until the deadline.
+///
+/// **Catches:** an idle waker registered after the last task finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_all_sees_the_last_completion() {
+    let (r, token) = registry();
+    let barrier = Arc::new(Barrier::new(65));
+    for i in 0..64 {
+        let (token, barrier) = (token.clone(), barrier.clone());
+        r.spawn(format!("t{i}"), TaskKind::BackgroundLoop, async move {
+            barrier.wait().await;
+            token.cancelled().await;
+            Ok(())
+        })
+        .unwrap();
+    }
+    barrier.wait().await;
+    token.cancel(ShutdownReason::UserRequested);
+    tokio::time::timeout(Duration::from_secs(30), r.join_all(Duration::from_secs(60)))
+        .await
+        .expect("join_all returned")
+        .unwrap();
+    assert_eq!(r.stats().completed, 64);
+}
+
+/// **Proves:** `join_all(Duration::MAX)` neither panics nor times out: it
+/// simply waits.
+///
+/// **Why it matters:** "no deadline" is a legitimate configuration, and a
+/// huge value must never crash the process (`Instant + Duration::MAX`
+/// overflows).
+///
+/// **Catches:** unchecked instant arithmetic.
+#[tokio::test(start_paused = true)]
+async fn join_all_with_an_unbounded_deadline() {
+    let (r, _) = registry();
+    r.spawn("slow", TaskKind::Maintenance, async {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        Ok(())
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    r.join_all(Duration::MAX).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(7));
+}
+
+/// **Proves:** spawning onto a runtime that has shut down returns promptly
+/// (no deadlock), and the never-run task is counted as aborted and gone.
+///
+/// **Why it matters:** at interpreter exit the runtime may be shut down
+/// while Python code still spawns; tokio then drops the future *inline*,
+/// and the registry's bookkeeping must not be holding its own lock.
+///
+/// **Catches:** holding the registry lock across `Handle::spawn`.
+#[test]
+fn spawn_on_a_shut_down_runtime_does_not_deadlock() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    drop(rt);
+    let (r, _) = registry();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let res = r.spawn_on(&handle, "late", TaskKind::Maintenance, async { Ok(()) });
+        tx.send((res.is_ok(), r.stats())).unwrap();
+    });
+    let (ok, stats) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("spawn_on deadlocked");
+    assert!(ok);
+    assert_eq!((stats.spawned, stats.aborted, stats.live), (1, 1, 0));
+}

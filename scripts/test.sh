@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every check, Rust and Python, from a bare checkout: installs what it needs
+# (Rust crates through cargo, Python packages through pip into ./.venv),
+# builds the extension, runs the linters, the Rust tests and the pytest
+# suite on the default asyncio loop and on uvloop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python environment ($VENV)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "maturin>=1.5,<2"
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "cargo test"
+# The Rust tests that embed CPython link libpython: tell the loader where it is.
+LIBDIR="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')"
+export LD_LIBRARY_PATH="${LIBDIR}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYO3_PYTHON="$VENV/bin/python"
+cargo test --all-features
+
+step "build the extension into $VENV (with the test extras)"
+VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release --extras test
+
+step "ruff"
+"$VENV/bin/ruff" check python tests bench
+"$VENV/bin/ruff" format --check python tests bench
+
+step "mypy --strict"
+"$VENV/bin/mypy" --strict python/
+"$VENV/bin/python" -m mypy.stubtest dig_service._core
+
+step "pytest"
+"$VENV/bin/python" -m pytest -q tests
