@@ -13,16 +13,18 @@ from typing import Any, Protocol
 
 from ._errors import ShutdownDeadlineExceeded
 
-__all__ = ["await_future", "join_all", "ready", "resolve", "wake_all"]
+__all__ = ["join_all", "resolve", "wait_cancelled", "wake_all"]
 
 
-async def await_future(fut: asyncio.Future[None]) -> None:
-    """Wait for ``fut``: the body of ``ShutdownToken.cancelled()``."""
-    await fut
+class _Parkable(Protocol):
+    def _park(self) -> asyncio.Future[None] | None: ...
 
 
-async def ready() -> None:
-    """An already-finished wait (``cancelled()`` on a fired token)."""
+async def wait_cancelled(token: _Parkable) -> None:
+    """The body of ``ShutdownToken.cancelled()``: park one future, await it."""
+    fut = token._park()
+    if fut is not None:
+        await fut
 
 
 def wake_all(futs: Iterable[asyncio.Future[None]]) -> None:

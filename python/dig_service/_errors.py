@@ -69,7 +69,9 @@ class ShutdownDeadlineExceeded(ServiceError):
 
     def __init__(self, deadline: float, pending: int, pending_names: Sequence[str]) -> None:
         names = list(pending_names)
-        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        shown = ", ".join(names[:20]) + (
+            f", ... ({len(names) - 20} more)" if len(names) > 20 else ""
+        )
         super().__init__(
             f"shutdown deadline of {deadline:g}s exceeded; {pending} task(s) still running: {shown}"
         )

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use super::interop::{aio_await_future, aio_ready, aio_wake_all, running_loop};
+use super::interop::{aio_wait_cancelled, aio_wake_all, running_loop};
 use super::kinds::PyShutdownReason;
 use crate::shutdown::ShutdownToken;
 
@@ -103,9 +103,19 @@ impl PyShutdownToken {
     }
 
     /// A coroutine that finishes once the token has fired.
-    fn cancelled<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    ///
+    /// The waiter is parked when the coroutine starts running, not when it
+    /// is created, so a coroutine that is never awaited (or is cancelled
+    /// before it starts) leaves nothing behind.
+    fn cancelled<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        aio_wait_cancelled(slf.py())?.call1((slf,))
+    }
+
+    /// Park a future on the running loop until the token fires; `None` if
+    /// it already has. The body of `cancelled()`.
+    fn _park<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         if self.core.is_cancelled() {
-            return aio_ready(py)?.call0();
+            return Ok(None);
         }
         let event_loop = running_loop(py, "ShutdownToken.cancelled()")?;
         let fut = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
@@ -129,6 +139,8 @@ impl PyShutdownToken {
             };
             let lw = &mut w.loops[idx];
             if lw.futures.len() >= lw.prune_at {
+                // Waiters whose task was cancelled (timeouts) are done
+                // already; drop them so the list tracks live waiters.
                 lw.futures.retain(|f| {
                     !f.bind(py)
                         .call_method0(pyo3::intern!(py, "done"))
@@ -153,7 +165,7 @@ impl PyShutdownToken {
         if fire_now {
             wake(&self.waiters);
         }
-        aio_await_future(py)?.call1((fut,))
+        Ok(Some(fut))
     }
 
     /// A token that fires when this one does; cancelling it leaves this one alone.
