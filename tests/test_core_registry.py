@@ -17,8 +17,8 @@ from dig_service import (
     ShutdownToken,
     TaskKind,
     TaskRegistry,
+    _core,
 )
-from dig_service import _core
 from dig_service.testing import spawn_native_sleeper
 
 BG = TaskKind.BackgroundLoop
@@ -196,7 +196,7 @@ async def test_bad_spawn_arguments_name_the_parameter() -> None:
     async def work() -> None:
         pass
 
-    with pytest.raises(TypeError, match="`coro` must be a coroutine.*not spawn"):
+    with pytest.raises(TypeError, match=r"`coro` must be a coroutine.*not spawn"):
         reg.spawn("x", BG, work)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`coro`"):
         reg.spawn("x", BG, 42)  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ import pytest
 from dig_service import ShutdownReason, ShutdownToken
 
 
-
 async def test_first_reason_wins() -> None:
     """Proves the first reason given to cancel() is kept and later ones are ignored.
 
