@@ -122,9 +122,11 @@ pub(crate) fn _emit_tracing_event(level: &str, message: &str) -> PyResult<()> {
         "warn" => tracing::warn!(target: "dig_service::bridge", "{message}"),
         "info" => tracing::info!(target: "dig_service::bridge", "{message}"),
         "debug" => tracing::debug!(target: "dig_service::bridge", "{message}"),
-        other => return Err(pyo3::exceptions::PyValueError::new_err(format!(
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "_emit_tracing_event(): `level` must be one of error, warn, info, debug; got {other:?}"
-        ))),
+        )))
+        }
     }
     Ok(())
 }
