@@ -1,0 +1,438 @@
+"""``python -m dig_service``: the command line.
+
+``python -m dig_service run [MODULE:ATTR] [options]`` runs a service until
+it is told to stop (see ``--help``). Errors in the command line itself — an
+unknown option, a target that cannot be imported, found or turned into a
+``Service`` — are one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, Final, NoReturn
+
+__all__ = ["TargetError", "main", "resolve_target"]
+
+PROG: Final = "python -m dig_service"
+EXIT_USAGE: Final = 2
+
+_NODE_HOOKS: Final = ("pre_start", "on_start", "run", "on_stop", "post_stop")
+
+_DESCRIPTION: Final = """\
+Run a dig-service Service in the foreground until it is told to stop.
+
+TARGET is MODULE:ATTR (ATTR may be dotted, e.g. pkg.mod:factories.make). The
+attribute may be:
+  - a node class (NodeLifecycle subclass, or any class with the five async
+    hooks), instantiated with no arguments;
+  - a node instance;
+  - a Service (then --shutdown-deadline/--hook-timeout cannot be applied:
+    set its ServiceConfig in code);
+  - a zero-argument function returning any of the above.
+The current directory is on the import path. With no TARGET, a bundled demo
+service runs: a heartbeat loop, simulated peer connections, a maintenance
+task, a native tokio task and an RPC API.
+"""
+
+_EPILOG: Final = """\
+signals:
+  SIGINT, SIGTERM  shut down (ShutdownReason.UserRequested); the shutdown shows
+                   the tasks still running and the time left, then names any
+                   straggler with the stack it is stuck in
+  the same again   during the shutdown: stop waiting, exit at once (128 + signal)
+  SIGHUP           shut down with ShutdownReason.ReloadRequested, so that the
+                   supervisor starts the service again
+  SIGUSR1          log the live tasks (name, kind, origin, age)
+
+exit status:
+  0        graceful stop (requested shutdown, or run() returned)
+  1        the service failed: a hook raised, a Fatal shutdown, tasks outlived
+           the shutdown deadline, or any other ServiceError
+  2        bad command line or bad TARGET
+  128 + n  forced exit by a second signal n (130 for SIGINT, 143 for SIGTERM)
+
+environment:
+  NOTIFY_SOCKET   set by systemd (Type=notify): READY=1 is sent after on_start,
+                  STOPPING=1 when shutdown begins
+  WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period
+
+logging:
+  If the target has not configured logging (no handler on the root logger),
+  log records go to stderr at --log-level (default INFO). Nothing is written
+  to stdout by dig-service itself.
+
+examples:
+  python -m dig_service run                              # the demo
+  python -m dig_service run myapp.node:MyNode --shutdown-deadline 20
+  python -m dig_service run myapp.main:build_service --uvloop
+"""
+
+
+class TargetError(Exception):
+    """A target that cannot be imported, found, or made into a ``Service``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0 seconds")
+    return value
+
+
+_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _level(text: str) -> str:
+    upper = text.upper()
+    if upper == "WARN":
+        upper = "WARNING"
+    if upper not in _LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown level {text!r}; use one of {', '.join(lv.lower() for lv in _LEVELS)}"
+        )
+    return upper
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="dig-service: the service scaffold of DIG Network processes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = commands.add_parser(
+        "run",
+        help="run a service (or the bundled demo) until it is told to stop",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "target",
+        nargs="?",
+        metavar="TARGET",
+        help="MODULE:ATTR naming a node class, node instance, Service, or a zero-argument "
+        "factory of one (default: the bundled demo)",
+    )
+    run.add_argument(
+        "--shutdown-deadline",
+        type=_seconds,
+        metavar="S",
+        help="seconds each shutdown stage (run returning, the task join, each of on_stop "
+        "and post_stop) may take once shutdown began; stragglers are then cancelled and "
+        "the exit status is 1 (default: 30, ServiceConfig's)",
+    )
+    run.add_argument(
+        "--hook-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="seconds each of pre_start, on_start, on_stop and post_stop may take "
+        "(default: no limit)",
+    )
+    run.add_argument(
+        "--log-level",
+        type=_level,
+        metavar="L",
+        help="debug, info, warning, error or critical (default: info). Sets the root "
+        "logger's level; a handler on stderr is added only if none is configured",
+    )
+    run.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run on uvloop instead of the default asyncio loop (pip install uvloop)",
+    )
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dig-service")
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _is_node(obj: object) -> bool:
+    return all(callable(getattr(obj, hook, None)) for hook in _NODE_HOOKS)
+
+
+def _service_class() -> type:
+    from ._service import Service
+
+    return Service
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file.py, line N)`` for the innermost frame of ``exc``'s traceback, if any."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" ({last.filename}, line {last.lineno})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _import_target(target: str) -> tuple[object, str]:
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise TargetError(
+            f"target {target!r} is not MODULE:ATTR (e.g. myapp.node:MyNode); "
+            "leave it out to run the demo"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
+            raise TargetError(
+                f"cannot import module {module_name!r} of target {target!r}: no such module "
+                f"(is its directory the current one, or on PYTHONPATH?)"
+            ) from None
+        raise TargetError(
+            f"importing module {module_name!r} of target {target!r} failed: "
+            f"{_describe(exc)}{_where(exc)}"
+        ) from None
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise TargetError(
+            f"importing module {module_name!r} of target {target!r} failed: "
+            f"{_describe(exc)}{_where(exc)}"
+        ) from None
+    obj: object = module
+    walked = module_name
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TargetError(f"target {target!r}: {walked!r} has no attribute {part!r}") from None
+        walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
+    return obj, target
+
+
+def resolve_target(
+    target: str,
+    *,
+    shutdown_deadline: float | None = None,
+    hook_timeout: float | None = None,
+) -> Any:
+    """Turn ``MODULE:ATTR`` into a ``Service`` configured from the options.
+
+    Raises:
+        TargetError: the target cannot be imported or found, is not one of
+            the accepted kinds, or building the service failed; the message
+            is one line and names the target.
+    """
+    obj, _ = _import_target(target)
+    return _to_service(obj, target, shutdown_deadline, hook_timeout, depth=0)
+
+
+def _to_service(
+    obj: object,
+    target: str,
+    shutdown_deadline: float | None,
+    hook_timeout: float | None,
+    depth: int,
+) -> Any:
+    service_cls = _service_class()
+    if isinstance(obj, service_cls):
+        given = [
+            flag
+            for flag, value in (
+                ("--shutdown-deadline", shutdown_deadline),
+                ("--hook-timeout", hook_timeout),
+            )
+            if value is not None
+        ]
+        if given:
+            raise TargetError(
+                f"target {target!r} is an already built Service, so {' and '.join(given)} "
+                "cannot be applied; set ServiceConfig(...) where it is built, or point the "
+                "target at its node class or a factory"
+            )
+        return obj
+    if isinstance(obj, type):
+        if issubclass(obj, service_cls):
+            raise TargetError(
+                f"target {target!r} is the Service class itself; name a node class, a "
+                "node instance, a Service instance or a factory of one"
+            )
+        if not _is_node(obj):
+            raise TargetError(
+                f"target {target!r} is the class {obj.__qualname__}, which is not a node "
+                f"(it lacks the hooks {', '.join(h for h in _NODE_HOOKS if not hasattr(obj, h))})"
+            )
+        try:
+            node = obj()
+        except Exception as exc:
+            raise TargetError(
+                f"target {target!r}: {obj.__qualname__}() failed: {_describe(exc)}{_where(exc)} "
+                "(a node class must be constructible with no arguments; otherwise name a "
+                "factory)"
+            ) from None
+        return _build(node, target, shutdown_deadline, hook_timeout)
+    if _is_node(obj):
+        return _build(obj, target, shutdown_deadline, hook_timeout)
+    if callable(obj) and depth == 0:
+        if inspect.iscoroutinefunction(obj):
+            raise TargetError(
+                f"target {target!r} is an async function; a factory must be a plain "
+                "function returning a node or a Service"
+            )
+        try:
+            result = obj()
+        except Exception as exc:
+            raise TargetError(
+                f"target {target!r}: calling the factory failed: {_describe(exc)}{_where(exc)}"
+            ) from None
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TargetError(
+                f"target {target!r} returned an awaitable; a factory must return a node "
+                "or a Service"
+            )
+        return _to_service(result, target, shutdown_deadline, hook_timeout, depth + 1)
+    what = "factory returned" if depth else "is"
+    raise TargetError(
+        f"target {target!r} {what} {_a(type(obj).__name__)}, not a node class, node "
+        "instance, Service or zero-argument factory of one"
+    )
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
+def _config(shutdown_deadline: float | None, hook_timeout: float | None) -> Any:
+    from ._service import ServiceConfig
+
+    if shutdown_deadline is None:
+        return ServiceConfig(hook_timeout=hook_timeout)
+    return ServiceConfig(shutdown_deadline=shutdown_deadline, hook_timeout=hook_timeout)
+
+
+def _build(
+    node: object, target: str, shutdown_deadline: float | None, hook_timeout: float | None
+) -> Any:
+    service_cls = _service_class()
+    try:
+        return service_cls(node, config=_config(shutdown_deadline, hook_timeout))
+    except (TypeError, ValueError) as exc:
+        raise TargetError(f"target {target!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _configure_logging(level: str | None) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=level or "INFO",
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        )
+    elif level is not None:
+        root.setLevel(level)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG} run: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _flush_all() -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (a forced exit does not return)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    loop_factory = None
+    if args.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            return _fail("--uvloop: uvloop is not installed (pip install 'dig-service[uvloop]')")
+        loop_factory = uvloop.new_event_loop
+
+    try:
+        if args.target is None:
+            from ._demo import make_demo_service
+
+            service = make_demo_service(_config(args.shutdown_deadline, args.hook_timeout))
+        else:
+            # The current directory is on sys.path (`python -m` puts it there).
+            service = resolve_target(
+                args.target,
+                shutdown_deadline=args.shutdown_deadline,
+                hook_timeout=args.hook_timeout,
+            )
+    except TargetError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 128 + 2
+
+    _configure_logging(args.log_level)
+
+    from ._run import _run
+
+    try:
+        outcome = _run(service, loop_factory=loop_factory)
+    except KeyboardInterrupt:  # before the handlers were installed
+        return 128 + 2
+    if outcome.forced:
+        # The operator asked to stop now: no interpreter teardown (which would
+        # wait for abandoned threads and tasks).
+        _flush_all()
+        os._exit(outcome.code)
+    return outcome.code

@@ -1,0 +1,178 @@
+"""How a service ended: ``ExitReason`` and ``ExitStatus``.
+
+``ExitStatus`` is what ``Service.start()`` returns when the lifecycle ran to
+its end without a ``ServiceError``. Its classification is the one every
+binary and orchestrator relies on: :meth:`ExitStatus.is_graceful` is
+``False`` exactly for ``ExitReason.RunError`` and for a requested shutdown
+whose reason is ``ShutdownReason.Fatal``; :attr:`ExitStatus.exit_code` is
+derived from it (``0`` or ``1``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypeAlias, final
+
+from ._core import ShutdownReason
+from ._variant import Variant, publish_variants
+
+__all__ = ["ExitReason", "ExitStatus"]
+
+
+class ExitReason:
+    """Why a service's lifecycle ended.
+
+    Variants:
+
+    - ``ExitReason.RequestedShutdown(reason)``: the shutdown token fired
+      (from outside ``run``, or by ``run`` itself) and ``run`` returned;
+      carries the token's ``ShutdownReason``.
+    - ``ExitReason.RunCompleted()``: ``run`` returned while the token had
+      not fired; the service then cancelled the token with
+      ``ShutdownReason.RequestedByRun()`` so that tasks wind down.
+    - ``ExitReason.RunError(error)``: ``run`` raised ``error`` (the very
+      exception object). ``on_stop``/``post_stop`` see it through
+      ``StopContext.exit_reason``; ``post_stop`` also sees it, carrying the
+      ``on_start`` error, when ``on_start`` failed.
+
+    Variants are immutable, compare by value and work with ``match``.
+    ``ExitReason`` itself cannot be instantiated.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        RequestedShutdown: TypeAlias = "_RequestedShutdown"
+        RunCompleted: TypeAlias = "_RunCompleted"
+        RunError: TypeAlias = "_RunError"
+
+    def __new__(cls, *args: object, **kwargs: object) -> ExitReason:
+        if cls is ExitReason:
+            raise TypeError(
+                "ExitReason cannot be instantiated; use a variant, e.g. "
+                "ExitReason.RunCompleted() or "
+                "ExitReason.RequestedShutdown(ShutdownReason.UserRequested())"
+            )
+        return super().__new__(cls)
+
+
+@final
+class _RequestedShutdown(Variant, ExitReason):
+    """The shutdown token fired and ``run`` returned; ``reason`` is the token's."""
+
+    __slots__ = ("reason",)
+    __match_args__ = ("reason",)
+    reason: ShutdownReason
+
+    def __init__(self, reason: ShutdownReason) -> None:
+        if not isinstance(reason, ShutdownReason):
+            raise TypeError(
+                "ExitReason.RequestedShutdown: `reason` must be a dig_service.ShutdownReason "
+                f"(e.g. ShutdownReason.UserRequested()), got {type(reason).__name__}"
+            )
+        self._init_fields(reason)
+
+    def __str__(self) -> str:
+        return f"shutdown requested ({self.reason})"
+
+
+@final
+class _RunCompleted(Variant, ExitReason):
+    """``run`` returned by itself while the token had not fired."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        pass
+
+    def __str__(self) -> str:
+        return "run completed"
+
+
+@final
+class _RunError(Variant, ExitReason):
+    """``run`` raised ``error`` (kept as is, with its traceback)."""
+
+    __slots__ = ("error",)
+    __match_args__ = ("error",)
+    error: BaseException
+
+    def __init__(self, error: BaseException) -> None:
+        if not isinstance(error, BaseException):
+            raise TypeError(
+                "ExitReason.RunError: `error` must be an exception instance, "
+                f"got {type(error).__name__}"
+            )
+        self._init_fields(error)
+
+    def __str__(self) -> str:
+        return f"run failed: {type(self.error).__name__}: {self.error}"
+
+
+publish_variants(
+    ExitReason,
+    RequestedShutdown=_RequestedShutdown,
+    RunCompleted=_RunCompleted,
+    RunError=_RunError,
+)
+
+
+@final
+class ExitStatus:
+    """The final status of a service whose lifecycle ran to its end.
+
+    Args:
+        reason: why the service exited (an ``ExitReason`` variant).
+
+    ``is_graceful()`` is ``False`` iff ``reason`` is ``ExitReason.RunError``
+    or ``ExitReason.RequestedShutdown(ShutdownReason.Fatal(...))``;
+    ``exit_code`` is ``0`` if graceful, else ``1``. Immutable; compares by value.
+    """
+
+    __slots__ = ("reason",)
+    __match_args__ = ("reason",)
+    reason: ExitReason
+
+    def __init__(self, reason: ExitReason) -> None:
+        if not isinstance(reason, ExitReason):
+            raise TypeError(
+                "ExitStatus: `reason` must be a dig_service.ExitReason "
+                f"(e.g. ExitReason.RunCompleted()), got {type(reason).__name__}"
+            )
+        object.__setattr__(self, "reason", reason)
+
+    def is_graceful(self) -> bool:
+        """``False`` iff the reason is ``RunError`` or ``RequestedShutdown(Fatal(...))``."""
+        reason = self.reason
+        if isinstance(reason, _RunError):
+            return False
+        if isinstance(reason, _RequestedShutdown):
+            return not isinstance(reason.reason, ShutdownReason.Fatal)
+        return True
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code: ``0`` if graceful, else ``1``."""
+        return 0 if self.is_graceful() else 1
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExitStatus):
+            return self.reason == other.reason
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(("ExitStatus", self.reason))
+
+    def __repr__(self) -> str:
+        return f"ExitStatus(reason={self.reason!r})"
+
+    def __str__(self) -> str:
+        return f"{self.reason} (exit code {self.exit_code})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ExitStatus is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("ExitStatus is immutable")
+
+    def __reduce__(self) -> tuple[type[ExitStatus], tuple[ExitReason]]:
+        return (ExitStatus, (self.reason,))

@@ -1,0 +1,967 @@
+"""``Service``: ordered start-up and shut-down of a node around a task registry.
+
+The contract of :meth:`Service.start` (SPEC section 3) is implemented here;
+the tracking, the deadline join and the shutdown token are the Rust core's
+(``dig_service._core``).
+
+Design notes:
+
+- ``start()`` runs the lifecycle in an inner *lifecycle task* and waits for
+  it without propagating its own cancellation into it (``asyncio.wait``).
+  That is what lets a cancelled ``start()`` still wind the service down —
+  fire the token, join the tasks, run ``on_stop``/``post_stop`` — bounded by
+  the shutdown deadline, before ``CancelledError`` propagates.
+- Each hook runs in its own asyncio task, so that the lifecycle can stop
+  waiting for a hook that outlives ``hook_timeout`` (or ``run`` that
+  outlives the shutdown deadline) even when the hook swallows cancellation.
+  The hooks share one ``contextvars.Context`` (a copy of the caller's, taken
+  when ``start()`` begins), so a context variable set in ``pre_start`` is
+  seen by ``run``, as if the hooks ran in one task.
+- The result of ``start()`` is recorded once in a thread-safe slot shared
+  with every ``ServiceHandle``; ``wait_for_exit()`` can be awaited on any
+  event loop, in any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import timedelta
+from typing import Any, Final, Generic, TypeVar, final, overload
+
+from ._core import ShutdownReason, ShutdownToken, TaskRegistry, TaskSummary
+from ._errors import (
+    AlreadyRunning,
+    AlreadyStopped,
+    OnStartFailed,
+    OnStopFailed,
+    PreStartFailed,
+    RunFailed,
+    ServiceError,
+    ShutdownDeadlineExceeded,
+)
+from ._exit import ExitReason, ExitStatus
+from ._lifecycle import (
+    NODE_HOOKS,
+    PEER_API_METHODS,
+    RPC_API_METHODS,
+    NodeLike,
+    PeerApi,
+    PeerApiLike,
+    RpcApi,
+    RpcApiLike,
+    RunContext,
+    StartContext,
+    StopContext,
+)
+
+__all__ = ["Service", "ServiceConfig", "ServiceHandle"]
+
+logger: Final = logging.getLogger("dig_service.service")
+
+N = TypeVar("N", bound=NodeLike)
+A = TypeVar("A", bound=PeerApiLike | None)
+R = TypeVar("R", bound=RpcApiLike | None)
+
+_FIRST: Final = asyncio.FIRST_COMPLETED
+
+RUN_TASK_NAME: Final = "run"
+"""How ``run`` is named in ``ShutdownDeadlineExceeded.pending_names`` when it overruns."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _seconds(value: object, owner: str, field: str) -> float:
+    """``value`` as finite, non-negative float seconds, or an error naming ``field``."""
+    if isinstance(value, timedelta):
+        secs = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        secs = float(value)
+    else:
+        raise TypeError(
+            f"{owner}: `{field}` must be a number of seconds (int or float) or a "
+            f"datetime.timedelta, got {type(value).__name__}"
+        )
+    if math.isnan(secs) or math.isinf(secs) or secs < 0:
+        raise ValueError(f"{owner}: `{field}` must be a finite number of seconds >= 0, got {secs}")
+    return secs
+
+
+@final
+class ServiceConfig:
+    """Timing limits of a ``Service``.
+
+    Args:
+        shutdown_deadline: seconds (or a ``timedelta``) each stage of the
+            shutdown may take once the token fired: ``run`` returning, the
+            tracked tasks finishing (``join_all``), and each edge hook still to
+            run. Stragglers are cancelled/aborted and ``start()`` raises
+            ``ShutdownDeadlineExceeded``; a hook past it fails with a
+            ``TimeoutError`` cause. Default 30.
+        hook_timeout: seconds (or a ``timedelta``) each edge hook
+            (``pre_start``, ``on_start``, ``on_stop``, ``post_stop``) may take;
+            a hook that outlives it is cancelled and counts as failed, with a
+            ``TimeoutError`` as cause. ``None`` (the default): no limit.
+
+    Raises:
+        TypeError: a field is not a number, a ``timedelta`` (or ``None`` for
+            ``hook_timeout``); the message names the field.
+        ValueError: a field is negative, NaN or infinite, or ``hook_timeout``
+            is zero; the message names the field.
+    """
+
+    __slots__ = ("hook_timeout", "shutdown_deadline")
+    shutdown_deadline: float
+    hook_timeout: float | None
+
+    def __init__(
+        self,
+        shutdown_deadline: float | timedelta = 30.0,
+        hook_timeout: float | timedelta | None = None,
+    ) -> None:
+        deadline = _seconds(shutdown_deadline, "ServiceConfig", "shutdown_deadline")
+        timeout: float | None = None
+        if hook_timeout is not None:
+            timeout = _seconds(hook_timeout, "ServiceConfig", "hook_timeout")
+            if timeout == 0:
+                raise ValueError(
+                    "ServiceConfig: `hook_timeout` must be > 0 seconds "
+                    "(every hook would time out at once); use None for no limit"
+                )
+        object.__setattr__(self, "shutdown_deadline", deadline)
+        object.__setattr__(self, "hook_timeout", timeout)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ServiceConfig is immutable; build a new one instead")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ServiceConfig):
+            return (self.shutdown_deadline, self.hook_timeout) == (
+                other.shutdown_deadline,
+                other.hook_timeout,
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.shutdown_deadline, self.hook_timeout))
+
+    def __repr__(self) -> str:
+        return (
+            f"ServiceConfig(shutdown_deadline={self.shutdown_deadline!r}, "
+            f"hook_timeout={self.hook_timeout!r})"
+        )
+
+    def __reduce__(self) -> tuple[type[ServiceConfig], tuple[float, float | None]]:
+        return (ServiceConfig, (self.shutdown_deadline, self.hook_timeout))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_async_callable(fn: object) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # An object whose class defines `async def __call__`.
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn)):
+        return inspect.iscoroutinefunction(inspect.getattr_static(type(fn), "__call__", None))
+    return False
+
+
+def _describe(fn: object) -> str:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        return "a generator function"
+    if inspect.isfunction(fn) or inspect.ismethod(fn):
+        return "a plain (synchronous) function"
+    if callable(fn):
+        return f"a non-async callable ({type(fn).__name__})"
+    return f"{type(fn).__name__}, which is not callable"
+
+
+def _check_async_methods(
+    obj: object, methods: tuple[str, ...], slot: str, base: str, signature: dict[str, str]
+) -> None:
+    owner = type(obj).__name__
+    if isinstance(obj, type):
+        raise TypeError(
+            f"Service(): `{slot}` must be an instance, got the class {obj.__name__}; "
+            f"write Service(..., {obj.__name__}(), ...)"
+        )
+    for name in methods:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            raise TypeError(
+                f"Service(): `{slot}` ({owner}) has no `{name}` method; subclass "
+                f"dig_service.{base} to inherit the default, or define "
+                f"`async def {name}({signature[name]})`"
+            )
+        if not _is_async_callable(fn):
+            raise TypeError(
+                f"Service(): hook `{owner}.{name}` of `{slot}` must be an `async def` "
+                f"coroutine function, got {_describe(fn)}; declare it as "
+                f"`async def {name}({signature[name]}): ...`"
+            )
+
+
+_NODE_SIGNATURES: Final = {
+    "pre_start": "self, ctx: StartContext",
+    "on_start": "self, ctx: StartContext",
+    "run": "self, ctx: RunContext",
+    "on_stop": "self, ctx: StopContext",
+    "post_stop": "self, ctx: StopContext",
+}
+_PEER_SIGNATURES: Final = {
+    "on_message": "self, peer: bytes, msg: InboundMessage",
+    "on_peer_connected": "self, peer: bytes, info: PeerInfo",
+    "on_peer_disconnected": "self, peer: bytes, reason: DisconnectReason",
+}
+_RPC_SIGNATURES: Final = {
+    "dispatch": "self, method: str, params: object",
+    "healthz": "self",
+}
+
+
+def _check_reason(reason: object, owner: str) -> ShutdownReason:
+    if not isinstance(reason, ShutdownReason):
+        raise TypeError(
+            f"{owner}: `reason` must be a dig_service.ShutdownReason "
+            f"(e.g. ShutdownReason.UserRequested()), got {type(reason).__name__}"
+        )
+    return reason
+
+
+def _chain(err: ServiceError, cause: BaseException | None) -> ServiceError:
+    """``raise err from cause``, without raising."""
+    err.__cause__ = cause
+    err.__suppress_context__ = True
+    return err
+
+
+def _describe_exc(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- exit slot
+
+_CREATED: Final = 0
+_RUNNING: Final = 1
+_EXITED: Final = 2
+
+
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _ExitSlot:
+    """The one recorded result of ``start()``, shared by a service and its handles.
+
+    Thread-safe: ``finish`` may run on any thread and wakes every waiter on
+    its own loop (``call_soon_threadsafe``); a waiter whose loop has closed
+    is dropped quietly.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_outcome", "_state", "_waiters")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = _CREATED
+        self._outcome: ExitStatus | BaseException | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def begin(self) -> bool:
+        """``CREATED → RUNNING``; ``False`` if ``start()`` was called before."""
+        with self._lock:
+            if self._state != _CREATED:
+                return False
+            self._state = _RUNNING
+            return True
+
+    def is_running(self) -> bool:
+        return self._state == _RUNNING
+
+    def is_exited(self) -> bool:
+        return self._state == _EXITED
+
+    def finish(self, outcome: ExitStatus | BaseException) -> bool:
+        """Record ``outcome`` (first record wins) and wake every waiter."""
+        with self._lock:
+            if self._state == _EXITED:
+                return False
+            self._state = _EXITED
+            self._outcome = outcome
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_release, fut)
+            except RuntimeError:  # that loop is closed: its waiter is gone with it
+                pass
+        return True
+
+    def abandon(self, why: str) -> None:
+        """No result will ever come: release the waiters with ``AlreadyStopped``."""
+        self.finish(AlreadyStopped(why))
+
+    async def wait(self) -> ExitStatus:
+        with self._lock:
+            waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+            if self._state != _EXITED:
+                loop = asyncio.get_running_loop()
+                waiter = (loop, loop.create_future())
+                self._waiters.append(waiter)
+        if waiter is not None:
+            try:
+                await waiter[1]
+            except asyncio.CancelledError:
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                raise
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+
+def _abandon_slot(slot: _ExitSlot) -> None:
+    slot.abandon("the Service was garbage-collected before its start() finished")
+
+
+# --------------------------------------------------------------------------- handle
+
+
+@final
+class ServiceHandle:
+    """A cheap handle to a ``Service``, for signal handlers, admin RPC and tests.
+
+    It holds the service's token, its registry and its recorded result, but
+    not the ``Service`` (nor the node): it never keeps them alive, and it
+    stays valid after they are gone. Then ``request_shutdown`` cancels a
+    token nobody runs on any more, ``tasks()`` is empty and
+    ``wait_for_exit()`` returns the recorded result (or raises
+    ``AlreadyStopped`` if the service was dropped without finishing
+    ``start()``). Every method is safe from any thread; ``wait_for_exit()``
+    may be awaited on any event loop.
+    """
+
+    __slots__ = ("_name", "_slot", "_tasks", "_token")
+
+    def __init__(self, name: str, token: ShutdownToken, tasks: TaskRegistry, slot: _ExitSlot):
+        self._name = name
+        self._token = token
+        self._tasks = tasks
+        self._slot = slot
+
+    def name(self) -> str:
+        """The node's ``NAME`` (``""`` if it declares none)."""
+        return self._name
+
+    def request_shutdown(self, reason: ShutdownReason) -> None:
+        """Ask the service to shut down. Only the first reason (from anyone) is kept.
+
+        Raises:
+            TypeError: ``reason`` is not a ``ShutdownReason``.
+        """
+        self._token.cancel(_check_reason(reason, "ServiceHandle.request_shutdown()"))
+
+    def is_running(self) -> bool:
+        """Whether ``start()`` has been called and has not returned yet.
+
+        Stays ``True`` while the service is *stopping* (token fired, tasks
+        joining, ``on_stop``/``post_stop`` running); use
+        ``shutdown_token().is_cancelled()`` to tell stopping from serving.
+        """
+        return self._slot.is_running()
+
+    def shutdown_token(self) -> ShutdownToken:
+        """The service's shutdown token."""
+        return self._token
+
+    def tasks(self) -> list[TaskSummary]:
+        """The live tracked tasks (empty once the service has exited)."""
+        return self._tasks.snapshot()
+
+    async def wait_for_exit(self) -> ExitStatus:
+        """Wait until ``start()`` has finished and return what it returned (or raise what
+        it raised). Returns at once if it already has. Usable from any event loop.
+
+        Raises:
+            ServiceError: the error ``start()`` raised; ``AlreadyStopped`` if the
+                service was dropped (or its lifecycle task was cancelled) before
+                ``start()`` could finish.
+        """
+        return await self._slot.wait()
+
+    def __repr__(self) -> str:
+        state = ("created", "running", "exited")[self._slot._state]
+        return f"<ServiceHandle {self._name!r} {state}>"
+
+
+# --------------------------------------------------------------------------- service
+
+
+class Service(Generic[N, A, R]):
+    """A node, its peer and RPC APIs, a shutdown token and a task registry.
+
+    ``Service(node, peer_api=None, rpc_api=None, *, config=None)``: ``None``
+    in an API slot means the no-op ``PeerApi()`` / ``RpcApi()`` (the
+    ``peer_api``/``rpc_api`` properties then return ``None``, what was
+    passed). Every hook and API method must be an ``async def``; this is
+    checked here, and a mistake is a ``TypeError`` naming the hook.
+
+    ``await service.start()`` runs the lifecycle once (see :meth:`start`).
+    """
+
+    @overload
+    def __init__(
+        self: Service[N, None, None],
+        node: N,
+        peer_api: None = None,
+        rpc_api: None = None,
+        *,
+        config: ServiceConfig | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Service[N, A, None],
+        node: N,
+        peer_api: A,
+        rpc_api: None = None,
+        *,
+        config: ServiceConfig | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Service[N, None, R],
+        node: N,
+        peer_api: None = None,
+        *,
+        rpc_api: R,
+        config: ServiceConfig | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self, node: N, peer_api: A, rpc_api: R, *, config: ServiceConfig | None = None
+    ) -> None: ...
+    def __init__(
+        self,
+        node: Any,
+        peer_api: Any = None,
+        rpc_api: Any = None,
+        *,
+        config: ServiceConfig | None = None,
+    ) -> None:
+        _check_async_methods(node, NODE_HOOKS, "node", "NodeLifecycle", _NODE_SIGNATURES)
+        name = getattr(node, "NAME", None)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(
+                f"Service(): `{type(node).__name__}.NAME` must be str or None, "
+                f"got {type(name).__name__}"
+            )
+        if peer_api is not None:
+            _check_async_methods(
+                peer_api, PEER_API_METHODS, "peer_api", "PeerApi", _PEER_SIGNATURES
+            )
+        if rpc_api is not None:
+            _check_async_methods(rpc_api, RPC_API_METHODS, "rpc_api", "RpcApi", _RPC_SIGNATURES)
+        if config is None:
+            config = ServiceConfig()
+        elif not isinstance(config, ServiceConfig):
+            raise TypeError(
+                "Service(): `config` must be a dig_service.ServiceConfig or None, "
+                f"got {type(config).__name__}"
+            )
+
+        self._node: N = node
+        self._peer_api: A = peer_api
+        self._rpc_api: R = rpc_api
+        self._peer_api_impl: PeerApiLike = peer_api if peer_api is not None else PeerApi()
+        self._rpc_api_impl: RpcApiLike = rpc_api if rpc_api is not None else RpcApi()
+        self._config = config
+        self._name: str = name or ""
+        self._label: str = name or type(node).__name__
+        self._token = ShutdownToken()
+        self._tasks = TaskRegistry(self._token)
+        self._slot = _ExitSlot()
+        finalizer = weakref.finalize(self, _abandon_slot, self._slot)
+        finalizer.atexit = False
+
+        # Lifecycle state (owned by the loop that runs start()).
+        self._phase_value = "created"
+        self._phase_listeners: list[Callable[[str], object]] = []
+        self._hook_task: asyncio.Task[Any] | None = None
+        self._startup_aborted = False
+        self._lifecycle_task: asyncio.Task[ExitStatus] | None = None
+        self._hook_context: contextvars.Context | None = None
+
+    # ----------------------------------------------------------------- accessors
+
+    @property
+    def node(self) -> N:
+        """The node."""
+        return self._node
+
+    @property
+    def peer_api(self) -> A:
+        """The peer API passed to the constructor (``None``: the no-op ``PeerApi()`` is used)."""
+        return self._peer_api
+
+    @property
+    def rpc_api(self) -> R:
+        """The RPC API passed to the constructor (``None``: the no-op ``RpcApi()`` is used)."""
+        return self._rpc_api
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The timing limits."""
+        return self._config
+
+    @property
+    def shutdown_token(self) -> ShutdownToken:
+        """The service's shutdown token (also in every hook's context)."""
+        return self._token
+
+    @property
+    def tasks(self) -> TaskRegistry:
+        """The service's task registry (also in every hook's context)."""
+        return self._tasks
+
+    def handle(self) -> ServiceHandle:
+        """A handle that stays valid, and keeps nothing alive, after the service is gone."""
+        return ServiceHandle(self._name, self._token, self._tasks, self._slot)
+
+    def request_shutdown(self, reason: ShutdownReason) -> None:
+        """Fire the shutdown token with ``reason`` (first reason wins; safe from any thread).
+
+        Raises:
+            TypeError: ``reason`` is not a ``ShutdownReason``.
+        """
+        self._token.cancel(_check_reason(reason, "Service.request_shutdown()"))
+
+    async def wait_for_exit(self) -> ExitStatus:
+        """Wait until ``start()`` has finished; return its result or raise its error.
+
+        Usable from any task and any event loop (see ``ServiceHandle.wait_for_exit``).
+        """
+        return await self._slot.wait()
+
+    def __repr__(self) -> str:
+        state = ("created", "running", "exited")[self._slot._state]
+        return f"<Service {self._label!r} {state}>"
+
+    # ----------------------------------------------------------------- phases (for the runner)
+
+    @property
+    def _phase(self) -> str:
+        """The lifecycle stage: ``created``, ``pre_start``, ``on_start``, ``run``, ``join``,
+        ``on_stop``, ``post_stop``, ``exited`` (private; read by ``dig_service.run``)."""
+        return self._phase_value
+
+    @_phase.setter
+    def _phase(self, phase: str) -> None:
+        if phase == self._phase_value:
+            return
+        self._phase_value = phase
+        for listener in tuple(self._phase_listeners):
+            try:
+                listener(phase)
+            except Exception:
+                logger.exception("service %s: a phase listener failed", self._label)
+
+    def _add_phase_listener(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(phase)`` on the loop's thread each time the lifecycle enters a
+        stage (private; used by ``dig_service.run`` for READY=1 and its shutdown display)."""
+        self._phase_listeners.append(callback)
+
+    # ----------------------------------------------------------------- start
+
+    async def start(self) -> ExitStatus:
+        """Run the lifecycle once and return how it ended.
+
+        Order: ``pre_start → on_start → run``; then (once ``run`` returned or
+        the token fired) cancel the token → ``join_all(shutdown_deadline)`` →
+        ``on_stop`` → ``post_stop``.
+
+        ==============================================  ==========================================
+        situation                                       result
+        ==============================================  ==========================================
+        shutdown requested from outside                 ``ExitStatus(RequestedShutdown(reason))``
+        ``run`` returned by itself                      ``ExitStatus(RunCompleted())``; the token is
+                                                        cancelled with ``RequestedByRun()``
+        ``pre_start`` raises                            ``PreStartFailed``; no later hook runs
+        ``on_start`` raises                             ``OnStartFailed``; ``post_stop`` runs,
+                                                        ``run``/``on_stop`` do not
+        ``run`` raises                                  ``RunFailed``; tasks joined, ``on_stop`` and
+                                                        ``post_stop`` still run
+        ``on_stop`` or ``post_stop`` raises             ``OnStopFailed``; the later hook still runs
+        tasks (or ``run``) outlive the deadline         stragglers cancelled/aborted;
+        after the token fired                           ``ShutdownDeadlineExceeded``
+        a hook outlives ``hook_timeout`` (or, once     that hook's failure, cause ``TimeoutError``
+        the token fired, ``shutdown_deadline``)
+        ``start`` called twice                          ``AlreadyRunning``
+        the task awaiting ``start()`` is cancelled      token fired (``UserRequested``), tasks
+                                                        joined, ``on_stop``/``post_stop`` run, all
+                                                        bounded by the deadline; then
+                                                        ``CancelledError`` propagates
+        ==============================================  ==========================================
+
+        When several stages fail, the error raised is the first of
+        run > on_stop > post_stop > join; the others are logged on the
+        ``dig_service.service`` logger and added as notes to it. Every
+        ``ServiceError`` chains the original exception as ``__cause__``.
+        After a failed ``pre_start``/``on_start`` the token is cancelled with
+        ``ShutdownReason.Fatal(...)`` and the tasks spawned so far are joined.
+
+        Raises:
+            AlreadyRunning: ``start()`` was called before on this service.
+            ServiceError: as in the table above.
+        """
+        if not self._slot.begin():
+            raise AlreadyRunning(
+                f"Service {self._label!r}: start() was already called; a Service is "
+                "single-shot, build a new Service (with a new node) to start again"
+            )
+        loop = asyncio.get_running_loop()
+        self._hook_context = contextvars.copy_context()
+        lifecycle = loop.create_task(
+            self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
+        )
+        self._lifecycle_task = lifecycle
+        lifecycle.add_done_callback(self._record_outcome)
+        try:
+            await asyncio.wait((lifecycle,))
+        except asyncio.CancelledError:
+            await self._wind_down_after_cancel(lifecycle)
+            raise
+        return lifecycle.result()
+
+    def _record_outcome(self, task: asyncio.Task[ExitStatus]) -> None:
+        if task.cancelled():
+            self._slot.abandon(
+                f"the lifecycle task of service {self._label!r} was cancelled before it finished"
+            )
+            return
+        exc = task.exception()
+        self._slot.finish(exc if exc is not None else task.result())
+
+    async def _wind_down_after_cancel(self, lifecycle: asyncio.Task[ExitStatus]) -> None:
+        """The caller of ``start()`` was cancelled: stop the service before re-raising.
+
+        The token is fired (``UserRequested``; an earlier reason wins), a
+        running ``pre_start``/``on_start`` is cancelled (it then counts as
+        failed, so ``post_stop`` still runs after ``on_start``), and the
+        lifecycle winds down as for any shutdown: every stage after the token
+        fired is bounded by ``shutdown_deadline``. A second cancellation does
+        not cut the clean-up short.
+        """
+        logger.info(
+            "service %s: the task awaiting start() was cancelled; shutting down", self._label
+        )
+        self._token.cancel(ShutdownReason.UserRequested())
+        self._startup_aborted = True
+        if self._phase in ("pre_start", "on_start") and self._hook_task is not None:
+            self._hook_task.cancel()
+        while not lifecycle.done():
+            try:
+                await asyncio.wait((lifecycle,))
+            except asyncio.CancelledError:
+                continue
+        if not lifecycle.cancelled() and lifecycle.exception() is not None:
+            # start() raises CancelledError, not this: make sure it is seen.
+            logger.error(
+                "service %s stopped with an error after start() was cancelled",
+                self._label,
+                exc_info=lifecycle.exception(),
+            )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def _lifecycle(self) -> ExitStatus:
+        token, tasks = self._token, self._tasks
+        start_ctx = StartContext(self._name, token, tasks)
+        logger.debug("service %s: starting", self._label)
+
+        exc = await self._edge_hook("pre_start", start_ctx)
+        if exc is not None:
+            primary = self._hook_failure(PreStartFailed, "pre_start", exc)
+            self._fire(f"pre_start failed: {_describe_exc(exc)}")
+            join_err = await self._join(self._config.shutdown_deadline)
+            self._finish_phase()
+            raise self._with_secondary(primary, [("joining tasks", join_err)])
+
+        exc = await self._edge_hook("on_start", start_ctx)
+        if exc is not None:
+            primary = self._hook_failure(OnStartFailed, "on_start", exc)
+            self._fire(f"on_start failed: {_describe_exc(exc)}")
+            join_err = await self._join(self._config.shutdown_deadline)
+            stop_ctx = StopContext(token, tasks, ExitReason.RunError(exc))
+            post_exc = await self._edge_hook("post_stop", stop_ctx)
+            self._finish_phase()
+            post_err = self._hook_failure(OnStopFailed, "post_stop", post_exc)
+            raise self._with_secondary(
+                primary, [("post_stop", post_err), ("joining tasks", join_err)]
+            )
+
+        logger.info("service %s: started", self._label)
+        exit_reason, run_exc, run_overran = await self._run()
+
+        join_err = await self._join(0.0 if run_overran else self._config.shutdown_deadline)
+        if run_overran:
+            names = [RUN_TASK_NAME]
+            if isinstance(join_err, ShutdownDeadlineExceeded):
+                names += join_err.pending_names
+            elif join_err is not None:
+                logger.error("service %s: joining tasks failed", self._label, exc_info=join_err)
+            join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
+
+        stop_ctx = StopContext(token, tasks, exit_reason)
+        on_stop_exc = await self._edge_hook("on_stop", stop_ctx)
+        post_stop_exc = await self._edge_hook("post_stop", stop_ctx)
+        self._finish_phase()
+
+        failures: list[tuple[str, ServiceError | None]] = [
+            ("run", self._hook_failure(RunFailed, "run", run_exc)),
+            ("on_stop", self._hook_failure(OnStopFailed, "on_stop", on_stop_exc)),
+            ("post_stop", self._hook_failure(OnStopFailed, "post_stop", post_stop_exc)),
+            ("joining tasks", join_err),
+        ]
+        raised = [(what, err) for what, err in failures if err is not None]
+        if raised:
+            raise self._with_secondary(raised[0][1], raised[1:])
+        status = ExitStatus(exit_reason)
+        logger.info("service %s: stopped: %s", self._label, status)
+        return status
+
+    def _finish_phase(self) -> None:
+        self._phase = "exited"
+
+    def _fire(self, why: str) -> None:
+        """Cancel the token after a failed start-up hook, so that its tasks wind down."""
+        self._token.cancel(ShutdownReason.Fatal(why))
+
+    @overload
+    def _hook_failure(
+        self, kind: type[ServiceError], hook: str, exc: BaseException
+    ) -> ServiceError: ...
+    @overload
+    def _hook_failure(
+        self, kind: type[ServiceError], hook: str, exc: BaseException | None
+    ) -> ServiceError | None: ...
+    def _hook_failure(
+        self, kind: type[ServiceError], hook: str, exc: BaseException | None
+    ) -> ServiceError | None:
+        """``kind`` naming the service and the hook, with ``exc`` as its cause."""
+        if exc is None:
+            return None
+        if isinstance(exc, asyncio.CancelledError) and self._startup_aborted:
+            what = f"{hook} was cancelled (the task awaiting start() was cancelled)"
+        else:
+            what = f"{hook} failed: {_describe_exc(exc)}"
+        return _chain(kind(f"service {self._label!r}: {what}"), exc)
+
+    def _with_secondary(
+        self, primary: ServiceError, others: Sequence[tuple[str, BaseException | None]]
+    ) -> ServiceError:
+        """Log every secondary failure and note it on the error that is raised."""
+        for what, err in others:
+            if err is None:
+                continue
+            primary.add_note(f"also, {what} failed: {err}")
+            logger.error(
+                "service %s: %s failed too (reported: %s)",
+                self._label,
+                what,
+                type(primary).__name__,
+                exc_info=err,
+            )
+        return primary
+
+    def _call_hook(
+        self, hook: str, target: object, *args: object
+    ) -> asyncio.Task[Any] | BaseException:
+        """Start ``target.hook(*args)`` in its own task (sharing the hooks' context)."""
+        loop = asyncio.get_running_loop()
+        try:
+            fn: Callable[..., object] = getattr(target, hook)
+            awaitable = fn(*args)
+        except Exception as exc:  # a hook that raises before returning a coroutine
+            return exc
+        if not inspect.isawaitable(awaitable):
+            return TypeError(
+                f"{type(target).__name__}.{hook}() returned {type(awaitable).__name__}, "
+                f"not a coroutine; declare it `async def {hook}(...)`"
+            )
+        coro: Coroutine[Any, Any, object]
+        if inspect.iscoroutine(awaitable):
+            coro = awaitable
+        else:
+            coro = _await(awaitable)
+        return loop.create_task(
+            coro, name=f"dig_service.{hook}[{self._label}]", context=self._hook_context
+        )
+
+    async def _edge_hook(self, hook: str, ctx: object) -> BaseException | None:
+        """Run one edge hook; return its exception, or ``None`` if it succeeded.
+
+        The hook is bounded by ``hook_timeout`` from its start and, once the
+        token has fired, by ``shutdown_deadline`` from then. A hook that
+        overruns is cancelled (and no longer waited for) and its failure is a
+        ``TimeoutError`` saying which limit it hit.
+        """
+        self._phase = hook
+        if hook in ("pre_start", "on_start") and self._startup_aborted:
+            return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
+        task = self._call_hook(hook, self._node, ctx)
+        if isinstance(task, BaseException):
+            return task
+        self._hook_task = task
+        loop = asyncio.get_running_loop()
+        token, config = self._token, self._config
+        hook_timeout, deadline = config.hook_timeout, config.shutdown_deadline
+        started = loop.time()
+        fired: asyncio.Future[None] | None = None
+        by_deadline = False
+        try:
+            if not token.is_cancelled():
+                fired = asyncio.ensure_future(token.cancelled())
+                await asyncio.wait((task, fired), timeout=hook_timeout, return_when=_FIRST)
+            if not task.done() and token.is_cancelled():
+                budget = deadline
+                if hook_timeout is not None:
+                    budget = min(budget, started + hook_timeout - loop.time())
+                by_deadline = budget == deadline
+                if budget > 0:
+                    await asyncio.wait((task,), timeout=budget)
+        except asyncio.CancelledError:
+            task.cancel()
+            _reap(task, self._label, hook)
+            raise
+        finally:
+            self._hook_task = None
+            if fired is not None and not fired.done():
+                fired.cancel()
+        if not task.done():
+            task.cancel()
+            _reap(task, self._label, hook)
+            await asyncio.wait((task,), timeout=0)  # one step to handle the cancellation
+            if by_deadline:
+                limit = (
+                    f"the shutdown deadline of {deadline:g}s after the token fired "
+                    "(ServiceConfig.shutdown_deadline)"
+                )
+            else:
+                limit = f"{hook_timeout:g}s (ServiceConfig.hook_timeout)"
+            return TimeoutError(
+                f"hook `{hook}` of service {self._label!r} did not finish within {limit} "
+                "and was cancelled"
+            )
+        if task.cancelled():
+            try:
+                task.result()
+            except asyncio.CancelledError as exc:
+                return exc
+        return task.exception()
+
+    async def _run(self) -> tuple[ExitReason, BaseException | None, bool]:
+        """Run ``run`` until it returns, bounded by the deadline once the token fired.
+
+        Returns ``(exit_reason, run_exception, run_overran)``. Whatever the
+        outcome, the token has fired when this returns.
+        """
+        token, deadline = self._token, self._config.shutdown_deadline
+        self._phase = "run"
+        run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
+        if isinstance(run_task, BaseException):
+            self._fire(f"run failed: {_describe_exc(run_task)}")
+            return ExitReason.RunError(run_task), run_task, False
+
+        fired = asyncio.ensure_future(token.cancelled())
+        overran = False
+        try:
+            await asyncio.wait((run_task, fired), return_when=_FIRST)
+            if not run_task.done():
+                # The token fired first: `run` has the shutdown deadline to return.
+                await asyncio.wait((run_task,), timeout=deadline)
+                if not run_task.done():
+                    overran = True
+                    run_task.cancel()
+                    _reap(run_task, self._label, "run")
+                    await asyncio.wait((run_task,), timeout=0)
+        except asyncio.CancelledError:
+            run_task.cancel()
+            _reap(run_task, self._label, "run")
+            raise
+        finally:
+            if not fired.done():
+                fired.cancel()
+
+        if overran:
+            logger.error(
+                "service %s: run did not return within the shutdown deadline of %gs "
+                "after the token fired; it was cancelled",
+                self._label,
+                deadline,
+            )
+            return ExitReason.RequestedShutdown(_reason_of(token)), None, True
+
+        exc: BaseException | None
+        if run_task.cancelled():
+            try:
+                run_task.result()
+            except asyncio.CancelledError as cancelled:
+                exc = cancelled
+        else:
+            exc = run_task.exception()
+        if exc is not None:
+            self._fire(f"run failed: {_describe_exc(exc)}")
+            return ExitReason.RunError(exc), exc, False
+        if not token.is_cancelled():
+            token.cancel(ShutdownReason.RequestedByRun())
+            if token.reason() == ShutdownReason.RequestedByRun():
+                return ExitReason.RunCompleted(), None, False
+            # Someone else's reason won the race: it is theirs that is reported.
+        return ExitReason.RequestedShutdown(_reason_of(token)), None, False
+
+    async def _join(self, deadline: float) -> ServiceError | None:
+        """``join_all(deadline)``; return its error instead of raising it."""
+        self._phase = "join"
+        try:
+            await self._tasks.join_all(deadline)
+        except ShutdownDeadlineExceeded as err:
+            return err
+        except Exception as exc:  # not expected from the core: report it, keep going
+            what = f"service {self._label!r}: joining tasks failed: {_describe_exc(exc)}"
+            return _chain(ServiceError(what), exc)
+        return None
+
+
+def _reason_of(token: ShutdownToken) -> ShutdownReason:
+    reason = token.reason()
+    if reason is None:  # pragma: no cover - callers only ask once the token fired
+        raise AssertionError("the shutdown token has no reason although it fired")
+    return reason
+
+
+async def _await(awaitable: Awaitable[object]) -> object:
+    return await awaitable
+
+
+def _reap(task: asyncio.Task[Any], label: str, hook: str) -> None:
+    """Log what an abandoned hook task does once it finally ends (never lose an error)."""
+
+    def done(t: asyncio.Task[Any]) -> None:
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:
+            logger.error("service %s: %s raised after it was abandoned", label, hook, exc_info=exc)
+
+    task.add_done_callback(done)

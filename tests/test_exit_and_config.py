@@ -1,0 +1,136 @@
+"""``ExitReason``, ``ExitStatus`` (``is_graceful``/``exit_code``) and ``ServiceConfig``.
+
+Issue 3, bullet 3 (``ServiceConfig``, ``ExitStatus.exit_code``).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from datetime import timedelta
+
+import pytest
+
+from dig_service import ExitReason, ExitStatus, ServiceConfig, ShutdownReason
+
+GRACEFUL_REASONS = [
+    ShutdownReason.UserRequested(),
+    ShutdownReason.RpcRequested(),
+    ShutdownReason.ReloadRequested(),
+    ShutdownReason.RequestedByRun(),
+]
+
+
+@pytest.mark.parametrize("reason", GRACEFUL_REASONS, ids=repr)
+def test_requested_shutdown_is_graceful_unless_fatal(reason: ShutdownReason) -> None:
+    """Proves: ``RequestedShutdown`` with any non-Fatal reason is graceful, exit code 0.
+
+    Catches: a clean SIGTERM reported as a failure (restart loops under systemd/k8s).
+    """
+    status = ExitStatus(ExitReason.RequestedShutdown(reason))
+    assert status.is_graceful() and status.exit_code == 0
+
+
+def test_fatal_and_run_error_are_not_graceful_run_completed_is() -> None:
+    """Proves: the one classification: ``False`` exactly for ``RunError`` and
+    ``RequestedShutdown(Fatal)``; ``exit_code`` is 1 for those, 0 for ``RunCompleted``.
+
+    Catches: a crash reported as exit code 0 (the orchestrator never restarts it).
+    """
+    fatal = ExitStatus(ExitReason.RequestedShutdown(ShutdownReason.Fatal("disk gone")))
+    assert not fatal.is_graceful() and fatal.exit_code == 1
+    boom = RuntimeError("boom")
+    error = ExitStatus(ExitReason.RunError(boom))
+    assert not error.is_graceful() and error.exit_code == 1
+    assert error.reason == ExitReason.RunError(boom)
+    done = ExitStatus(ExitReason.RunCompleted())
+    assert done.is_graceful() and done.exit_code == 0
+    assert str(error) == "run failed: RuntimeError: boom (exit code 1)"
+    assert str(fatal) == "shutdown requested (fatal: disk gone) (exit code 1)"
+
+
+def test_exit_reason_variants_match_compare_and_pickle() -> None:
+    """Proves: ``ExitReason`` variants work with ``match``, compare by value, pickle,
+    reject wrong field types naming the field, and the union cannot be instantiated.
+
+    Catches: a runner's ``match status.reason`` falling through; statuses that cannot
+    cross a process boundary.
+    """
+    reason = ExitReason.RequestedShutdown(ShutdownReason.RpcRequested())
+    match reason:
+        case ExitReason.RequestedShutdown(ShutdownReason.RpcRequested()):
+            matched = True
+        case _:
+            matched = False
+    assert matched
+    assert reason == ExitReason.RequestedShutdown(ShutdownReason.RpcRequested())
+    assert reason != ExitReason.RunCompleted()
+    # (ShutdownReason from the core does not pickle yet, so pickle the other variants.)
+    for picklable in (ExitReason.RunCompleted(), ExitReason.RunError(ValueError("x"))):
+        back = pickle.loads(pickle.dumps(ExitStatus(picklable)))
+        assert type(back.reason) is type(picklable)
+    assert repr(ExitStatus(ExitReason.RunCompleted())) == (
+        "ExitStatus(reason=ExitReason.RunCompleted())"
+    )
+    with pytest.raises(TypeError, match=r"`reason` must be a dig_service\.ShutdownReason"):
+        ExitReason.RequestedShutdown("user")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`error` must be an exception instance"):
+        ExitReason.RunError("boom")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`reason` must be a dig_service\.ExitReason"):
+        ExitStatus(ShutdownReason.UserRequested())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="use a variant"):
+        ExitReason()
+
+
+# --------------------------------------------------------------------------- ServiceConfig
+
+
+def test_service_config_defaults_and_timedelta() -> None:
+    """Proves: defaults are a 30 s deadline and no hook timeout; a ``timedelta`` is
+    accepted for both fields and stored as float seconds; configs compare by value.
+
+    Catches: a timedelta stored as is (then ``loop.call_later(timedelta)`` fails late).
+    """
+    assert ServiceConfig() == ServiceConfig(shutdown_deadline=30.0, hook_timeout=None)
+    config = ServiceConfig(timedelta(seconds=5), timedelta(milliseconds=250))
+    assert config.shutdown_deadline == 5.0 and config.hook_timeout == 0.25
+    assert isinstance(config.shutdown_deadline, float)
+    assert ServiceConfig(shutdown_deadline=0).shutdown_deadline == 0.0
+    assert pickle.loads(pickle.dumps(config)) == config
+    with pytest.raises(AttributeError):
+        config.shutdown_deadline = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout"])
+@pytest.mark.parametrize(
+    "bad", [-1.0, math.nan, math.inf, -math.inf, timedelta(seconds=-1)], ids=repr
+)
+def test_service_config_rejects_negative_nan_and_infinite_values(field: str, bad: object) -> None:
+    """Proves: a negative, NaN or infinite duration (float or timedelta) is a
+    ``ValueError`` naming the field.
+
+    Catches: ``NaN`` comparisons making every deadline check false (a shutdown that
+    never times out), or a negative deadline firing at once.
+    """
+    with pytest.raises(ValueError, match=f"`{field}` must be a finite number of seconds >= 0"):
+        ServiceConfig(**{field: bad})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout"])
+@pytest.mark.parametrize("bad", ["30", True, [1]], ids=repr)
+def test_service_config_rejects_non_numbers(field: str, bad: object) -> None:
+    """Proves: a non-number (including ``bool``) is a ``TypeError`` naming the field.
+
+    Catches: ``"30"`` from an env var or ``True`` slipping through as 1 second.
+    """
+    with pytest.raises(TypeError, match=f"`{field}` must be a number of seconds"):
+        ServiceConfig(**{field: bad})  # type: ignore[arg-type]
+
+
+def test_service_config_rejects_a_zero_hook_timeout() -> None:
+    """Proves: ``hook_timeout=0`` is a ``ValueError`` that points at ``None`` for "no limit".
+
+    Catches: a config where every hook times out at once.
+    """
+    with pytest.raises(ValueError, match=r"`hook_timeout` must be > 0 .*use None for no limit"):
+        ServiceConfig(hook_timeout=0)
