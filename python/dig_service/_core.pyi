@@ -1,6 +1,6 @@
 """Type stubs for the native core ``dig_service._core`` (checked by ``mypy.stubtest``)."""
 
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import timedelta
 from typing import Any, ClassVar, Self, final
 
@@ -15,7 +15,9 @@ __all__ = [
     "TaskStats",
     "TaskSummary",
     "__version__",
+    "_bridged_sleep",
     "_emit_tracing_event",
+    "_restore_reason",
     "runtime_started",
     "shutdown_runtime",
     "spawn_native_sleeper",
@@ -40,6 +42,7 @@ class ShutdownReason:
 
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Callable[[str, str], ShutdownReason], tuple[str, str]]: ...
     @final
     class UserRequested(ShutdownReason):
         __match_args__: ClassVar[tuple[()]] = ()
@@ -160,3 +163,5 @@ def spawn_native_sleeper(
 def shutdown_runtime() -> None: ...
 def runtime_started() -> bool: ...
 def _emit_tracing_event(level: str, message: str) -> None: ...
+def _bridged_sleep(seconds: float | timedelta, on_drop: Callable[[], object]) -> Awaitable[None]: ...
+def _restore_reason(variant: str, message: str) -> ShutdownReason: ...

@@ -115,6 +115,37 @@ impl PyShutdownReason {
     fn __str__(&self) -> String {
         ShutdownReason::from(self.clone()).to_string()
     }
+
+    /// Pickle support: rebuilt through the module-level `_restore_reason`
+    /// (the variant classes are not importable by name).
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String, String))> {
+        let restore = py.import("dig_service._core")?.getattr("_restore_reason")?;
+        let (variant, message) = match self {
+            Self::UserRequested() => ("UserRequested", String::new()),
+            Self::RpcRequested() => ("RpcRequested", String::new()),
+            Self::ReloadRequested() => ("ReloadRequested", String::new()),
+            Self::RequestedByRun() => ("RequestedByRun", String::new()),
+            Self::Fatal { message } => ("Fatal", message.clone()),
+        };
+        Ok((restore, (variant.to_owned(), message)))
+    }
+}
+
+/// Rebuild a pickled `ShutdownReason`.
+#[pyfunction]
+pub(crate) fn _restore_reason(variant: &str, message: String) -> PyResult<PyShutdownReason> {
+    Ok(match variant {
+        "UserRequested" => PyShutdownReason::UserRequested(),
+        "RpcRequested" => PyShutdownReason::RpcRequested(),
+        "ReloadRequested" => PyShutdownReason::ReloadRequested(),
+        "RequestedByRun" => PyShutdownReason::RequestedByRun(),
+        "Fatal" => PyShutdownReason::Fatal { message },
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "_restore_reason(): unknown ShutdownReason variant `variant` {other:?}"
+            )))
+        }
+    })
 }
 
 impl PyShutdownReason {

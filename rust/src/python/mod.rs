@@ -4,7 +4,8 @@
 //! bridge), [`kinds`] (`TaskKind`, `ShutdownReason`), [`token`]
 //! (`ShutdownToken` with per-loop batched wake-ups), [`registry`]
 //! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
-//! tokio tasks seen from Python), [`logbridge`] (Rust `tracing` → Python
+//! tokio tasks seen from Python), [`pyfuture`] (a Python coroutine awaited
+//! from Rust, cancelled when Rust gives up), [`logbridge`] (Rust `tracing` → Python
 //! `logging`). [`interop`] holds the cached Python
 //! objects and argument checks they share.
 
@@ -12,6 +13,7 @@ mod interop;
 mod kinds;
 mod logbridge;
 mod native;
+mod pyfuture;
 mod registry;
 mod runtime;
 mod token;
@@ -19,6 +21,7 @@ mod token;
 use pyo3::prelude::*;
 
 pub use kinds::{PyShutdownReason, PyTaskKind};
+pub use pyfuture::{run_coroutine, PyCoroutineFuture};
 pub use registry::PyTaskRegistry;
 pub use token::PyShutdownToken;
 
@@ -39,6 +42,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::runtime_started, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
+    m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
+    m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
     // Take the runtime down deliberately (GIL released) before the
     // interpreter finalises, not when the process tears its threads down.
     let shutdown = m.getattr("shutdown_runtime")?;

@@ -84,3 +84,35 @@ pub(crate) fn spawn_native_sleeper(
         Ok(())
     })
 }
+
+/// Calls a Python callable when dropped (on whatever thread drops it).
+struct OnDrop(Option<Py<PyAny>>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(cb) = self.0.take() {
+            let _ = Python::try_attach(|py| {
+                let _ = cb.bind(py).call0();
+            });
+        }
+    }
+}
+
+/// Testing aid for the future bridge: an awaitable backed by a Rust future
+/// that sleeps `seconds`, then returns `None`. `on_drop()` is called when
+/// the Rust future is dropped, finished or not, so a test can prove that
+/// cancelling the awaitable drops the Rust future.
+#[pyfunction]
+pub(crate) fn _bridged_sleep<'py>(
+    py: Python<'py>,
+    seconds: &Bound<'py, PyAny>,
+    on_drop: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let secs = seconds_arg(seconds, "_bridged_sleep()", "seconds")?;
+    let guard = OnDrop(Some(on_drop.unbind()));
+    runtime::into_awaitable(py, async move {
+        let _guard = guard;
+        tokio::time::sleep(duration(secs)).await;
+        Ok(None::<bool>)
+    })
+}
