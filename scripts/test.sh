@@ -33,8 +33,10 @@ step "build the extension into $VENV (with the test extras)"
 VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release --extras test
 
 step "ruff"
-"$VENV/bin/ruff" check python tests bench
-"$VENV/bin/ruff" format --check python tests bench
+LINT=(python tests rust/examples)
+[ -d bench ] && LINT+=(bench)
+"$VENV/bin/ruff" check "${LINT[@]}"
+"$VENV/bin/ruff" format --check "${LINT[@]}"
 
 step "mypy --strict"
 "$VENV/bin/mypy" --strict python/
