@@ -15,6 +15,12 @@ step "python environment ($VENV)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "maturin>=1.5,<2"
+# One interpreter for every cargo step (pyo3's build script reads it, and a
+# change would rebuild pyo3); the Rust tests that embed CPython link
+# libpython, so tell the loader where it is.
+export PYO3_PYTHON="$(cd "$VENV" && pwd)/bin/python"
+LIBDIR="$("$PYO3_PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')"
+export LD_LIBRARY_PATH="${LIBDIR}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -23,10 +29,6 @@ step "cargo clippy"
 cargo clippy --all-targets --all-features -- -D warnings
 
 step "cargo test"
-# The Rust tests that embed CPython link libpython: tell the loader where it is.
-LIBDIR="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')"
-export LD_LIBRARY_PATH="${LIBDIR}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PYO3_PYTHON="$VENV/bin/python"
 cargo test --all-features
 
 step "build the extension into $VENV (with the test extras)"
