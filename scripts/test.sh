@@ -44,5 +44,10 @@ step "mypy --strict"
 "$VENV/bin/mypy" --strict python/
 "$VENV/bin/python" -m mypy.stubtest dig_service._core
 
-step "pytest"
-"$VENV/bin/python" -m pytest -q tests
+step "pytest (PYTHONDEVMODE=1, -W error)"
+# Once, in Python's development mode with every warning an error: a
+# ResourceWarning, a "coroutine ... was never awaited" or a "Task was
+# destroyed but it is pending" fails the suite instead of scrolling by.
+# (`-W error` for the interpreter covers imports and collection; pytest's
+# own `-W error` covers each test, where pytest resets the filters.)
+PYTHONDEVMODE=1 "$VENV/bin/python" -W error -m pytest -W error -q tests

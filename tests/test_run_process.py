@@ -118,6 +118,15 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
 
+    def close(self) -> None:
+        """Kill the child if it is still alive, then release its pipes (no ResourceWarning)."""
+        self.kill()
+        for reader in self._readers:
+            reader.join(WAIT)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
 
 @pytest.fixture
 def spawn() -> Iterator[type[Proc]]:
@@ -131,7 +140,7 @@ def spawn() -> Iterator[type[Proc]]:
 
     yield Tracked
     for proc in started:
-        proc.kill()
+        proc.close()
 
 
 # --------------------------------------------------------------------------- signals
@@ -258,6 +267,8 @@ def test_shutdown_progress_is_updated_in_place_on_a_terminal(tmp_path: Path) -> 
         if popen.poll() is None:
             popen.kill()
             popen.wait()
+        if popen.stdout is not None:
+            popen.stdout.close()
         os.close(master)
     text = b"".join(chunks).decode(errors="replace")
     redraws = re.findall(
