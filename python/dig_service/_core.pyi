@@ -15,6 +15,9 @@ __all__ = [
     "TaskStats",
     "TaskSummary",
     "__version__",
+    "_after_fork_in_child",
+    "_after_fork_in_parent",
+    "_before_fork",
     "_bridged_sleep",
     "_emit_tracing_event",
     "_restore_reason",
@@ -167,3 +170,6 @@ def _bridged_sleep(
     seconds: float | timedelta, on_drop: Callable[[], object]
 ) -> Awaitable[None]: ...
 def _restore_reason(variant: str, message: str) -> ShutdownReason: ...
+def _before_fork() -> None: ...
+def _after_fork_in_parent() -> None: ...
+def _after_fork_in_child() -> None: ...

@@ -177,6 +177,13 @@ pub trait ForeignTask: Send + Sync + 'static {
     /// Ask the task to stop. Called at most once per `join_all` deadline,
     /// from any thread, with no registry lock held. Must not block.
     fn cancel(&self);
+
+    /// Whether the task has already ended although its owner has not yet
+    /// called [`TaskRegistry::finish_foreign`] (its completion is queued).
+    /// Such a task is not a straggler. Called with no registry lock held.
+    fn is_finished(&self) -> bool {
+        false
+    }
 }
 
 /// Identifies a foreign task in its registry; see
@@ -623,19 +630,28 @@ impl TaskRegistry {
                 let Slot::Occupied { entry: e, .. } = slot else {
                     continue;
                 };
-                live.push((e.spawned_at, e.name.to_string()));
                 match &mut e.control {
                     Control::Starting { stop_requested } => *stop_requested = true,
                     Control::Native(h) => natives.push(h.clone()),
-                    Control::Foreign(f) => foreign.push(f.clone()),
+                    Control::Foreign(f) => {
+                        foreign.push((e.spawned_at, e.name.to_string(), f.clone()));
+                        continue;
+                    }
                 }
+                live.push((e.spawned_at, e.name.to_string()));
             }
         }
         for h in natives {
             h.abort();
         }
-        for f in foreign {
-            f.cancel();
+        // A foreign task that ended before the deadline but whose completion
+        // is still queued on its loop is not a straggler. Asked outside the
+        // lock: the owner's check may need its own lock (the GIL).
+        for (at, name, f) in foreign {
+            if !f.is_finished() {
+                f.cancel();
+                live.push((at, name));
+            }
         }
         // Slots are reused, so slot order is not spawn order; a stable sort
         // on the spawn instant restores it.

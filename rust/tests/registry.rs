@@ -475,3 +475,48 @@ fn spawn_on_a_shut_down_runtime_does_not_deadlock() {
     assert!(ok);
     assert_eq!((stats.spawned, stats.aborted, stats.live), (1, 1, 0));
 }
+
+/// A foreign task whose work has ended but whose owner has not yet reported
+/// it (its completion callback is still queued on its event loop).
+struct EndedButUnreported;
+
+impl ForeignTask for EndedButUnreported {
+    fn cancel(&self) {
+        panic!("an ended task must not be cancelled");
+    }
+    fn is_finished(&self) -> bool {
+        true
+    }
+}
+
+/// **Proves:** at the deadline, a foreign task that already ended (its
+/// completion merely queued) is neither cancelled nor named as a straggler,
+/// while a really stuck one is.
+///
+/// **Why it matters:** an event loop that is behind runs the deadline timer
+/// before the queued completions; the report must not blame tasks that
+/// finished in time (seen on uvloop with 100k short tasks).
+///
+/// **Catches:** stragglers computed from the registry's bookkeeping alone.
+#[tokio::test(start_paused = true)]
+async fn ended_but_unreported_foreign_task_is_not_a_straggler() {
+    let (r, _token) = registry();
+    r.track_foreign("ended", TaskKind::RpcHandler, Arc::new(EndedButUnreported))
+        .unwrap();
+    let stuck = Arc::new(Flag::default());
+    r.track_foreign("stuck", TaskKind::RpcHandler, stuck.clone())
+        .unwrap();
+    let err = r.join_all(Duration::from_millis(50)).await.unwrap_err();
+    match err {
+        ServiceError::ShutdownDeadlineExceeded {
+            pending,
+            pending_names,
+            ..
+        } => {
+            assert_eq!(pending, 1);
+            assert_eq!(pending_names, vec!["stuck".to_owned()]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(stuck.cancels.load(Ordering::SeqCst), 1);
+}

@@ -6,9 +6,10 @@
 //! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
 //! tokio tasks seen from Python), [`pyfuture`] (a Python coroutine awaited
 //! from Rust, cancelled when Rust gives up), [`logbridge`] (Rust `tracing` → Python
-//! `logging`). [`interop`] holds the cached Python
+//! `logging`). [`fork`] keeps `os.fork()` from hanging a child; [`interop`] holds the cached Python
 //! objects and argument checks they share.
 
+mod fork;
 mod interop;
 mod kinds;
 mod logbridge;
@@ -44,6 +45,10 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
     m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
     m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork_in_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
+    fork::install(m)?;
     // Take the runtime down deliberately (GIL released) before the
     // interpreter finalises, not when the process tears its threads down.
     let shutdown = m.getattr("shutdown_runtime")?;

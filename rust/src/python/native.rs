@@ -31,7 +31,7 @@ where
 {
     let rt = runtime::handle(py)?;
     let handle = registry
-        .core
+        .core()?
         .spawn_on(&rt, name.to_str()?, kind, fut)
         .map_err(|e| service_err(py, &e))?;
     let abort = handle.abort_handle();

@@ -56,7 +56,12 @@ pub fn run_coroutine(
     let py = coro.py();
     let handle = py
         .import("asyncio")?
-        .call_method1("run_coroutine_threadsafe", (coro, event_loop))?;
+        .call_method1("run_coroutine_threadsafe", (coro, event_loop))
+        .inspect_err(|_| {
+            // Refused (closed loop, not a coroutine): close it so Python does
+            // not also warn that it was never awaited.
+            let _ = coro.call_method0(pyo3::intern!(py, "close"));
+        })?;
     let (tx, rx) = oneshot::channel();
     handle.call_method1(
         "add_done_callback",

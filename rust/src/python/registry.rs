@@ -16,6 +16,7 @@ use pyo3::types::{PyDict, PyString};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::fork;
 use super::interop::{
     aio_join_all, aio_resolve, coroutine_type, iscoroutine, log_task_exception, monotonic_of,
     running_loop, seconds_arg, service_err, str_arg, type_name,
@@ -36,6 +37,16 @@ pub(crate) struct PyForeign {
 }
 
 impl ForeignTask for PyForeign {
+    fn is_finished(&self) -> bool {
+        Python::attach(|py| {
+            self.task
+                .bind(py)
+                .call_method0(pyo3::intern!(py, "done"))
+                .and_then(|d| d.is_truthy())
+                .unwrap_or(false)
+        })
+    }
+
     fn cancel(&self) {
         Python::attach(|py| {
             let task = self.task.bind(py);
@@ -236,6 +247,7 @@ fn log_warning(py: Python<'_>, msg: &str) -> PyResult<()> {
 pub struct PyTaskRegistry {
     pub(crate) core: TaskRegistry,
     shutdown: Py<PyShutdownToken>,
+    made_in: u64,
 }
 
 impl PyTaskRegistry {
@@ -244,12 +256,19 @@ impl PyTaskRegistry {
         Self {
             core,
             shutdown: token,
+            made_in: fork::generation(),
         }
     }
 
     /// The core token.
     pub fn shutdown_core(&self) -> &ShutdownToken {
         self.core.shutdown()
+    }
+
+    /// The core registry, unless this object was inherited across `fork()`.
+    pub(crate) fn core(&self) -> PyResult<&TaskRegistry> {
+        fork::check(self.made_in, "TaskRegistry")?;
+        Ok(&self.core)
     }
 }
 
@@ -263,10 +282,10 @@ impl PyTaskRegistry {
                 type_name(shutdown)
             ))
         })?;
-        Ok(Self {
-            core: TaskRegistry::new(token.get().core.clone()),
-            shutdown: token.clone().unbind(),
-        })
+        Ok(Self::from_core(
+            TaskRegistry::new(token.get().core.clone()),
+            token.clone().unbind(),
+        ))
     }
 
     /// The token this registry's tasks watch.
@@ -286,6 +305,7 @@ impl PyTaskRegistry {
     ) -> PyResult<PyTaskHandle> {
         let py = slf.py();
         let this = slf.get();
+        let core = this.core()?;
         let is_coroutine = coro.get_type().is(coroutine_type(py)?)
             || iscoroutine(py)?.call1((coro,))?.is_truthy()?;
         if !is_coroutine {
@@ -307,7 +327,7 @@ impl PyTaskRegistry {
         };
         let name_str = str_arg(name, "TaskRegistry.spawn()", "name").map_err(refuse)?;
         let kind = PyTaskKind::from_arg(kind, "TaskRegistry.spawn()", "kind").map_err(refuse)?;
-        if this.core.is_closed() {
+        if core.is_closed() {
             return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
         }
         let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
@@ -320,10 +340,7 @@ impl PyTaskRegistry {
             event_loop: event_loop.unbind(),
             thread: thread::current().id(),
         });
-        let id = match this
-            .core
-            .track_foreign(name_str.to_str()?, kind, foreign.clone())
-        {
+        let id = match core.track_foreign(name_str.to_str()?, kind, foreign.clone()) {
             Ok(id) => id,
             Err(e) => {
                 // Closed by another thread between the check and now.
@@ -333,7 +350,7 @@ impl PyTaskRegistry {
         };
         let name_obj = name_str.clone().unbind();
         let done = TaskDone {
-            registry: this.core.clone(),
+            registry: core.clone(),
             id,
             name: name_obj.clone_ref(py),
             kind: kind.into(),
@@ -363,7 +380,7 @@ impl PyTaskRegistry {
         let event_loop = fut.call_method0(pyo3::intern!(py, "get_loop"))?.unbind();
         let fut = fut.clone().unbind();
         let thread = thread::current().id();
-        Ok(self.core.try_close(move || {
+        Ok(self.core()?.try_close(move || {
             Python::attach(|py| {
                 let Ok(resolve) = aio_resolve(py) else { return };
                 if thread::current().id() == thread {
@@ -378,13 +395,13 @@ impl PyTaskRegistry {
     }
 
     /// Close the registry, stop every live task, return their names.
-    fn _close_and_stop_all(&self) -> Vec<String> {
-        self.core.close_and_stop_all().names
+    fn _close_and_stop_all(&self) -> PyResult<Vec<String>> {
+        Ok(self.core()?.close_and_stop_all().names)
     }
 
     /// The live tasks.
     fn snapshot(&self, py: Python<'_>) -> PyResult<Vec<PyTaskSummary>> {
-        self.core
+        self.core()?
             .snapshot()
             .into_iter()
             .map(|s| {
@@ -399,40 +416,41 @@ impl PyTaskRegistry {
     }
 
     /// Counters since the registry was created.
-    fn stats(&self) -> PyTaskStats {
-        let s = self.core.stats();
-        PyTaskStats {
+    fn stats(&self) -> PyResult<PyTaskStats> {
+        let s = self.core()?.stats();
+        Ok(PyTaskStats {
             spawned: s.spawned,
             completed: s.completed,
             failed: s.failed,
             cancelled: s.cancelled,
             aborted: s.aborted,
             live: s.live,
-        }
+        })
     }
 
     /// Whether no task is live.
-    fn is_empty(&self) -> bool {
-        self.core.is_empty()
+    fn is_empty(&self) -> PyResult<bool> {
+        Ok(self.core()?.is_empty())
     }
 
     /// Whether `join_all` has closed the registry.
-    fn is_closed(&self) -> bool {
-        self.core.is_closed()
+    fn is_closed(&self) -> PyResult<bool> {
+        Ok(self.core()?.is_closed())
     }
 
-    fn __len__(&self) -> usize {
-        self.core.len()
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.core()?.len())
     }
 
-    fn __repr__(&self) -> String {
-        let s = self.core.stats();
-        format!(
+    fn __repr__(&self) -> PyResult<String> {
+        let core = self.core()?;
+        let s = core.stats();
+        Ok(format!(
             "<TaskRegistry live={} spawned={} closed={}>",
             s.live,
             s.spawned,
-            self.core.is_closed()
-        )
+            core.is_closed()
+        ))
     }
 }
 

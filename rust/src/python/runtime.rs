@@ -74,6 +74,20 @@ pub(crate) fn handle(py: Python<'_>) -> PyResult<Handle> {
     })
 }
 
+/// Take the runtime lock across `fork()` (see `fork.rs`), so no worker can
+/// hold it at the instant of the fork. Waits with the GIL released.
+pub(crate) fn hold_for_fork(py: Python<'_>) {
+    py.detach(|| std::mem::forget(RUNTIME.lock()));
+}
+
+/// Release the lock taken by [`hold_for_fork`] (in the parent and the child).
+pub(crate) fn release_after_fork() {
+    // SAFETY: called only by the `after_in_parent` / `after_in_child` hooks,
+    // which run exactly once after the `before` hook that locked RUNTIME and
+    // forgot its guard; nothing else holds it.
+    unsafe { RUNTIME.force_unlock() };
+}
+
 /// Whether the runtime of this process is running.
 #[pyfunction]
 pub(crate) fn runtime_started() -> bool {

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use super::fork;
 use super::interop::{aio_wait_cancelled, aio_wake_all, running_loop};
 use super::kinds::PyShutdownReason;
 use crate::shutdown::ShutdownToken;
@@ -38,6 +39,7 @@ type SharedWaiters = Arc<Mutex<Waiters>>;
 pub struct PyShutdownToken {
     pub(crate) core: ShutdownToken,
     waiters: SharedWaiters,
+    made_in: u64,
 }
 
 impl PyShutdownToken {
@@ -45,6 +47,7 @@ impl PyShutdownToken {
         Self {
             core,
             waiters: SharedWaiters::default(),
+            made_in: fork::generation(),
         }
     }
 }
@@ -92,14 +95,16 @@ impl PyShutdownToken {
 
     /// Fire the token; only the first reason is kept.
     fn cancel(&self, reason: &Bound<'_, PyAny>) -> PyResult<()> {
+        fork::check(self.made_in, "ShutdownToken")?;
         let reason = PyShutdownReason::from_arg(reason, "ShutdownToken.cancel()", "reason")?;
         self.core.cancel(reason);
         Ok(())
     }
 
     /// The recorded reason, or None.
-    fn reason(&self) -> Option<PyShutdownReason> {
-        self.core.reason().map(Into::into)
+    fn reason(&self) -> PyResult<Option<PyShutdownReason>> {
+        fork::check(self.made_in, "ShutdownToken")?;
+        Ok(self.core.reason().map(Into::into))
     }
 
     /// A coroutine that finishes once the token has fired.
@@ -114,6 +119,7 @@ impl PyShutdownToken {
     /// Park a future on the running loop until the token fires; `None` if
     /// it already has. The body of `cancelled()`.
     fn _park<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        fork::check(self.made_in, "ShutdownToken")?;
         if self.core.is_cancelled() {
             return Ok(None);
         }
@@ -169,8 +175,9 @@ impl PyShutdownToken {
     }
 
     /// A token that fires when this one does; cancelling it leaves this one alone.
-    fn child_token(&self) -> Self {
-        Self::wrap(self.core.child_token())
+    fn child_token(&self) -> PyResult<Self> {
+        fork::check(self.made_in, "ShutdownToken")?;
+        Ok(Self::wrap(self.core.child_token()))
     }
 
     /// Whether both objects are views of the same token.

@@ -1,0 +1,64 @@
+//! `os.fork()` safety for the bindings.
+//!
+//! A fork copies the process with only the forking thread: a lock that a
+//! tokio worker held at that instant stays locked forever in the child.
+//! Guarantees:
+//! - The runtime's own lock is taken around every fork (`os.register_at_fork`
+//!   hooks), so the child finds it free and builds a fresh runtime on first
+//!   use: native tasks work in the child.
+//! - Registries and tokens remember the fork generation they were made in.
+//!   One inherited from the parent raises a clear `RuntimeError` in the child
+//!   instead of touching its (possibly held) locks and hanging.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The fork generation of this process (0 in the original process).
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Ordering::Relaxed)
+}
+
+/// `Ok` if an object made in generation `made_in` may be used here.
+pub(crate) fn check(made_in: u64, what: &str) -> PyResult<()> {
+    if made_in == generation() {
+        Ok(())
+    } else {
+        Err(PyRuntimeError::new_err(format!(
+            "this {what} was created before os.fork() and cannot be used in the child \
+             process (its state belongs to the parent's threads): create a new \
+             ShutdownToken and TaskRegistry in the child"
+        )))
+    }
+}
+
+#[pyfunction]
+pub(crate) fn _before_fork(py: Python<'_>) {
+    super::runtime::hold_for_fork(py);
+}
+
+#[pyfunction]
+pub(crate) fn _after_fork_in_parent() {
+    super::runtime::release_after_fork();
+}
+
+#[pyfunction]
+pub(crate) fn _after_fork_in_child() {
+    GENERATION.fetch_add(1, Ordering::Relaxed);
+    super::runtime::release_after_fork();
+}
+
+/// Register the hooks with `os.register_at_fork`.
+pub(crate) fn install(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let kwargs = pyo3::types::PyDict::new(m.py());
+    kwargs.set_item("before", m.getattr("_before_fork")?)?;
+    kwargs.set_item("after_in_parent", m.getattr("_after_fork_in_parent")?)?;
+    kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
+    m.py()
+        .import("os")?
+        .call_method("register_at_fork", (), Some(&kwargs))?;
+    Ok(())
+}
