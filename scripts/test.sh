@@ -44,6 +44,9 @@ step "mypy --strict"
 "$VENV/bin/mypy" --strict python/
 "$VENV/bin/python" -m mypy.stubtest dig_service._core
 
+step "benchmark smoke check (bench/run.py --quick; ratios not asserted: CI machines are noisy)"
+"$VENV/bin/python" bench/run.py --quick --no-assert
+
 step "pytest (PYTHONDEVMODE=1, -W error)"
 # Once, in Python's development mode with every warning an error: a
 # ResourceWarning, a "coroutine ... was never awaited" or a "Task was
