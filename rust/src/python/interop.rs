@@ -3,6 +3,7 @@
 //! Every check raises an exception that names the function and the
 //! parameter, and says what was given.
 
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -139,15 +140,47 @@ pub(crate) fn monotonic_of(py: Python<'_>, at: Instant) -> PyResult<f64> {
     })
 }
 
+/// Call `callable(*args)` on `event_loop`, whose thread is `loop_thread`:
+/// directly when that is this thread, else through one
+/// `call_soon_threadsafe`. A closed loop refuses the call with
+/// RuntimeError; whatever the call was for (its tasks, its waiters) is gone
+/// with the loop, so the refusal is dropped.
+pub(crate) fn call_on_loop<'py>(
+    event_loop: &Bound<'py, PyAny>,
+    loop_thread: ThreadId,
+    callable: &Bound<'py, PyAny>,
+    args: &[Bound<'py, PyAny>],
+) {
+    let py = event_loop.py();
+    let _ = if thread::current().id() == loop_thread {
+        PyTuple::new(py, args).and_then(|args| callable.call1(args))
+    } else {
+        PyTuple::new(
+            py,
+            std::iter::once(callable).chain(args).collect::<Vec<_>>(),
+        )
+        .and_then(|args| event_loop.call_method1(pyo3::intern!(py, "call_soon_threadsafe"), args))
+    };
+}
+
+fn tasks_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    get_logger(py)?.call1(("dig_service.tasks",))
+}
+
 /// Log `msg` with `exc`'s traceback on the `dig_service.tasks` logger.
 pub(crate) fn log_task_exception(
     py: Python<'_>,
     msg: &str,
     exc: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let logger = get_logger(py)?.call1(("dig_service.tasks",))?;
     let kwargs = pyo3::types::PyDict::new(py);
     kwargs.set_item("exc_info", exc)?;
-    logger.call_method("error", PyTuple::new(py, ["%s", msg])?, Some(&kwargs))?;
+    tasks_logger(py)?.call_method("error", PyTuple::new(py, ["%s", msg])?, Some(&kwargs))?;
+    Ok(())
+}
+
+/// Log `msg` as a warning on the `dig_service.tasks` logger.
+pub(crate) fn log_task_warning(py: Python<'_>, msg: &str) -> PyResult<()> {
+    tasks_logger(py)?.call_method1("warning", ("%s", msg))?;
     Ok(())
 }

@@ -18,8 +18,8 @@ use tokio::task::AbortHandle;
 
 use super::fork;
 use super::interop::{
-    aio_join_all, aio_resolve, coroutine_type, iscoroutine, log_task_exception, monotonic_of,
-    running_loop, seconds_arg, service_err, str_arg, type_name,
+    aio_join_all, aio_resolve, call_on_loop, coroutine_type, iscoroutine, log_task_exception,
+    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, type_name,
 };
 use super::kinds::PyTaskKind;
 use super::token::PyShutdownToken;
@@ -49,15 +49,8 @@ impl ForeignTask for PyForeign {
 
     fn cancel(&self) {
         Python::attach(|py| {
-            let task = self.task.bind(py);
-            if thread::current().id() == self.thread {
-                let _ = task.call_method0(pyo3::intern!(py, "cancel"));
-            } else if let Ok(cancel) = task.getattr(pyo3::intern!(py, "cancel")) {
-                // A closed loop raises RuntimeError: its tasks are gone.
-                let _ = self
-                    .event_loop
-                    .bind(py)
-                    .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (cancel,));
+            if let Ok(cancel) = self.task.bind(py).getattr(pyo3::intern!(py, "cancel")) {
+                call_on_loop(self.event_loop.bind(py), self.thread, &cancel, &[]);
             }
         });
     }
@@ -201,7 +194,7 @@ impl TaskDone {
                         "critical task {} returned while the service was running",
                         self.name.bind(py).repr()?
                     );
-                    let _ = log_warning(py, &msg);
+                    let _ = log_task_warning(py, &msg);
                     token.cancel(ShutdownReason::Fatal(msg));
                 }
                 TaskOutcome::Completed
@@ -233,13 +226,6 @@ impl TaskDone {
         self.registry.finish_foreign(self.id, outcome);
         Ok(())
     }
-}
-
-fn log_warning(py: Python<'_>, msg: &str) -> PyResult<()> {
-    super::interop::get_logger(py)?
-        .call1(("dig_service.tasks",))?
-        .call_method1("warning", ("%s", msg))?;
-    Ok(())
 }
 
 /// Named, tracked tasks (asyncio and tokio) joined under one deadline.
@@ -382,13 +368,8 @@ impl PyTaskRegistry {
         let thread = thread::current().id();
         Ok(self.core()?.try_close(move || {
             Python::attach(|py| {
-                let Ok(resolve) = aio_resolve(py) else { return };
-                if thread::current().id() == thread {
-                    let _ = resolve.call1((fut,));
-                } else {
-                    let _ = event_loop
-                        .bind(py)
-                        .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (resolve, fut));
+                if let Ok(resolve) = aio_resolve(py) {
+                    call_on_loop(event_loop.bind(py), thread, resolve, &[fut.into_bound(py)]);
                 }
             })
         }))

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use super::fork;
-use super::interop::{aio_wait_cancelled, aio_wake_all, running_loop};
+use super::interop::{aio_wait_cancelled, aio_wake_all, call_on_loop, running_loop};
 use super::kinds::PyShutdownReason;
 use crate::shutdown::ShutdownToken;
 
@@ -59,23 +59,17 @@ fn wake(waiters: &SharedWaiters) {
         return;
     }
     Python::attach(|py| {
-        let here = thread::current().id();
+        let Ok(wake_all) = aio_wake_all(py) else {
+            return;
+        };
         for lw in loops {
-            let Ok(futs) = PyList::new(py, lw.futures) else {
-                continue;
-            };
-            let Ok(wake_all) = aio_wake_all(py) else {
-                continue;
-            };
-            if lw.thread == here {
-                let _ = wake_all.call1((futs,));
-            } else {
-                // A closed loop raises RuntimeError: its waiters are gone
-                // with it, nothing to report.
-                let _ = lw
-                    .event_loop
-                    .bind(py)
-                    .call_method1(pyo3::intern!(py, "call_soon_threadsafe"), (wake_all, futs));
+            if let Ok(futs) = PyList::new(py, lw.futures) {
+                call_on_loop(
+                    lw.event_loop.bind(py),
+                    lw.thread,
+                    wake_all,
+                    &[futs.into_any()],
+                );
             }
         }
     });
