@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from ._core import spawn_native_sleeper
 from ._lifecycle import NodeLifecycle, RunContext, StartContext, StopContext
+from ._service import _seconds
 
 __all__ = ["TestNode", "spawn_native_sleeper"]
 
@@ -59,18 +60,7 @@ class TestNode(NodeLifecycle):
         self.fail_on_start = _flag(fail_on_start, "fail_on_start")
         self.fail_run = _flag(fail_run, "fail_run")
         self.fail_on_stop = _flag(fail_on_stop, "fail_on_stop")
-        if isinstance(run_delay, timedelta):
-            run_delay = run_delay.total_seconds()
-        if isinstance(run_delay, bool) or not isinstance(run_delay, int | float):
-            raise TypeError(
-                "TestNode: `run_delay` must be a number of seconds or a timedelta, "
-                f"got {type(run_delay).__name__}"
-            )
-        if not 0 <= run_delay < float("inf"):
-            raise ValueError(
-                f"TestNode: `run_delay` must be a finite number of seconds >= 0, got {run_delay}"
-            )
-        self.run_delay = float(run_delay)
+        self.run_delay = _seconds(run_delay, "TestNode", "run_delay")
         self.calls: list[str] = []
 
     def __repr__(self) -> str:
