@@ -297,6 +297,129 @@ async fn abort_is_counted_as_aborted() {
     assert_eq!((stats.aborted, stats.live, stats.spawned), (2, 0, 2));
 }
 
+/// **Proves:** a native task that was spawned but never polled when the
+/// registry stops its stragglers is named, never runs, and ends aborted.
+///
+/// **Why it matters:** stragglers are stopped by a flag each task checks
+/// when polled (no per-task abort handle); a task still in the run queue
+/// must see it on its first poll.
+///
+/// **Catches:** a task that starts running after the deadline, or one
+/// left out of the straggler names.
+#[tokio::test]
+async fn a_task_that_never_ran_is_stopped_before_it_runs() {
+    let (r, _) = registry();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let h = r
+        .spawn("never-ran", TaskKind::RpcHandler, async move {
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    // Current-thread runtime: the task cannot have been polled yet.
+    assert_eq!(r.close_and_stop_all().names, ["never-ran"]);
+    assert!(matches!(h.await, Err(TaskFailure::Aborted)));
+    assert!(!ran.load(Ordering::SeqCst));
+    assert_eq!((r.stats().aborted, r.len()), (1, 0));
+}
+
+/// A future that, on its first poll, stops the registry it runs in and
+/// then waits without arranging any wake-up of its own.
+struct StopsItsRegistry(Option<TaskRegistry>);
+
+impl std::future::Future for StopsItsRegistry {
+    type Output = anyhow::Result<()>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if let Some(r) = self.0.take() {
+            assert_eq!(r.close_and_stop_all().names, ["self-stopper"]);
+        }
+        std::task::Poll::Pending
+    }
+}
+
+/// **Proves:** a task whose first wait begins after the registry started
+/// stopping (its waker was not yet stored when the stop looked for it)
+/// still stops.
+///
+/// **Why it matters:** this is the one race of the stop flag: the stop
+/// walks the stored wakers while a task is between polling its future and
+/// storing its waker. Without the re-check the task would sleep forever
+/// and the join would name a task that never ends.
+///
+/// **Catches:** a lost wake-up in `park_native` (the test times out under
+/// the paused clock instead of hanging).
+#[tokio::test(start_paused = true)]
+async fn a_task_that_starts_waiting_after_the_stop_still_stops() {
+    let (r, _) = registry();
+    let h = r
+        .spawn(
+            "self-stopper",
+            TaskKind::BackgroundLoop,
+            StopsItsRegistry(Some(r.clone())),
+        )
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), h).await;
+    assert!(matches!(out, Ok(Err(TaskFailure::Aborted))), "{out:?}");
+    assert!(r.is_empty());
+}
+
+/// Records how many tasks its registry held when it was dropped.
+struct LenAtDrop(TaskRegistry, Arc<AtomicUsize>);
+
+impl Drop for LenAtDrop {
+    fn drop(&mut self) {
+        self.1.store(self.0.len(), Ordering::SeqCst);
+    }
+}
+
+/// **Proves:** a stopped or aborted native task is dropped (its cleanup
+/// runs) while its entry is still in the registry; the entry leaves after.
+///
+/// **Why it matters:** a join that sees the registry empty must be able to
+/// rely on every task's cleanup (closing sockets, flushing) having run.
+///
+/// **Catches:** the entry removed before the task's future is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_task_is_dropped_before_its_entry_leaves() {
+    let (r, _) = registry();
+    let seen = Arc::new(AtomicUsize::new(usize::MAX));
+    let guard = LenAtDrop(r.clone(), seen.clone());
+    let h = r
+        .spawn("aborted", TaskKind::PeerConnection, async move {
+            let _guard = guard;
+            stuck().await
+        })
+        .unwrap();
+    tokio::task::yield_now().await;
+    h.abort();
+    assert!(matches!(h.await, Err(TaskFailure::Aborted)));
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "dropped after its entry left"
+    );
+
+    let guard = LenAtDrop(r.clone(), seen.clone());
+    let h = r
+        .spawn("straggler", TaskKind::PeerConnection, async move {
+            let _guard = guard;
+            stuck().await
+        })
+        .unwrap();
+    r.join_all(Duration::from_secs(1)).await.unwrap_err();
+    assert!(matches!(h.await, Err(TaskFailure::Aborted)));
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "dropped after its entry left"
+    );
+    assert_eq!((r.stats().aborted, r.len()), (2, 0));
+}
+
 /// A foreign task stand-in (what the Python bindings do for an asyncio
 /// task): records cancel requests and signals them to its owner.
 #[derive(Default)]

@@ -26,21 +26,28 @@
 //! their end through [`TaskRegistry::finish_foreign`], and the registry
 //! stops them through the [`ForeignTask`] they were registered with.
 
-use std::borrow::Borrow;
+mod name;
+mod slab;
+mod stamp;
+
 use std::fmt;
 use std::future::Future;
-use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Result, ServiceError};
 use crate::shutdown::ShutdownToken;
+pub use name::TaskName;
+use slab::{Key, Slab};
+use stamp::{Epoch, Stamp};
 
 /// Kind of task, for observability.
 #[non_exhaustive]
@@ -76,65 +83,13 @@ impl TaskOrigin {
     }
 }
 
-/// A task's name: cheap to clone, compares equal to a `&str`.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TaskName(Arc<str>);
-
-impl Deref for TaskName {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Borrow<str> for TaskName {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for TaskName {
-    fn from(s: &str) -> Self {
-        Self(Arc::from(s))
-    }
-}
-
-impl From<String> for TaskName {
-    fn from(s: String) -> Self {
-        Self(Arc::from(s))
-    }
-}
-
-impl PartialEq<str> for TaskName {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for TaskName {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl fmt::Display for TaskName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for TaskName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
 /// One live task, as seen by [`TaskRegistry::snapshot`].
 #[derive(Debug, Clone)]
 pub struct TaskSummary {
     /// The name given at spawn.
     pub name: TaskName,
-    /// When it was spawned.
+    /// When it was spawned, to within one tick of the kernel's coarse
+    /// clock (a few milliseconds) on Linux.
     pub spawned_at: Instant,
     /// Kind classification.
     pub kind: TaskKind,
@@ -189,7 +144,7 @@ pub trait ForeignTask: Send + Sync + 'static {
 /// Identifies a foreign task in its registry; see
 /// [`TaskRegistry::finish_foreign`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ForeignTaskId(u64);
+pub struct ForeignTaskId(Key);
 
 /// Why a native task did not return `Ok(())`.
 #[derive(Debug, Clone)]
@@ -222,7 +177,7 @@ impl std::error::Error for TaskFailure {}
 pub struct TaskHandle {
     name: TaskName,
     kind: TaskKind,
-    join: JoinHandle<std::result::Result<(), TaskFailure>>,
+    join: JoinHandle<Exit>,
 }
 
 impl TaskHandle {
@@ -252,7 +207,9 @@ impl Future for TaskHandle {
     type Output = std::result::Result<(), TaskFailure>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.join).poll(cx).map(|r| match r {
-            Ok(res) => res,
+            Ok(Exit::Completed) => Ok(()),
+            Ok(Exit::Failed(e)) => Err(TaskFailure::Error(e)),
+            Ok(Exit::Stopped) => Err(TaskFailure::Aborted),
             Err(e) if e.is_panic() => Err(TaskFailure::Panic(panic_message(&*e.into_panic()))),
             Err(_) => Err(TaskFailure::Aborted),
         })
@@ -263,91 +220,72 @@ impl Future for TaskHandle {
 // Registry state: a generation-checked slab of live entries.
 
 enum Control {
-    /// Between insertion and `spawn_on` storing the abort handle. The
-    /// runtime may drop (or even finish) the task before that, so `spawn`
-    /// is called without the state lock; `stop_requested` records a
-    /// `close_and_stop_all` that ran in this window so `spawn_on` can abort
-    /// the task once it has its handle.
-    Starting {
-        stop_requested: bool,
-    },
-    Native(AbortHandle),
+    /// A native task. Its waker is stored the first time it waits (the
+    /// waker of a tokio task never changes), so that
+    /// `close_and_stop_all` can wake it to be stopped; a task that never
+    /// waited sees the stop flag on its first poll.
+    Native(Option<Waker>),
     Foreign(Arc<dyn ForeignTask>),
 }
 
 struct Entry {
     name: TaskName,
     kind: TaskKind,
-    spawned_at: Instant,
+    /// Unique within the registry, in spawn order (see `State::insert`).
+    spawned_at: Stamp,
     control: Control,
 }
 
 impl Entry {
     fn origin(&self) -> TaskOrigin {
         match self.control {
-            Control::Starting { .. } | Control::Native(_) => TaskOrigin::Native,
+            Control::Native(_) => TaskOrigin::Native,
             Control::Foreign(_) => TaskOrigin::Python,
         }
     }
 }
 
-enum Slot {
-    Vacant { generation: u32 },
-    Occupied { generation: u32, entry: Entry },
-}
-
 type IdleWaker = Box<dyn FnOnce() + Send + 'static>;
 
-#[derive(Default)]
 struct State {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    entries: Slab<Entry>,
+    /// The latest `spawned_at` given out.
+    last_stamp: Stamp,
     closed: bool,
     idle_wakers: Vec<IdleWaker>,
     stats: TaskStats,
 }
 
 impl State {
-    fn insert(&mut self, entry: Entry) -> u64 {
-        self.stats.spawned += 1;
-        self.stats.live += 1;
-        if let Some(index) = self.free.pop() {
-            let slot = &mut self.slots[index as usize];
-            let generation = match slot {
-                Slot::Vacant { generation } => *generation,
-                Slot::Occupied { .. } => unreachable!("free list names an occupied slot"),
-            };
-            *slot = Slot::Occupied { generation, entry };
-            key(index, generation)
-        } else {
-            let index = u32::try_from(self.slots.len()).expect("more than 2^32 live tasks");
-            self.slots.push(Slot::Occupied {
-                generation: 0,
-                entry,
-            });
-            key(index, 0)
+    fn new() -> Self {
+        Self {
+            entries: Slab::default(),
+            last_stamp: Stamp::now(),
+            closed: false,
+            idle_wakers: Vec::new(),
+            stats: TaskStats::default(),
         }
     }
 
-    /// Remove the entry under `k`, count its outcome, and hand back the
-    /// idle wakers to run if the registry just became empty.
-    fn remove(&mut self, k: u64, outcome: TaskOutcome) -> Option<(Entry, Vec<IdleWaker>)> {
-        let (index, generation) = ((k & 0xffff_ffff) as u32, (k >> 32) as u32);
-        let slot = self.slots.get_mut(index as usize)?;
-        match slot {
-            Slot::Occupied { generation: g, .. } if *g == generation => {}
-            _ => return None,
-        }
-        let old = std::mem::replace(
-            slot,
-            Slot::Vacant {
-                generation: generation.wrapping_add(1),
-            },
-        );
-        let Slot::Occupied { entry, .. } = old else {
-            unreachable!()
-        };
-        self.free.push(index);
+    /// Store `entry`. Its `spawned_at`, read on a clock that ticks every
+    /// few milliseconds, is moved past the previous entry's, so that stamps
+    /// order entries exactly as they were spawned.
+    #[inline]
+    fn insert(&mut self, mut entry: Entry) -> Key {
+        entry.spawned_at = entry.spawned_at.max(self.last_stamp.successor());
+        self.last_stamp = entry.spawned_at;
+        let k = self
+            .entries
+            .insert(entry)
+            .expect("more than 2^32 - 1 live tasks");
+        self.stats.spawned += 1;
+        self.stats.live += 1;
+        k
+    }
+
+    /// Count the end of a task whose entry was just removed; hand back
+    /// the idle wakers to run if the registry just became empty.
+    fn count_end(&mut self, outcome: TaskOutcome) -> Vec<IdleWaker> {
         self.stats.live -= 1;
         match outcome {
             TaskOutcome::Completed => self.stats.completed += 1,
@@ -355,56 +293,63 @@ impl State {
             TaskOutcome::Cancelled => self.stats.cancelled += 1,
             TaskOutcome::Aborted => self.stats.aborted += 1,
         }
-        let wakers = if self.stats.live == 0 {
+        if self.stats.live == 0 {
             std::mem::take(&mut self.idle_wakers)
         } else {
             Vec::new()
-        };
-        Some((entry, wakers))
-    }
-
-    fn get_mut(&mut self, k: u64) -> Option<&mut Entry> {
-        let (index, generation) = ((k & 0xffff_ffff) as u32, (k >> 32) as u32);
-        match self.slots.get_mut(index as usize)? {
-            Slot::Occupied {
-                generation: g,
-                entry,
-            } if *g == generation => Some(entry),
-            _ => None,
         }
     }
-
-    fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.slots.iter().filter_map(|s| match s {
-            Slot::Occupied { entry, .. } => Some(entry),
-            Slot::Vacant { .. } => None,
-        })
-    }
-}
-
-fn key(index: u32, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | u64::from(index)
 }
 
 struct Inner {
     shutdown: ShutdownToken,
     state: Mutex<State>,
+    /// Set (under the state lock) by `close_and_stop_all`: every native task
+    /// still running stops at its next poll.
+    stopping: AtomicBool,
 }
 
 impl Inner {
-    fn finish(&self, k: u64, outcome: TaskOutcome) -> bool {
-        let removed = self.state.lock().remove(k, outcome);
-        match removed {
-            Some((entry, wakers)) => {
-                // Drop the entry (and with it any foreign payload) and run the
-                // wakers outside the lock.
-                drop(entry);
-                for w in wakers {
-                    w();
-                }
-                true
+    /// Remove the entry under `k` and count `outcome`; hand the entry back
+    /// to be dropped outside the lock (a foreign payload may need the GIL).
+    fn finish(&self, k: Key, outcome: TaskOutcome) -> Option<Entry> {
+        let (entry, wakers) = {
+            let mut st = self.state.lock();
+            let entry = st.entries.remove(k)?;
+            (entry, st.count_end(outcome))
+        };
+        run_all(wakers);
+        Some(entry)
+    }
+
+    /// Remove the entry of the native task in `slot` and count `outcome`;
+    /// hand back its name if the task failed, for the log.
+    fn finish_native(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
+        let (control, name, wakers) = {
+            let mut st = self.state.lock();
+            let entry = st.entries.remove_at(slot)?;
+            let name = (outcome == TaskOutcome::Failed).then_some(entry.name);
+            (entry.control, name, st.count_end(outcome))
+        };
+        // The stored waker is a reference to this very task: released
+        // outside the lock.
+        drop(control);
+        run_all(wakers);
+        name
+    }
+
+    /// Store the waker of the native task in `slot`, which has just waited
+    /// for the first time; wake it at once if a stop came first.
+    fn park_native(&self, slot: u32, waker: &Waker) {
+        let stop = {
+            let mut st = self.state.lock();
+            if let Some(entry) = st.entries.get_mut_at(slot) {
+                entry.control = Control::Native(Some(waker.clone()));
             }
-            None => false,
+            self.stopping.load(Ordering::Relaxed)
+        };
+        if stop {
+            waker.wake_by_ref();
         }
     }
 }
@@ -428,7 +373,8 @@ impl TaskRegistry {
         Self {
             inner: Arc::new(Inner {
                 shutdown,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State::new()),
+                stopping: AtomicBool::new(false),
             }),
         }
     }
@@ -447,7 +393,7 @@ impl TaskRegistry {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.spawn_on(&Handle::current(), name, kind, fut)
+        self.spawn_with(CurrentRuntime, name.into(), kind, fut)
     }
 
     /// Spawn a tracked tokio task on the runtime behind `rt`.
@@ -464,67 +410,40 @@ impl TaskRegistry {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let name = name.into();
+        self.spawn_with(rt, name.into(), kind, fut)
+    }
+
+    fn spawn_with<F>(
+        &self,
+        rt: impl Spawner,
+        name: TaskName,
+        kind: TaskKind,
+        fut: F,
+    ) -> Result<TaskHandle>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let entry = Entry {
+            name: name.clone(),
+            kind,
+            spawned_at: Stamp::now(),
+            control: Control::Native(None),
+        };
         let k = {
             let mut st = self.inner.state.lock();
             if st.closed {
                 return Err(ServiceError::AlreadyStopped);
             }
-            st.insert(Entry {
-                name: name.clone(),
-                kind,
-                spawned_at: Instant::now(),
-                control: Control::Starting {
-                    stop_requested: false,
-                },
-            })
-        };
-        let mut reaper = Reaper {
-            inner: self.inner.clone(),
-            key: k,
-            name: name.clone(),
-            outcome: TaskOutcome::Aborted,
+            st.insert(entry)
         };
         // No registry lock may be held here: on a runtime that is shutting
-        // down, tokio drops the future inline, and the reaper's drop takes
-        // the lock.
-        let join = rt.spawn(async move {
-            let res = match fut.await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    tracing::error!(target: "dig_service::tasks", task = %reaper.name, error = ?e, "task failed");
-                    Err(TaskFailure::Error(Arc::new(e)))
-                }
-            };
-            reaper.outcome = if res.is_ok() {
-                TaskOutcome::Completed
-            } else {
-                TaskOutcome::Failed
-            };
-            drop(reaper);
-            res
+        // down, tokio drops the task inline, and its drop takes the lock.
+        let join = rt.spawn(Watched {
+            fut: Some(fut),
+            inner: self.inner.clone(),
+            slot: slab::index_of(k),
+            parked: false,
         });
-        let abort = join.abort_handle();
-        let stop_now = {
-            let mut st = self.inner.state.lock();
-            // `None`: the task already ended and its reaper removed the entry.
-            match st.get_mut(k) {
-                Some(entry) => {
-                    let stop = matches!(
-                        entry.control,
-                        Control::Starting {
-                            stop_requested: true
-                        }
-                    );
-                    entry.control = Control::Native(abort.clone());
-                    stop
-                }
-                None => false,
-            }
-        };
-        if stop_now {
-            abort.abort();
-        }
         Ok(TaskHandle { name, kind, join })
     }
 
@@ -539,7 +458,7 @@ impl TaskRegistry {
         let entry = Entry {
             name: name.into(),
             kind,
-            spawned_at: Instant::now(),
+            spawned_at: Stamp::now(),
             control: Control::Foreign(task),
         };
         let mut st = self.inner.state.lock();
@@ -552,7 +471,7 @@ impl TaskRegistry {
     /// Record the end of a foreign task. Returns `false` if `id` is not
     /// live (already finished).
     pub fn finish_foreign(&self, id: ForeignTaskId, outcome: TaskOutcome) -> bool {
-        self.inner.finish(id.0, outcome)
+        self.inner.finish(id.0, outcome).is_some()
     }
 
     /// Wait for every tracked task, including those spawned meanwhile, for
@@ -626,13 +545,12 @@ impl TaskRegistry {
         {
             let mut st = self.inner.state.lock();
             st.closed = true;
-            for slot in &mut st.slots {
-                let Slot::Occupied { entry: e, .. } = slot else {
-                    continue;
-                };
-                match &mut e.control {
-                    Control::Starting { stop_requested } => *stop_requested = true,
-                    Control::Native(h) => natives.push(h.clone()),
+            // Under the lock, so that a task parking its waker after this
+            // section sees the flag and wakes itself.
+            self.inner.stopping.store(true, Ordering::Relaxed);
+            for e in st.entries.iter() {
+                match &e.control {
+                    Control::Native(waker) => natives.extend(waker.clone()),
                     Control::Foreign(f) => {
                         foreign.push((e.spawned_at, e.name.to_string(), f.clone()));
                         continue;
@@ -641,8 +559,10 @@ impl TaskRegistry {
                 live.push((e.spawned_at, e.name.to_string()));
             }
         }
-        for h in natives {
-            h.abort();
+        // A native task stops at its next poll; one that never waited needs
+        // no wake-up, its first poll is still to come.
+        for w in natives {
+            w.wake();
         }
         // A foreign task that ended before the deadline but whose completion
         // is still queued on its loop is not a straggler. Asked outside the
@@ -653,9 +573,9 @@ impl TaskRegistry {
                 live.push((at, name));
             }
         }
-        // Slots are reused, so slot order is not spawn order; a stable sort
-        // on the spawn instant restores it.
-        live.sort_by_key(|(at, _)| *at);
+        // Slots are reused, so slot order is not spawn order; the stamps,
+        // unique and in spawn order, restore it.
+        live.sort_unstable_by_key(|(at, _)| *at);
         Stragglers {
             names: live.into_iter().map(|(_, name)| name).collect(),
         }
@@ -668,11 +588,12 @@ impl TaskRegistry {
 
     /// The live tasks.
     pub fn snapshot(&self) -> Vec<TaskSummary> {
+        let epoch = Epoch::now();
         let st = self.inner.state.lock();
         let mut out = Vec::with_capacity(st.stats.live as usize);
-        out.extend(st.entries().map(|e| TaskSummary {
+        out.extend(st.entries.iter().map(|e| TaskSummary {
             name: e.name.clone(),
-            spawned_at: e.spawned_at,
+            spawned_at: epoch.instant_of(e.spawned_at),
             kind: e.kind,
             origin: e.origin(),
         }));
@@ -710,23 +631,129 @@ impl fmt::Debug for TaskRegistry {
     }
 }
 
-/// Removes a native task's entry when the task ends, however it ends:
-/// normally, by error, by panic (dropped while unwinding), or dropped by an
-/// abort.
-struct Reaper {
-    inner: Arc<Inner>,
-    key: u64,
-    name: TaskName,
-    outcome: TaskOutcome,
+/// How a native task's future ended, as its `JoinHandle` reports it. Small
+/// on purpose: tokio moves it into the task's cell.
+#[derive(Debug)]
+enum Exit {
+    Completed,
+    Failed(Arc<anyhow::Error>),
+    /// Stopped by `close_and_stop_all`, like an abort.
+    Stopped,
 }
 
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            tracing::error!(target: "dig_service::tasks", task = %self.name, "task panicked");
-            self.outcome = TaskOutcome::Failed;
+pin_project! {
+    /// A native task as spawned: the user's future, which stops at its next
+    /// poll once the registry is stopping, and the slot of its entry, which
+    /// it removes when it ends, however it ends (tokio drops the task's
+    /// future when it is aborted, and while unwinding from a panic).
+    ///
+    /// Kept to two words beside the future: tokio rounds a task's cell up
+    /// to 128 bytes, and a trivial task through `TaskTracker` fills exactly
+    /// one such line.
+    struct Watched<F> {
+        // `None` once the task has ended. The future is dropped before the
+        // entry leaves, so a task's cleanup has run when a join sees it gone.
+        #[pin]
+        fut: Option<F>,
+        inner: Arc<Inner>,
+        // Only this task removes its entry, so the slot index alone names it.
+        slot: u32,
+        parked: bool,
+    }
+
+    impl<F> PinnedDrop for Watched<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if this.fut.is_some() {
+                let panicked = std::thread::panicking();
+                this.fut.set(None);
+                let outcome = if panicked {
+                    TaskOutcome::Failed
+                } else {
+                    TaskOutcome::Aborted
+                };
+                if let Some(name) = this.inner.finish_native(*this.slot, outcome) {
+                    tracing::error!(target: "dig_service::tasks", task = %name, "task panicked");
+                }
+            }
         }
-        self.inner.finish(self.key, self.outcome);
+    }
+}
+
+impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
+    type Output = Exit;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exit> {
+        let mut this = self.project();
+        if this.inner.stopping.load(Ordering::Relaxed) {
+            // Dropped with the task, as if aborted.
+            return Poll::Ready(Exit::Stopped);
+        }
+        let fut = this
+            .fut
+            .as_mut()
+            .as_pin_mut()
+            .expect("a native task polled after it ended");
+        let res = match fut.poll(cx) {
+            Poll::Ready(res) => res,
+            Poll::Pending => {
+                if !*this.parked {
+                    *this.parked = true;
+                    this.inner.park_native(*this.slot, cx.waker());
+                }
+                return Poll::Pending;
+            }
+        };
+        this.fut.set(None);
+        match res {
+            Ok(()) => {
+                this.inner.finish_native(*this.slot, TaskOutcome::Completed);
+                Poll::Ready(Exit::Completed)
+            }
+            Err(e) => {
+                if let Some(name) = this.inner.finish_native(*this.slot, TaskOutcome::Failed) {
+                    tracing::error!(target: "dig_service::tasks", task = %name, error = ?e, "task failed");
+                }
+                Poll::Ready(Exit::Failed(Arc::new(e)))
+            }
+        }
+    }
+}
+
+fn run_all(wakers: Vec<IdleWaker>) {
+    for w in wakers {
+        w();
+    }
+}
+
+/// Where `spawn_with` puts a task: `tokio::spawn` needs no runtime handle
+/// (whose lookup clones an `Arc`), `spawn_on` names one.
+trait Spawner {
+    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
+    where
+        T: Future + Send + 'static,
+        T::Output: Send + 'static;
+}
+
+struct CurrentRuntime;
+
+impl Spawner for CurrentRuntime {
+    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
+    where
+        T: Future + Send + 'static,
+        T::Output: Send + 'static,
+    {
+        tokio::spawn(task)
+    }
+}
+
+impl Spawner for &Handle {
+    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
+    where
+        T: Future + Send + 'static,
+        T::Output: Send + 'static,
+    {
+        Handle::spawn(self, task)
     }
 }
 

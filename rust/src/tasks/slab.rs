@@ -1,0 +1,211 @@
+//! A generation-checked slab: the storage of a registry's live entries.
+//!
+//! A key names one insertion: once its value is removed, the key never
+//! names anything again (until the slot's 32-bit generation wraps), even
+//! though the slot is reused. Slots live in fixed-size pages, so the slab
+//! grows without moving what it holds, and vacant slots form an intrusive
+//! free list, so inserting and removing touch one slot and the list head.
+//! The slab keeps as many slots as were ever occupied at once (rounded up
+//! to a page); it never shrinks.
+
+/// A slab key: the slot index in the low 32 bits, its generation above.
+pub(super) type Key = u64;
+
+const PAGE_BITS: u32 = 7;
+const PAGE: usize = 1 << PAGE_BITS;
+const NO_SLOT: u32 = u32::MAX;
+
+enum Slot<T> {
+    Vacant { generation: u32, next_free: u32 },
+    Occupied { generation: u32, value: T },
+}
+
+pub(super) struct Slab<T> {
+    pages: Vec<Box<[Slot<T>]>>,
+    free_head: u32,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            pages: Vec::new(),
+            free_head: NO_SLOT,
+        }
+    }
+}
+
+/// The slot index in `k`.
+pub(super) fn index_of(k: Key) -> u32 {
+    split(k).0
+}
+
+fn split(k: Key) -> (u32, u32) {
+    ((k & 0xffff_ffff) as u32, (k >> 32) as u32)
+}
+
+fn join(index: u32, generation: u32) -> Key {
+    (u64::from(generation) << 32) | u64::from(index)
+}
+
+impl<T> Slab<T> {
+    fn slot_mut(&mut self, index: u32) -> Option<&mut Slot<T>> {
+        let i = index as usize;
+        self.pages.get_mut(i >> PAGE_BITS)?.get_mut(i & (PAGE - 1))
+    }
+
+    /// Store `value`; `None` if the slab already holds `u32::MAX` slots.
+    #[inline]
+    pub(super) fn insert(&mut self, value: T) -> Option<Key> {
+        if self.free_head == NO_SLOT {
+            self.add_page()?;
+        }
+        let index = self.free_head;
+        let slot = self.slot_mut(index).expect("the free list names a slot");
+        let Slot::Vacant {
+            generation,
+            next_free,
+        } = *slot
+        else {
+            unreachable!("the free list names an occupied slot")
+        };
+        *slot = Slot::Occupied { generation, value };
+        self.free_head = next_free;
+        Some(join(index, generation))
+    }
+
+    /// A page of vacant slots, chained onto the (empty) free list.
+    fn add_page(&mut self) -> Option<()> {
+        let first = u32::try_from(self.pages.len() * PAGE).ok()?;
+        let last = first
+            .checked_add(PAGE as u32 - 1)
+            .filter(|&l| l != NO_SLOT)?;
+        let page = (first..=last)
+            .map(|i| Slot::Vacant {
+                generation: 0,
+                next_free: if i == last { NO_SLOT } else { i + 1 },
+            })
+            .collect();
+        self.pages.push(page);
+        self.free_head = first;
+        Some(())
+    }
+
+    /// Take the value under `k` out, if `k` still names it.
+    pub(super) fn remove(&mut self, k: Key) -> Option<T> {
+        let (index, generation) = split(k);
+        match self.slot_mut(index)? {
+            Slot::Occupied { generation: g, .. } if *g == generation => self.remove_at(index),
+            _ => None,
+        }
+    }
+
+    /// Take the value in slot `index` out, whichever insertion put it
+    /// there. For an owner that alone removes its value, so that its slot
+    /// cannot have been reused.
+    #[inline]
+    pub(super) fn remove_at(&mut self, index: u32) -> Option<T> {
+        let next_free = self.free_head;
+        let slot = self.slot_mut(index)?;
+        let generation = match slot {
+            Slot::Occupied { generation, .. } => *generation,
+            Slot::Vacant { .. } => return None,
+        };
+        let vacant = Slot::Vacant {
+            generation: generation.wrapping_add(1),
+            next_free,
+        };
+        let Slot::Occupied { value, .. } = std::mem::replace(slot, vacant) else {
+            unreachable!()
+        };
+        self.free_head = index;
+        Some(value)
+    }
+
+    /// The value under `k`, if `k` still names it.
+    #[cfg(test)]
+    pub(super) fn get_mut(&mut self, k: Key) -> Option<&mut T> {
+        let (index, generation) = split(k);
+        match self.slot_mut(index)? {
+            Slot::Occupied {
+                generation: g,
+                value,
+            } if *g == generation => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The value in slot `index`, whichever insertion put it there (see
+    /// [`remove_at`](Self::remove_at)).
+    pub(super) fn get_mut_at(&mut self, index: u32) -> Option<&mut T> {
+        match self.slot_mut(index)? {
+            Slot::Occupied { value, .. } => Some(value),
+            Slot::Vacant { .. } => None,
+        }
+    }
+
+    /// Every stored value, in slot order (not insertion order: slots are
+    /// reused).
+    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.pages
+            .iter()
+            .flat_map(|p| p.iter())
+            .filter_map(|s| match s {
+                Slot::Occupied { value, .. } => Some(value),
+                Slot::Vacant { .. } => None,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Slab, PAGE};
+
+    #[test]
+    fn a_removed_key_never_names_the_slots_next_value() {
+        // Proves generations guard reuse: a stale key (a foreign task
+        // reported finished twice) must not remove its successor.
+        let mut slab = Slab::default();
+        let a = slab.insert("a").unwrap();
+        assert_eq!(slab.remove(a), Some("a"));
+        let b = slab.insert("b").unwrap();
+        assert_ne!(a, b, "the slot is reused under a new generation");
+        assert_eq!(slab.remove(a), None);
+        assert_eq!(slab.get_mut(a), None);
+        assert_eq!(slab.iter().copied().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(slab.remove(b), Some("b"));
+        assert_eq!(slab.remove(b), None);
+    }
+
+    #[test]
+    fn freed_slots_are_reused_before_the_slab_grows() {
+        // Catches a free list that loses slots: memory must stay bounded by
+        // the peak number of live values, not by values ever inserted.
+        let mut slab = Slab::default();
+        for round in 0..100 {
+            let keys: Vec<_> = (0..PAGE + 3).map(|i| slab.insert(i).unwrap()).collect();
+            assert_eq!(slab.iter().count(), PAGE + 3, "round {round}");
+            for k in keys {
+                assert!(slab.remove(k).is_some());
+            }
+        }
+        assert_eq!(slab.pages.len(), 2);
+        assert_eq!(slab.iter().count(), 0);
+    }
+
+    #[test]
+    fn values_across_pages_are_all_reachable() {
+        // Catches an off-by-one in the page arithmetic (index to page and
+        // offset) once the slab spans several pages.
+        let mut slab = Slab::default();
+        let keys: Vec<_> = (0..5 * PAGE).map(|i| slab.insert(i).unwrap()).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(slab.get_mut(k).copied(), Some(i));
+        }
+        let mut seen: Vec<usize> = slab.iter().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..5 * PAGE).collect::<Vec<_>>());
+        for (i, &k) in keys.iter().enumerate().rev() {
+            assert_eq!(slab.remove(k), Some(i));
+        }
+    }
+}
