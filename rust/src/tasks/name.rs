@@ -121,3 +121,53 @@ impl fmt::Debug for TaskName {
         fmt::Debug::fmt(self.as_str(), f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TaskName;
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+
+    fn hash(n: &TaskName) -> u64 {
+        let mut h = DefaultHasher::new();
+        n.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn inline_and_shared_names_read_back_exactly() {
+        // Catches a slicing error at the inline limit (a name cut short or
+        // padded with the buffer's zeros), including multi-byte characters
+        // that straddle it.
+        let cap = TaskName::INLINE_CAP;
+        let cases = [
+            String::new(),
+            "a".repeat(cap),
+            "a".repeat(cap + 1),
+            format!("{}é", "a".repeat(cap - 1)),
+            "pair-ü-€-🦀".to_owned(),
+        ];
+        for s in cases {
+            let from_str = TaskName::from(s.as_str());
+            let from_string = TaskName::from(s.clone());
+            assert_eq!(from_str.as_str(), s);
+            assert_eq!(from_string.as_str(), s);
+            assert_eq!(from_str.clone(), from_string);
+            assert_eq!(from_str, s.as_str());
+            assert_eq!(format!("{from_str}"), s);
+            assert_eq!(format!("{from_str:?}"), format!("{s:?}"));
+        }
+    }
+
+    #[test]
+    fn equal_names_hash_equal() {
+        // Catches a Hash or Eq that looks at the representation (the unused
+        // tail of the inline buffer, the pointer of a shared string): a name
+        // used as a map key must find its equal.
+        let short = TaskName::from("peer-1");
+        let long = TaskName::from("x".repeat(TaskName::INLINE_CAP + 5));
+        assert_eq!(hash(&short), hash(&TaskName::from("peer-1".to_owned())));
+        assert_eq!(hash(&long), hash(&long.clone()));
+        assert_ne!(short, long);
+    }
+}
