@@ -3,13 +3,14 @@
 //! Every check raises an exception that names the function and the
 //! parameter, and says what was given.
 
+use std::sync::Mutex;
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyFloat, PyInt, PyString, PyTuple};
+use pyo3::types::{PyFloat, PyInt, PyString, PyTuple, PyType};
 
 use crate::error::ServiceError;
 
@@ -28,6 +29,8 @@ macro_rules! cached {
 cached!(get_running_loop, "asyncio", "get_running_loop");
 cached!(iscoroutine, "asyncio", "iscoroutine");
 cached!(coroutine_type, "types", "CoroutineType");
+cached!(task_type, "asyncio.tasks", "Task");
+cached!(base_event_loop, "asyncio.base_events", "BaseEventLoop");
 cached!(timedelta_type, "datetime", "timedelta");
 cached!(aio_wait_cancelled, "dig_service._aio", "wait_cancelled");
 cached!(aio_wake_all, "dig_service._aio", "wake_all");
@@ -50,6 +53,71 @@ pub(crate) fn running_loop<'py>(py: Python<'py>, who: &str) -> PyResult<Bound<'p
              (inside asyncio.run(...) or dig_service.run(...))"
         ))
     })
+}
+
+/// How `TaskRegistry.spawn` makes the asyncio task on one type of event loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TaskCreation {
+    /// The type uses asyncio's stock `BaseEventLoop.create_task` (and
+    /// `_check_closed`): while `loop._task_factory is None` that method
+    /// builds `asyncio.Task(coro, loop=loop, name=name)`, so `spawn` does
+    /// the same itself.
+    AsyncioStock,
+    /// The type uses uvloop's stock `Loop.create_task` (and
+    /// `get_task_factory`): while `loop.get_task_factory() is None` that
+    /// method builds `asyncio.Task(coro, loop=loop)` and names it.
+    UvloopStock,
+    /// Anything else (a subclass that overrides `create_task`, another
+    /// loop implementation): call `loop.create_task(coro, name=name)`.
+    CreateTask,
+}
+
+/// How tasks are made on `event_loop`'s type; decided once per type.
+pub(crate) fn task_creation(event_loop: &Bound<'_, PyAny>) -> PyResult<TaskCreation> {
+    // The few loop types a process uses, each with a strong reference so a
+    // type's address is never reused by another type while it is here.
+    static SEEN: Mutex<Vec<(Py<PyType>, TaskCreation)>> = Mutex::new(Vec::new());
+    let ty = event_loop.get_type();
+    {
+        let seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, how)) = seen.iter().find(|(t, _)| t.is(&ty)) {
+            return Ok(*how);
+        }
+    }
+    // Decided with the lock released: the lookups run Python code.
+    let how = classify_loop_type(&ty)?;
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|(t, _)| t.is(&ty)) {
+        seen.push((ty.unbind(), how));
+    }
+    Ok(how)
+}
+
+fn classify_loop_type(ty: &Bound<'_, PyType>) -> PyResult<TaskCreation> {
+    let py = ty.py();
+    let inherits = |class: &Bound<'_, PyAny>, attrs: &[&str]| -> PyResult<bool> {
+        for attr in attrs {
+            match ty.getattr(*attr) {
+                Ok(own) if own.is(class.getattr(*attr)?) => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    };
+    if inherits(base_event_loop(py)?, &["create_task", "_check_closed"])? {
+        return Ok(TaskCreation::AsyncioStock);
+    }
+    // A uvloop loop means uvloop is imported; never import it here.
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Ok(uvloop) = modules.get_item("uvloop.loop") {
+        if inherits(
+            &uvloop.getattr("Loop")?,
+            &["create_task", "get_task_factory"],
+        )? {
+            return Ok(TaskCreation::UvloopStock);
+        }
+    }
+    Ok(TaskCreation::CreateTask)
 }
 
 /// A name in Python's words for error messages: `int`, `function`, ...

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
 use pyo3::exceptions::asyncio::CancelledError;
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use tokio::sync::watch;
@@ -19,7 +19,8 @@ use tokio::task::AbortHandle;
 use super::fork;
 use super::interop::{
     aio_join_all, aio_resolve, call_on_loop, coroutine_type, iscoroutine, log_task_exception,
-    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, type_name,
+    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, task_creation,
+    task_type, type_name, TaskCreation,
 };
 use super::kinds::PyTaskKind;
 use super::token::PyShutdownToken;
@@ -228,6 +229,57 @@ impl TaskDone {
     }
 }
 
+/// `loop.create_task(coro, name=name)`, without the call where it is known
+/// what that call does.
+///
+/// On a loop whose type keeps asyncio's or uvloop's stock `create_task`,
+/// with no task factory set, that method builds `asyncio.Task(coro,
+/// loop=loop, name=name)`, so this builds it directly: one Python call
+/// instead of a keyword call into a Python-level (asyncio) or Cython
+/// (uvloop, which also renames the task afterwards) method. Stock details
+/// kept: asyncio's `_check_closed()` (a running loop cannot be closed by the
+/// stock `close()`, so it only fires for a loop whose subclass closes it
+/// anyway, and the coroutine is then closed rather than left unawaited);
+/// uvloop's loop cannot be closed while it runs (`Loop._close` refuses).
+/// In debug mode the task's `_source_traceback` ends at the `spawn` call
+/// either way: asyncio's `create_task` trims its own frame, and here there
+/// is no such frame. A task factory or an overriding subclass is honoured
+/// by calling `create_task` as before.
+fn create_task<'py>(
+    event_loop: &Bound<'py, PyAny>,
+    coro: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+    refuse: impl Fn(PyErr) -> PyErr,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = event_loop.py();
+    let direct = match task_creation(event_loop)? {
+        TaskCreation::AsyncioStock => {
+            if event_loop
+                .getattr(pyo3::intern!(py, "_closed"))?
+                .is_truthy()?
+            {
+                return Err(refuse(PyRuntimeError::new_err("Event loop is closed")));
+            }
+            event_loop
+                .getattr(pyo3::intern!(py, "_task_factory"))?
+                .is_none()
+        }
+        TaskCreation::UvloopStock => event_loop
+            .call_method0(pyo3::intern!(py, "get_task_factory"))?
+            .is_none(),
+        TaskCreation::CreateTask => false,
+    };
+    let kwargs = PyDict::new(py);
+    if direct {
+        kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
+        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
+        task_type(py)?.call((coro,), Some(&kwargs))
+    } else {
+        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
+        event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
+    }
+}
+
 /// Named, tracked tasks (asyncio and tokio) joined under one deadline.
 #[pyclass(name = "TaskRegistry", module = "dig_service._core", frozen)]
 pub struct PyTaskRegistry {
@@ -317,10 +369,7 @@ impl PyTaskRegistry {
             return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
         }
         let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(pyo3::intern!(py, "name"), name_str)?;
-        let task =
-            event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))?;
+        let task = create_task(&event_loop, coro, name_str, refuse)?;
         let foreign = Arc::new(PyForeign {
             task: task.clone().unbind(),
             event_loop: event_loop.unbind(),
