@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from dig_service import ShutdownToken, TaskKind, TaskRegistry
+from dig_service.testing import spawn_native_sleeper
 
 BG = TaskKind.BackgroundLoop
 
@@ -184,3 +185,60 @@ def test_spawn_on_a_closed_asyncio_loop_is_refused_and_closes_the_coroutine() ->
 
     with asyncio.Runner(loop_factory=Closing) as runner:
         runner.run(main())
+
+
+async def test_the_handle_is_the_tasks_only_done_callback() -> None:
+    """Proves spawn adds exactly one done callback to the task, the returned TaskHandle itself.
+
+    Catches: a separate callback object per spawn coming back (one more
+    GC-tracked object per live task, SPEC P1), or the handle not being
+    registered at all (the task would never leave the registry).
+    """
+    reg = fresh()
+    gate = asyncio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    handle = reg.spawn("one-callback", BG, wait())
+    task = spawned_task("one-callback")
+    assert [cb for cb, _ctx in task._callbacks] == [handle]  # type: ignore[attr-defined]
+    gate.set()
+    await handle
+    assert len(reg) == 0 and reg.stats().completed == 1
+
+
+async def test_calling_a_handle_by_hand_reports_nothing() -> None:
+    """Proves a TaskHandle called by anyone but its task's loop changes no count and no entry.
+
+    Catches: the done-callback role of TaskHandle being abusable: another
+    task, its own unfinished task, or a second call after the end removing
+    the entry early or counting an outcome twice; a native handle accepting
+    the call.
+    """
+    reg = fresh()
+    gate = asyncio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    handle = reg.spawn("guarded", BG, wait())
+    task = spawned_task("guarded")
+    other = asyncio.get_running_loop().create_task(answer())
+    with pytest.raises(TypeError, match="only its own asyncio task"):
+        handle(other)
+    with pytest.raises(TypeError, match="only its own asyncio task"):
+        handle(None)
+    with pytest.raises(asyncio.InvalidStateError):
+        handle(task)  # not done yet
+    assert len(reg) == 1 and reg.stats().completed == 0
+    gate.set()
+    await handle
+    await other
+    handle(task)  # already reported by the loop's call
+    stats = reg.stats()
+    assert (stats.spawned, stats.completed, stats.failed, stats.live) == (1, 1, 0, 0)
+    native = spawn_native_sleeper(reg, "native", 0)
+    with pytest.raises(TypeError, match="only its own asyncio task"):
+        native(task)
+    await native

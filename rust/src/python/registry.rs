@@ -6,10 +6,11 @@
 //! deadline join runs on the event loop (`dig_service._aio.join_all`) and is
 //! woken once, when the registry empties, by whichever thread empties it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
-use pyo3::exceptions::asyncio::CancelledError;
+use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
@@ -60,8 +61,20 @@ impl ForeignTask for PyForeign {
 /// The result a native task's awaiters see.
 pub(crate) type NativeResult = Option<Result<(), TaskFailure>>;
 
+/// What a Python task's handle needs to report its end: the handle is also
+/// the task's done callback (`__call__`), so a spawn allocates no separate
+/// callback object.
+struct PyTracked {
+    foreign: Arc<PyForeign>,
+    registry: TaskRegistry,
+    id: ForeignTaskId,
+    critical: bool,
+    /// Set once the end has been reported, so it is reported once only.
+    reported: AtomicBool,
+}
+
 enum HandleInner {
-    Python(Arc<PyForeign>),
+    Python(PyTracked),
     Native {
         abort: AbortHandle,
         done: watch::Receiver<NativeResult>,
@@ -117,7 +130,7 @@ impl PyTaskHandle {
     /// Cancel (Python task) or abort (native task). Safe from any thread.
     fn abort(&self) {
         match &self.inner {
-            HandleInner::Python(f) => f.cancel(),
+            HandleInner::Python(t) => t.foreign.cancel(),
             HandleInner::Native { abort, .. } => abort.abort(),
         }
     }
@@ -125,7 +138,8 @@ impl PyTaskHandle {
     /// Whether the task has finished, however it finished.
     fn is_finished(&self, py: Python<'_>) -> PyResult<bool> {
         match &self.inner {
-            HandleInner::Python(f) => f
+            HandleInner::Python(t) => t
+                .foreign
                 .task
                 .bind(py)
                 .call_method0(pyo3::intern!(py, "done"))?
@@ -136,7 +150,7 @@ impl PyTaskHandle {
 
     fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let awaitable = match &self.inner {
-            HandleInner::Python(f) => f.task.bind(py).clone(),
+            HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
             HandleInner::Native { done, .. } => {
                 let mut done = done.clone();
                 super::runtime::into_awaitable(py, async move {
@@ -160,37 +174,37 @@ impl PyTaskHandle {
         awaitable.call_method0(pyo3::intern!(py, "__await__"))
     }
 
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "<TaskHandle {:?} {} origin={} finished={}>",
-            self.name.bind(py).to_str()?,
-            self.kind.name(),
-            self.origin(),
-            self.is_finished(py)?
-        ))
-    }
-}
-
-/// The done callback of a tracked asyncio task: reads the outcome, logs and
-/// counts a failure, fires the token for a critical task, and removes the
-/// entry from the registry.
-#[pyclass(module = "dig_service._core", frozen)]
-struct TaskDone {
-    registry: TaskRegistry,
-    id: ForeignTaskId,
-    name: Py<PyString>,
-    kind: PyTaskKind,
-    critical: bool,
-}
-
-#[pymethods]
-impl TaskDone {
+    /// The done callback of the handle's own asyncio task: reads the
+    /// outcome, logs and counts a failure, fires the token for a critical
+    /// task, and removes the entry from the registry. The end is reported
+    /// once; any other caller gets a TypeError (another task, a native
+    /// handle) or changes nothing (the task is not done yet, or already
+    /// reported).
     fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = task.py();
-        let outcome = match task.call_method0(pyo3::intern!(py, "exception")) {
+        let tracked = match &self.inner {
+            HandleInner::Python(t) if t.foreign.task.bind(py).is(task) => t,
+            _ => return Err(PyTypeError::new_err(
+                "TaskHandle: only its own asyncio task calls a TaskHandle (as its done callback)",
+            )),
+        };
+        if tracked.reported.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let exception = task.call_method0(pyo3::intern!(py, "exception"));
+        if let Err(e) = &exception {
+            if e.is_instance_of::<InvalidStateError>(py) {
+                // Not done: called early, not by the loop. Nothing to report.
+                return Err(exception.unwrap_err());
+            }
+        }
+        if tracked.reported.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let outcome = match exception {
             Ok(exc) if exc.is_none() => {
-                let token = self.registry.shutdown();
-                if self.critical && !token.is_cancelled() {
+                let token = tracked.registry.shutdown();
+                if tracked.critical && !token.is_cancelled() {
                     let msg = format!(
                         "critical task {} returned while the service was running",
                         self.name.bind(py).repr()?
@@ -207,25 +221,40 @@ impl TaskDone {
                     self.kind.name()
                 );
                 log_task_exception(py, &what, &exc)?;
-                if self.critical {
+                if tracked.critical {
                     let msg = format!(
                         "critical task {} failed: {}: {}",
                         self.name.bind(py).repr()?,
                         type_name(&exc),
                         exc.str()?
                     );
-                    self.registry.shutdown().cancel(ShutdownReason::Fatal(msg));
+                    tracked
+                        .registry
+                        .shutdown()
+                        .cancel(ShutdownReason::Fatal(msg));
                 }
                 TaskOutcome::Failed
             }
             Err(e) if e.is_instance_of::<CancelledError>(py) => TaskOutcome::Cancelled,
             Err(e) => {
-                self.registry.finish_foreign(self.id, TaskOutcome::Failed);
+                tracked
+                    .registry
+                    .finish_foreign(tracked.id, TaskOutcome::Failed);
                 return Err(e);
             }
         };
-        self.registry.finish_foreign(self.id, outcome);
+        tracked.registry.finish_foreign(tracked.id, outcome);
         Ok(())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
     }
 }
 
@@ -334,13 +363,13 @@ impl PyTaskRegistry {
 
     /// Schedule `coro` on the running loop and track it.
     #[pyo3(signature = (name, kind, coro, *, critical = false))]
-    fn spawn(
-        slf: &Bound<'_, Self>,
-        name: &Bound<'_, PyAny>,
-        kind: &Bound<'_, PyAny>,
-        coro: &Bound<'_, PyAny>,
+    fn spawn<'py>(
+        slf: &Bound<'py, Self>,
+        name: &Bound<'py, PyAny>,
+        kind: &Bound<'py, PyAny>,
+        coro: &Bound<'py, PyAny>,
         critical: bool,
-    ) -> PyResult<PyTaskHandle> {
+    ) -> PyResult<Bound<'py, PyTaskHandle>> {
         let py = slf.py();
         let this = slf.get();
         let core = this.core()?;
@@ -383,20 +412,22 @@ impl PyTaskRegistry {
                 return Err(service_err(py, &e));
             }
         };
-        let name_obj = name_str.clone().unbind();
-        let done = TaskDone {
-            registry: core.clone(),
-            id,
-            name: name_obj.clone_ref(py),
-            kind: kind.into(),
-            critical,
-        };
-        task.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
-        Ok(PyTaskHandle {
-            name: name_obj,
-            kind: kind.into(),
-            inner: HandleInner::Python(foreign),
-        })
+        let handle = Bound::new(
+            py,
+            PyTaskHandle {
+                name: name_str.clone().unbind(),
+                kind: kind.into(),
+                inner: HandleInner::Python(PyTracked {
+                    foreign,
+                    registry: core.clone(),
+                    id,
+                    critical,
+                    reported: AtomicBool::new(false),
+                }),
+            },
+        )?;
+        task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
+        Ok(handle)
     }
 
     /// Wait for every tracked task up to `deadline` seconds, then stop the
