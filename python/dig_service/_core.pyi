@@ -132,6 +132,12 @@ class TaskHandle:
     def abort(self) -> None: ...
     def is_finished(self) -> bool: ...
     def __await__(self) -> Generator[Any, None, Any]: ...
+    def __call__(self, task: Any, /) -> None:
+        """Internal: the done callback of the handle's own asyncio task.
+
+        It reports the task's end to the registry (once); the event loop
+        calls it. Called with any other object it raises TypeError.
+        """
 
 @final
 class TaskRegistry:

@@ -6,11 +6,12 @@
 //! deadline join runs on the event loop (`dig_service._aio.join_all`) and is
 //! woken once, when the registry empties, by whichever thread empties it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
-use pyo3::exceptions::asyncio::CancelledError;
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use tokio::sync::watch;
@@ -19,7 +20,8 @@ use tokio::task::AbortHandle;
 use super::fork;
 use super::interop::{
     aio_join_all, aio_resolve, call_on_loop, coroutine_type, iscoroutine, log_task_exception,
-    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, type_name,
+    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, task_creation,
+    task_type, type_name, TaskCreation,
 };
 use super::kinds::PyTaskKind;
 use super::token::PyShutdownToken;
@@ -59,8 +61,20 @@ impl ForeignTask for PyForeign {
 /// The result a native task's awaiters see.
 pub(crate) type NativeResult = Option<Result<(), TaskFailure>>;
 
+/// What a Python task's handle needs to report its end: the handle is also
+/// the task's done callback (`__call__`), so a spawn allocates no separate
+/// callback object.
+struct PyTracked {
+    foreign: Arc<PyForeign>,
+    registry: TaskRegistry,
+    id: ForeignTaskId,
+    critical: bool,
+    /// Set once the end has been reported, so it is reported once only.
+    reported: AtomicBool,
+}
+
 enum HandleInner {
-    Python(Arc<PyForeign>),
+    Python(PyTracked),
     Native {
         abort: AbortHandle,
         done: watch::Receiver<NativeResult>,
@@ -116,7 +130,7 @@ impl PyTaskHandle {
     /// Cancel (Python task) or abort (native task). Safe from any thread.
     fn abort(&self) {
         match &self.inner {
-            HandleInner::Python(f) => f.cancel(),
+            HandleInner::Python(t) => t.foreign.cancel(),
             HandleInner::Native { abort, .. } => abort.abort(),
         }
     }
@@ -124,7 +138,8 @@ impl PyTaskHandle {
     /// Whether the task has finished, however it finished.
     fn is_finished(&self, py: Python<'_>) -> PyResult<bool> {
         match &self.inner {
-            HandleInner::Python(f) => f
+            HandleInner::Python(t) => t
+                .foreign
                 .task
                 .bind(py)
                 .call_method0(pyo3::intern!(py, "done"))?
@@ -135,7 +150,7 @@ impl PyTaskHandle {
 
     fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let awaitable = match &self.inner {
-            HandleInner::Python(f) => f.task.bind(py).clone(),
+            HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
             HandleInner::Native { done, .. } => {
                 let mut done = done.clone();
                 super::runtime::into_awaitable(py, async move {
@@ -159,37 +174,37 @@ impl PyTaskHandle {
         awaitable.call_method0(pyo3::intern!(py, "__await__"))
     }
 
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "<TaskHandle {:?} {} origin={} finished={}>",
-            self.name.bind(py).to_str()?,
-            self.kind.name(),
-            self.origin(),
-            self.is_finished(py)?
-        ))
-    }
-}
-
-/// The done callback of a tracked asyncio task: reads the outcome, logs and
-/// counts a failure, fires the token for a critical task, and removes the
-/// entry from the registry.
-#[pyclass(module = "dig_service._core", frozen)]
-struct TaskDone {
-    registry: TaskRegistry,
-    id: ForeignTaskId,
-    name: Py<PyString>,
-    kind: PyTaskKind,
-    critical: bool,
-}
-
-#[pymethods]
-impl TaskDone {
+    /// The done callback of the handle's own asyncio task: reads the
+    /// outcome, logs and counts a failure, fires the token for a critical
+    /// task, and removes the entry from the registry. The end is reported
+    /// once; any other caller gets a TypeError (another task, a native
+    /// handle) or changes nothing (the task is not done yet, or already
+    /// reported).
     fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = task.py();
-        let outcome = match task.call_method0(pyo3::intern!(py, "exception")) {
+        let tracked = match &self.inner {
+            HandleInner::Python(t) if t.foreign.task.bind(py).is(task) => t,
+            _ => return Err(PyTypeError::new_err(
+                "TaskHandle: only its own asyncio task calls a TaskHandle (as its done callback)",
+            )),
+        };
+        if tracked.reported.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let exception = task.call_method0(pyo3::intern!(py, "exception"));
+        if let Err(e) = &exception {
+            if e.is_instance_of::<InvalidStateError>(py) {
+                // Not done: called early, not by the loop. Nothing to report.
+                return Err(exception.unwrap_err());
+            }
+        }
+        if tracked.reported.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let outcome = match exception {
             Ok(exc) if exc.is_none() => {
-                let token = self.registry.shutdown();
-                if self.critical && !token.is_cancelled() {
+                let token = tracked.registry.shutdown();
+                if tracked.critical && !token.is_cancelled() {
                     let msg = format!(
                         "critical task {} returned while the service was running",
                         self.name.bind(py).repr()?
@@ -206,25 +221,91 @@ impl TaskDone {
                     self.kind.name()
                 );
                 log_task_exception(py, &what, &exc)?;
-                if self.critical {
+                if tracked.critical {
                     let msg = format!(
                         "critical task {} failed: {}: {}",
                         self.name.bind(py).repr()?,
                         type_name(&exc),
                         exc.str()?
                     );
-                    self.registry.shutdown().cancel(ShutdownReason::Fatal(msg));
+                    tracked
+                        .registry
+                        .shutdown()
+                        .cancel(ShutdownReason::Fatal(msg));
                 }
                 TaskOutcome::Failed
             }
             Err(e) if e.is_instance_of::<CancelledError>(py) => TaskOutcome::Cancelled,
             Err(e) => {
-                self.registry.finish_foreign(self.id, TaskOutcome::Failed);
+                tracked
+                    .registry
+                    .finish_foreign(tracked.id, TaskOutcome::Failed);
                 return Err(e);
             }
         };
-        self.registry.finish_foreign(self.id, outcome);
+        tracked.registry.finish_foreign(tracked.id, outcome);
         Ok(())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
+    }
+}
+
+/// `loop.create_task(coro, name=name)`, without the call where it is known
+/// what that call does.
+///
+/// On a loop whose type keeps asyncio's or uvloop's stock `create_task`,
+/// with no task factory set, that method builds `asyncio.Task(coro,
+/// loop=loop, name=name)`, so this builds it directly: one Python call
+/// instead of a keyword call into a Python-level (asyncio) or Cython
+/// (uvloop, which also renames the task afterwards) method. Stock details
+/// kept: asyncio's `_check_closed()` (a running loop cannot be closed by the
+/// stock `close()`, so it only fires for a loop whose subclass closes it
+/// anyway, and the coroutine is then closed rather than left unawaited);
+/// uvloop's loop cannot be closed while it runs (`Loop._close` refuses).
+/// In debug mode the task's `_source_traceback` ends at the `spawn` call
+/// either way: asyncio's `create_task` trims its own frame, and here there
+/// is no such frame. A task factory or an overriding subclass is honoured
+/// by calling `create_task` as before.
+fn create_task<'py>(
+    event_loop: &Bound<'py, PyAny>,
+    coro: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+    refuse: impl Fn(PyErr) -> PyErr,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = event_loop.py();
+    let direct = match task_creation(event_loop)? {
+        TaskCreation::AsyncioStock => {
+            if event_loop
+                .getattr(pyo3::intern!(py, "_closed"))?
+                .is_truthy()?
+            {
+                return Err(refuse(PyRuntimeError::new_err("Event loop is closed")));
+            }
+            event_loop
+                .getattr(pyo3::intern!(py, "_task_factory"))?
+                .is_none()
+        }
+        TaskCreation::UvloopStock => event_loop
+            .call_method0(pyo3::intern!(py, "get_task_factory"))?
+            .is_none(),
+        TaskCreation::CreateTask => false,
+    };
+    let kwargs = PyDict::new(py);
+    if direct {
+        kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
+        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
+        task_type(py)?.call((coro,), Some(&kwargs))
+    } else {
+        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
+        event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
     }
 }
 
@@ -282,13 +363,13 @@ impl PyTaskRegistry {
 
     /// Schedule `coro` on the running loop and track it.
     #[pyo3(signature = (name, kind, coro, *, critical = false))]
-    fn spawn(
-        slf: &Bound<'_, Self>,
-        name: &Bound<'_, PyAny>,
-        kind: &Bound<'_, PyAny>,
-        coro: &Bound<'_, PyAny>,
+    fn spawn<'py>(
+        slf: &Bound<'py, Self>,
+        name: &Bound<'py, PyAny>,
+        kind: &Bound<'py, PyAny>,
+        coro: &Bound<'py, PyAny>,
         critical: bool,
-    ) -> PyResult<PyTaskHandle> {
+    ) -> PyResult<Bound<'py, PyTaskHandle>> {
         let py = slf.py();
         let this = slf.get();
         let core = this.core()?;
@@ -317,10 +398,7 @@ impl PyTaskRegistry {
             return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
         }
         let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(pyo3::intern!(py, "name"), name_str)?;
-        let task =
-            event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))?;
+        let task = create_task(&event_loop, coro, name_str, refuse)?;
         let foreign = Arc::new(PyForeign {
             task: task.clone().unbind(),
             event_loop: event_loop.unbind(),
@@ -334,20 +412,22 @@ impl PyTaskRegistry {
                 return Err(service_err(py, &e));
             }
         };
-        let name_obj = name_str.clone().unbind();
-        let done = TaskDone {
-            registry: core.clone(),
-            id,
-            name: name_obj.clone_ref(py),
-            kind: kind.into(),
-            critical,
-        };
-        task.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
-        Ok(PyTaskHandle {
-            name: name_obj,
-            kind: kind.into(),
-            inner: HandleInner::Python(foreign),
-        })
+        let handle = Bound::new(
+            py,
+            PyTaskHandle {
+                name: name_str.clone().unbind(),
+                kind: kind.into(),
+                inner: HandleInner::Python(PyTracked {
+                    foreign,
+                    registry: core.clone(),
+                    id,
+                    critical,
+                    reported: AtomicBool::new(false),
+                }),
+            },
+        )?;
+        task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
+        Ok(handle)
     }
 
     /// Wait for every tracked task up to `deadline` seconds, then stop the
