@@ -170,7 +170,7 @@ class Config:
         return Config(
             mode="full",
             n=100_000,
-            repeats=repeats or 9,
+            repeats=repeats or 15,
             p4_tasks=10_000,
             p4_deadline=0.2,
             p5_total=1_000_000,

@@ -158,7 +158,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         n: 100_000,
-        repeats: 15,
+        repeats: 21,
         workers: 2,
         only: None,
         current: false,
