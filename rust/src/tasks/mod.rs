@@ -5,9 +5,12 @@
 //!
 //! # Guarantees
 //!
-//! - **Finished tasks leave at once.** A task's entry is removed the moment
-//!   it finishes, so memory is bounded by live tasks, not by tasks ever
-//!   spawned (the 0.1 crate kept every entry until `join_all`).
+//! - **Finished tasks leave at once.** A task leaves the live count, the
+//!   snapshot and the straggler list the moment it finishes, so memory is
+//!   bounded by live tasks, not by tasks ever spawned (the 0.1 crate kept
+//!   every entry until `join_all`). A native task's entry itself is freed
+//!   in a batch a little later (see `Ended`), at most a thousand or so per
+//!   thread behind, and at once when the registry empties.
 //! - **One deadline for everything.** [`TaskRegistry::join_all`] waits for
 //!   every live task, including tasks spawned while it waits, until the
 //!   deadline. Then it aborts native stragglers, cancels foreign ones and
@@ -33,8 +36,8 @@ mod stamp;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -247,13 +250,43 @@ impl Entry {
 
 type IdleWaker = Box<dyn FnOnce() + Send + 'static>;
 
+/// Counts of ended tasks by outcome.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcomes {
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    aborted: u64,
+}
+
+impl Outcomes {
+    fn count(&mut self, outcome: TaskOutcome) {
+        match outcome {
+            TaskOutcome::Completed => self.completed += 1,
+            TaskOutcome::Failed => self.failed += 1,
+            TaskOutcome::Cancelled => self.cancelled += 1,
+            TaskOutcome::Aborted => self.aborted += 1,
+        }
+    }
+
+    fn add(&mut self, other: &Outcomes) {
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.aborted += other.aborted;
+    }
+}
+
+/// What the state lock guards.
 struct State {
     entries: Slab<Entry>,
     /// The latest `spawned_at` given out.
     last_stamp: Stamp,
     closed: bool,
     idle_wakers: Vec<IdleWaker>,
-    stats: TaskStats,
+    spawned: u64,
+    /// Outcomes of the tasks whose entries have left `entries`.
+    ended: Outcomes,
 }
 
 impl State {
@@ -263,7 +296,8 @@ impl State {
             last_stamp: Stamp::now(),
             closed: false,
             idle_wakers: Vec::new(),
-            stats: TaskStats::default(),
+            spawned: 0,
+            ended: Outcomes::default(),
         }
     }
 
@@ -274,67 +308,172 @@ impl State {
     fn insert(&mut self, mut entry: Entry) -> Key {
         entry.spawned_at = entry.spawned_at.max(self.last_stamp.successor());
         self.last_stamp = entry.spawned_at;
-        let k = self
-            .entries
+        self.spawned += 1;
+        self.entries
             .insert(entry)
-            .expect("more than 2^32 - 1 live tasks");
-        self.stats.spawned += 1;
-        self.stats.live += 1;
-        k
-    }
-
-    /// Count the end of a task whose entry was just removed; hand back
-    /// the idle wakers to run if the registry just became empty.
-    fn count_end(&mut self, outcome: TaskOutcome) -> Vec<IdleWaker> {
-        self.stats.live -= 1;
-        match outcome {
-            TaskOutcome::Completed => self.stats.completed += 1,
-            TaskOutcome::Failed => self.stats.failed += 1,
-            TaskOutcome::Cancelled => self.stats.cancelled += 1,
-            TaskOutcome::Aborted => self.stats.aborted += 1,
-        }
-        if self.stats.live == 0 {
-            std::mem::take(&mut self.idle_wakers)
-        } else {
-            Vec::new()
-        }
+            .expect("more than 2^32 - 1 live tasks")
     }
 }
 
+/// Native tasks that ended but whose entries are still in the slab.
+///
+/// A native task usually ends on another worker thread than the one that
+/// spawned it. Removing its entry from the slab at once would move the
+/// state lock (and the slot) between the two threads on every task; the
+/// ending task instead notes its slot here, in a buffer of its own thread,
+/// and the slots are removed in batches by the next thread holding the
+/// state lock ([`Inner::reap`]). The live count is exact all along; every
+/// reader of the slab reaps first, so no reader sees an ended task.
+#[derive(Default)]
+struct Ended {
+    slots: Vec<u32>,
+    outcomes: Outcomes,
+}
+
+/// Reap a thread's [`Ended`] buffer once it holds this many slots, if the
+/// state lock is free: bounds the memory ended tasks keep.
+const REAP_AT: usize = 1024;
+
+/// A cache line (and its neighbour, which x86 prefetches in pairs) of its
+/// own, so that threads noting ended tasks do not contend on one line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// The registry's shared state. `repr(C)` fixes the order: the fields every
+/// task touches from whichever thread it runs on (the live count, the stop
+/// flag) sit right after the `Arc`'s reference counts, which every task
+/// changes anyway, and the state lock, which the spawning thread takes on
+/// every spawn, starts a cache line of its own, so that ending tasks on
+/// other threads do not pull it away.
+#[repr(C)]
 struct Inner {
-    shutdown: ShutdownToken,
-    state: Mutex<State>,
+    /// Tasks spawned and not yet ended. Incremented under the state lock
+    /// (so `try_close` under the lock sees every spawn), decremented
+    /// without it when a task ends.
+    live: AtomicU64,
     /// Set (under the state lock) by `close_and_stop_all`: every native task
     /// still running stops at its next poll.
     stopping: AtomicBool,
+    shutdown: ShutdownToken,
+    /// Per-thread buffers of ended native tasks (`ended_shard`).
+    ended: Box<[Padded<Mutex<Ended>>]>,
+    _line: [u8; 64],
+    state: Mutex<State>,
+}
+
+/// Index of the calling thread's [`Ended`] buffer among `n` (a power of two).
+fn ended_shard(n: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.with(|i| *i) & (n - 1)
+}
+
+/// How many [`Ended`] buffers a registry has: one per CPU, rounded up to a
+/// power of two (read once per process: it may read cgroup files).
+fn ended_shards() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(4, |n| n.get())
+            .clamp(2, 64)
+            .next_power_of_two()
+    })
 }
 
 impl Inner {
-    /// Remove the entry under `k` and count `outcome`; hand the entry back
-    /// to be dropped outside the lock (a foreign payload may need the GIL).
-    fn finish(&self, k: Key, outcome: TaskOutcome) -> Option<Entry> {
-        let (entry, wakers) = {
+    fn new(shutdown: ShutdownToken) -> Self {
+        Self {
+            shutdown,
+            state: Mutex::new(State::new()),
+            live: AtomicU64::new(0),
+            ended: (0..ended_shards()).map(|_| Padded::default()).collect(),
+            stopping: AtomicBool::new(false),
+            _line: [0; 64],
+        }
+    }
+
+    /// Remove the entries of every ended native task from the slab. Their
+    /// stored wakers are handed back, to be dropped outside the lock.
+    fn reap(&self, st: &mut State) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for shard in self.ended.iter() {
+            let Ended { slots, outcomes } = std::mem::take(&mut *shard.0.lock());
+            st.ended.add(&outcomes);
+            for slot in slots {
+                if let Some(Entry {
+                    control: Control::Native(Some(w)),
+                    ..
+                }) = st.entries.remove_at(slot)
+                {
+                    wakers.push(w);
+                }
+            }
+        }
+        wakers
+    }
+
+    /// One task fewer: if that was the last, wake the joiners (under the
+    /// lock the live count is exact: spawns increment it under the lock).
+    fn one_fewer(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let (wakers, idle) = {
+            let mut st = self.state.lock();
+            let wakers = self.reap(&mut st);
+            let idle = if self.live.load(Ordering::Acquire) == 0 {
+                std::mem::take(&mut st.idle_wakers)
+            } else {
+                Vec::new()
+            };
+            (wakers, idle)
+        };
+        drop(wakers);
+        for w in idle {
+            w();
+        }
+    }
+
+    /// Remove the foreign task under `k` and count `outcome`; hand the
+    /// entry back, to be dropped outside the lock (its payload may need the
+    /// GIL).
+    fn finish_foreign(&self, k: Key, outcome: TaskOutcome) -> Option<Entry> {
+        let entry = {
             let mut st = self.state.lock();
             let entry = st.entries.remove(k)?;
-            (entry, st.count_end(outcome))
+            st.ended.count(outcome);
+            entry
         };
-        run_all(wakers);
+        self.one_fewer();
         Some(entry)
     }
 
-    /// Remove the entry of the native task in `slot` and count `outcome`;
-    /// hand back its name if the task failed, for the log.
+    /// Record the end of the native task in `slot` (see [`Ended`]); hand
+    /// back its name if the task failed, for the log.
     fn finish_native(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
-        let (control, name, wakers) = {
+        let name = if outcome == TaskOutcome::Failed {
             let mut st = self.state.lock();
-            let entry = st.entries.remove_at(slot)?;
-            let name = (outcome == TaskOutcome::Failed).then_some(entry.name);
-            (entry.control, name, st.count_end(outcome))
+            st.entries.get_mut_at(slot).map(|e| e.name.clone())
+        } else {
+            None
         };
-        // The stored waker is a reference to this very task: released
-        // outside the lock.
-        drop(control);
-        run_all(wakers);
+        let backlog = {
+            let mut ended = self.ended[ended_shard(self.ended.len())].0.lock();
+            ended.slots.push(slot);
+            ended.outcomes.count(outcome);
+            ended.slots.len()
+        };
+        if backlog >= REAP_AT {
+            if let Some(mut st) = self.state.try_lock() {
+                let wakers = self.reap(&mut st);
+                drop(st);
+                drop(wakers);
+            }
+        }
+        self.one_fewer();
         name
     }
 
@@ -371,11 +510,7 @@ impl TaskRegistry {
     /// An empty, open registry linked to `shutdown`.
     pub fn new(shutdown: ShutdownToken) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                shutdown,
-                state: Mutex::new(State::new()),
-                stopping: AtomicBool::new(false),
-            }),
+            inner: Arc::new(Inner::new(shutdown)),
         }
     }
 
@@ -429,13 +564,7 @@ impl TaskRegistry {
             spawned_at: Stamp::now(),
             control: Control::Native(None),
         };
-        let k = {
-            let mut st = self.inner.state.lock();
-            if st.closed {
-                return Err(ServiceError::AlreadyStopped);
-            }
-            st.insert(entry)
-        };
+        let k = self.inner_insert(entry)?;
         // No registry lock may be held here: on a runtime that is shutting
         // down, tokio drops the task inline, and its drop takes the lock.
         let join = rt.spawn(Watched {
@@ -461,17 +590,32 @@ impl TaskRegistry {
             spawned_at: Stamp::now(),
             control: Control::Foreign(task),
         };
-        let mut st = self.inner.state.lock();
-        if st.closed {
-            return Err(ServiceError::AlreadyStopped);
-        }
-        Ok(ForeignTaskId(st.insert(entry)))
+        self.inner_insert(entry).map(ForeignTaskId)
+    }
+
+    /// Store a new task's entry and count it live, unless closed.
+    fn inner_insert(&self, entry: Entry) -> Result<Key> {
+        let mut reaped = Vec::new();
+        let k = {
+            let mut st = self.inner.state.lock();
+            if st.closed {
+                return Err(ServiceError::AlreadyStopped);
+            }
+            if st.entries.is_full() {
+                reaped = self.inner.reap(&mut st);
+            }
+            let k = st.insert(entry);
+            self.inner.live.fetch_add(1, Ordering::AcqRel);
+            k
+        };
+        drop(reaped);
+        Ok(k)
     }
 
     /// Record the end of a foreign task. Returns `false` if `id` is not
     /// live (already finished).
     pub fn finish_foreign(&self, id: ForeignTaskId, outcome: TaskOutcome) -> bool {
-        self.inner.finish(id.0, outcome).is_some()
+        self.inner.finish_foreign(id.0, outcome).is_some()
     }
 
     /// Wait for every tracked task, including those spawned meanwhile, for
@@ -527,8 +671,11 @@ impl TaskRegistry {
         F: FnOnce() + Send + 'static,
     {
         let mut st = self.inner.state.lock();
-        if st.stats.live == 0 {
+        if self.inner.live.load(Ordering::Acquire) == 0 {
             st.closed = true;
+            let reaped = self.inner.reap(&mut st);
+            drop(st);
+            drop(reaped);
             true
         } else {
             st.idle_wakers.push(Box::new(wake));
@@ -542,8 +689,9 @@ impl TaskRegistry {
         let mut live = Vec::new();
         let mut natives = Vec::new();
         let mut foreign = Vec::new();
-        {
+        let reaped = {
             let mut st = self.inner.state.lock();
+            let reaped = self.inner.reap(&mut st);
             st.closed = true;
             // Under the lock, so that a task parking its waker after this
             // section sees the flag and wakes itself.
@@ -558,7 +706,9 @@ impl TaskRegistry {
                 }
                 live.push((e.spawned_at, e.name.to_string()));
             }
-        }
+            reaped
+        };
+        drop(reaped);
         // A native task stops at its next poll; one that never waited needs
         // no wake-up, its first poll is still to come.
         for w in natives {
@@ -589,20 +739,23 @@ impl TaskRegistry {
     /// The live tasks.
     pub fn snapshot(&self) -> Vec<TaskSummary> {
         let epoch = Epoch::now();
-        let st = self.inner.state.lock();
-        let mut out = Vec::with_capacity(st.stats.live as usize);
+        let mut st = self.inner.state.lock();
+        let reaped = self.inner.reap(&mut st);
+        let mut out = Vec::with_capacity(self.len());
         out.extend(st.entries.iter().map(|e| TaskSummary {
             name: e.name.clone(),
             spawned_at: epoch.instant_of(e.spawned_at),
             kind: e.kind,
             origin: e.origin(),
         }));
+        drop(st);
+        drop(reaped);
         out
     }
 
     /// How many tasks are live.
     pub fn len(&self) -> usize {
-        self.inner.state.lock().stats.live as usize
+        self.inner.live.load(Ordering::Acquire) as usize
     }
 
     /// Whether no task is live.
@@ -612,7 +765,19 @@ impl TaskRegistry {
 
     /// Counters since the registry was created.
     pub fn stats(&self) -> TaskStats {
-        self.inner.state.lock().stats
+        let st = self.inner.state.lock();
+        let mut ended = st.ended;
+        for shard in self.inner.ended.iter() {
+            ended.add(&shard.0.lock().outcomes);
+        }
+        TaskStats {
+            spawned: st.spawned,
+            completed: ended.completed,
+            failed: ended.failed,
+            cancelled: ended.cancelled,
+            aborted: ended.aborted,
+            live: self.inner.live.load(Ordering::Acquire),
+        }
     }
 
     /// Whether `self` and `other` are clones of one registry.
@@ -623,10 +788,9 @@ impl TaskRegistry {
 
 impl fmt::Debug for TaskRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let st = self.inner.state.lock();
         f.debug_struct("TaskRegistry")
-            .field("live", &st.stats.live)
-            .field("closed", &st.closed)
+            .field("live", &self.len())
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -720,12 +884,6 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
     }
 }
 
-fn run_all(wakers: Vec<IdleWaker>) {
-    for w in wakers {
-        w();
-    }
-}
-
 /// Where `spawn_with` puts a task: `tokio::spawn` needs no runtime handle
 /// (whose lookup clones an `Arc`), `spawn_on` names one.
 trait Spawner {
@@ -765,5 +923,46 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TaskKind, TaskRegistry, REAP_AT};
+    use crate::ShutdownToken;
+
+    fn slab_occupied_and_capacity(r: &TaskRegistry) -> (usize, usize) {
+        let st = r.inner.state.lock();
+        (st.entries.iter().count(), st.entries.capacity())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ended_native_tasks_are_reaped_and_memory_stays_bounded() {
+        // Proves the deferred removal of ended native tasks keeps the slab
+        // bounded by the live tasks plus the per-thread backlog, not by the
+        // tasks ever spawned, and that once the last task has ended nothing
+        // is left in it. Catches ended slots never reaped (a leak that the
+        // exact live count would hide).
+        let r = TaskRegistry::new(ShutdownToken::new());
+        for _ in 0..100 {
+            let wave: Vec<_> = (0..1_000)
+                .map(|_| {
+                    r.spawn("wave", TaskKind::RpcHandler, async {
+                        tokio::task::yield_now().await;
+                        Ok(())
+                    })
+                    .unwrap()
+                })
+                .collect();
+            for h in wave {
+                h.await.unwrap();
+            }
+        }
+        assert_eq!(r.len(), 0);
+        assert_eq!(r.stats().completed, 100_000);
+        let (occupied, capacity) = slab_occupied_and_capacity(&r);
+        assert_eq!(occupied, 0, "the task that emptied the registry reaps");
+        let bound = 1_000 + REAP_AT * r.inner.ended.len() + 2 * 128;
+        assert!(capacity <= bound, "{capacity} slots for 1k live tasks");
     }
 }

@@ -53,6 +53,11 @@ impl<T> Slab<T> {
         self.pages.get_mut(i >> PAGE_BITS)?.get_mut(i & (PAGE - 1))
     }
 
+    /// Whether every slot is occupied (the next insert adds a page).
+    pub(super) fn is_full(&self) -> bool {
+        self.free_head == NO_SLOT
+    }
+
     /// Store `value`; `None` if the slab already holds `u32::MAX` slots.
     #[inline]
     pub(super) fn insert(&mut self, value: T) -> Option<Key> {
@@ -141,6 +146,12 @@ impl<T> Slab<T> {
             Slot::Occupied { value, .. } => Some(value),
             Slot::Vacant { .. } => None,
         }
+    }
+
+    /// How many slots the slab holds, occupied or not.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.pages.len() * PAGE
     }
 
     /// Every stored value, in slot order (not insertion order: slots are
