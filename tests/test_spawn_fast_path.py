@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import warnings
 from collections.abc import Coroutine
 from typing import Any
@@ -242,3 +243,27 @@ async def test_calling_a_handle_by_hand_reports_nothing() -> None:
     with pytest.raises(TypeError, match="only its own asyncio task"):
         native(task)
     await native
+
+
+async def test_task_handles_stay_out_of_the_cycle_collector() -> None:
+    """Proves a spawned task's TaskHandle is not tracked by the garbage collector.
+
+    A handle holds its task through Rust, where the collector cannot see,
+    so tracking it finds no cycle; it only made every collection walk one
+    more object per live task (SPEC P1, about 2k instructions a task at
+    100k live). Catches the handle being tracked again, and the handle or
+    its task being freed early because of it.
+    """
+    reg = fresh()
+    gate = asyncio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    handle = reg.spawn("untracked", BG, wait())
+    assert not gc.is_tracked(handle)
+    gc.collect()
+    assert not handle.is_finished() and len(reg) == 1
+    gate.set()
+    await handle
+    assert handle.is_finished() and len(reg) == 0

@@ -309,6 +309,20 @@ fn create_task<'py>(
     }
 }
 
+/// Take a new `TaskHandle` out of the cycle collector's sight.
+///
+/// A handle has no `__traverse__`: the collector cannot see the references
+/// it holds (its task, through Rust), so it can never find a cycle through
+/// one, and tracking it buys nothing. Tracked, each live handle was one more
+/// object for every collection to walk (SPEC P1: a registry with 100k live
+/// tasks holds 100k handles).
+fn untrack(handle: &Bound<'_, PyTaskHandle>) {
+    // SAFETY: `handle` is a live object of a GC type (every `#[pyclass]`
+    // is); untracking is allowed at any time, and `tp_dealloc` untracks
+    // again harmlessly.
+    unsafe { pyo3::ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
+}
+
 /// Named, tracked tasks (asyncio and tokio) joined under one deadline.
 #[pyclass(name = "TaskRegistry", module = "dig_service._core", frozen)]
 pub struct PyTaskRegistry {
@@ -426,6 +440,7 @@ impl PyTaskRegistry {
                 }),
             },
         )?;
+        untrack(&handle);
         task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
         Ok(handle)
     }
