@@ -91,7 +91,12 @@ class ShutdownToken:
 
 @final
 class TaskSummary:
-    """One live task: its name, kind, ``time.monotonic()`` spawn instant and origin."""
+    """One live task: its name, kind, ``time.monotonic()`` spawn instant and origin.
+
+    ``spawned_at`` is read from the kernel's coarse clock, so it may be up
+    to one clock tick (a few milliseconds) early. Within one registry, a
+    later spawn never has an earlier ``spawned_at``.
+    """
 
     @property
     def name(self) -> str: ...
