@@ -320,8 +320,8 @@ impl State {
 /// A native task usually ends on another worker thread than the one that
 /// spawned it. Removing its entry from the slab at once would move the
 /// state lock (and the slot) between the two threads on every task; the
-/// ending task instead notes its slot here, in a buffer of its own thread,
-/// and the slots are removed in batches by the next thread holding the
+/// ending task instead notes its slot here, in its thread's buffer (one per
+/// CPU, handed out to threads in turn), and the slots are removed in batches by the next thread holding the
 /// state lock ([`Inner::reap`]). The live count is exact all along; every
 /// reader of the slab reaps first, so no reader sees an ended task.
 #[derive(Default)]
@@ -358,6 +358,7 @@ struct Inner {
     shutdown: ShutdownToken,
     /// Per-thread buffers of ended native tasks (`ended_shard`).
     ended: Box<[Padded<Mutex<Ended>>]>,
+    /// Keeps `state` off the cache line of the fields above.
     _line: [u8; 64],
     state: Mutex<State>,
 }
