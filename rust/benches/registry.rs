@@ -21,13 +21,13 @@ use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
-/// Spawn `n` tasks with a `&str` name (the registry copies it once per task).
-async fn registry_str_name(n: usize) -> Duration {
+/// Spawn `n` tasks named by `name` through a registry and join them.
+async fn registry<N: Into<TaskName>>(n: usize, name: impl Fn() -> N) -> Duration {
     let reg = TaskRegistry::new(ShutdownToken::new());
     let t0 = Instant::now();
     for _ in 0..n {
         let h = reg
-            .spawn("bench-task", TaskKind::BackgroundLoop, async { Ok(()) })
+            .spawn(name(), TaskKind::BackgroundLoop, async { Ok(()) })
             .expect("registry is open");
         drop(h);
     }
@@ -37,25 +37,6 @@ async fn registry_str_name(n: usize) -> Duration {
     let dt = t0.elapsed();
     assert!(reg.is_empty());
     assert_eq!(reg.stats().completed, n as u64);
-    dt
-}
-
-/// Spawn `n` tasks sharing one `TaskName` (a reference-count bump per task).
-async fn registry_shared_name(n: usize) -> Duration {
-    let reg = TaskRegistry::new(ShutdownToken::new());
-    let name = TaskName::from("bench-task");
-    let t0 = Instant::now();
-    for _ in 0..n {
-        let h = reg
-            .spawn(name.clone(), TaskKind::BackgroundLoop, async { Ok(()) })
-            .expect("registry is open");
-        drop(h);
-    }
-    reg.join_all(Duration::from_secs(600))
-        .await
-        .expect("every task finished");
-    let dt = t0.elapsed();
-    assert!(reg.is_empty());
     dt
 }
 
@@ -120,8 +101,13 @@ impl Variant {
     fn run(self, rt: &Runtime, n: usize) -> Duration {
         let work = async move {
             match self {
-                Variant::RegistryStr => registry_str_name(n).await,
-                Variant::RegistryShared => registry_shared_name(n).await,
+                // A `&str` name: the registry makes a `TaskName` per task.
+                Variant::RegistryStr => registry(n, || "bench-task").await,
+                // One `TaskName` cloned per task.
+                Variant::RegistryShared => {
+                    let name = TaskName::from("bench-task");
+                    registry(n, || name.clone()).await
+                }
                 Variant::Tracker => task_tracker(n).await,
                 Variant::JoinSet => join_set(n).await,
             }
