@@ -197,11 +197,7 @@ async def test_the_handle_is_the_tasks_only_done_callback() -> None:
     """
     reg = fresh()
     gate = asyncio.Event()
-
-    async def wait() -> None:
-        await gate.wait()
-
-    handle = reg.spawn("one-callback", BG, wait())
+    handle = reg.spawn("one-callback", BG, gate.wait())
     task = spawned_task("one-callback")
     assert [cb for cb, _ctx in task._callbacks] == [handle]  # type: ignore[attr-defined]
     gate.set()
@@ -219,11 +215,7 @@ async def test_calling_a_handle_by_hand_reports_nothing() -> None:
     """
     reg = fresh()
     gate = asyncio.Event()
-
-    async def wait() -> None:
-        await gate.wait()
-
-    handle = reg.spawn("guarded", BG, wait())
+    handle = reg.spawn("guarded", BG, gate.wait())
     task = spawned_task("guarded")
     other = asyncio.get_running_loop().create_task(answer())
     with pytest.raises(TypeError, match="only its own asyncio task"):
@@ -256,11 +248,7 @@ async def test_task_handles_stay_out_of_the_cycle_collector() -> None:
     """
     reg = fresh()
     gate = asyncio.Event()
-
-    async def wait() -> None:
-        await gate.wait()
-
-    handle = reg.spawn("untracked", BG, wait())
+    handle = reg.spawn("untracked", BG, gate.wait())
     assert not gc.is_tracked(handle)
     gc.collect()
     assert not handle.is_finished() and len(reg) == 1
