@@ -565,7 +565,7 @@ impl TaskRegistry {
             spawned_at: Stamp::now(),
             control: Control::Native(None),
         };
-        let k = self.inner_insert(entry)?;
+        let k = self.insert_entry(entry)?;
         // No registry lock may be held here: on a runtime that is shutting
         // down, tokio drops the task inline, and its drop takes the lock.
         let join = rt.spawn(Watched {
@@ -591,11 +591,11 @@ impl TaskRegistry {
             spawned_at: Stamp::now(),
             control: Control::Foreign(task),
         };
-        self.inner_insert(entry).map(ForeignTaskId)
+        self.insert_entry(entry).map(ForeignTaskId)
     }
 
     /// Store a new task's entry and count it live, unless closed.
-    fn inner_insert(&self, entry: Entry) -> Result<Key> {
+    fn insert_entry(&self, entry: Entry) -> Result<Key> {
         let mut reaped = Vec::new();
         let k = {
             let mut st = self.inner.state.lock();
