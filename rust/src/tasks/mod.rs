@@ -287,6 +287,10 @@ struct State {
     spawned: u64,
     /// Outcomes of the tasks whose entries have left `entries`.
     ended: Outcomes,
+    /// An empty buffer of slots with capacity: [`Inner::reap`] swaps it
+    /// with each thread's full one, so that a thread's buffer keeps its
+    /// capacity instead of growing again from empty after every reap.
+    reaping: Vec<u32>,
 }
 
 impl State {
@@ -298,6 +302,7 @@ impl State {
             idle_wakers: Vec::new(),
             spawned: 0,
             ended: Outcomes::default(),
+            reaping: Vec::new(),
         }
     }
 
@@ -321,17 +326,23 @@ impl State {
 /// spawned it. Removing its entry from the slab at once would move the
 /// state lock (and the slot) between the two threads on every task; the
 /// ending task instead notes its slot here, in its thread's buffer (one per
-/// CPU, handed out to threads in turn), and the slots are removed in batches by the next thread holding the
-/// state lock ([`Inner::reap`]). The live count is exact all along; every
-/// reader of the slab reaps first, so no reader sees an ended task.
+/// CPU, handed out to threads in turn), and the slots are removed in
+/// batches ([`Inner::reap`]): by a thread whose buffer has filled up, by a
+/// spawner that would otherwise grow the slab, by every reader of the slab
+/// (so no reader sees an ended task), and by the task that empties the
+/// registry. The live count is exact all along.
 #[derive(Default)]
 struct Ended {
     slots: Vec<u32>,
     outcomes: Outcomes,
 }
 
-/// Reap a thread's [`Ended`] buffer once it holds this many slots, if the
-/// state lock is free: bounds the memory ended tasks keep.
+/// Reap once this many ended tasks wait: a thread whose buffer holds this
+/// many reaps if the state lock is free, and a spawner that finds no free
+/// slot reaps instead of growing the slab if at least this many wait in
+/// all. Bounds the memory ended tasks keep, and makes every reap a batch
+/// (taking the other threads' buffers every few spawns costs more than the
+/// slots it frees).
 const REAP_AT: usize = 1024;
 
 /// A cache line (and its neighbour, which x86 prefetches in pairs) of its
@@ -400,14 +411,26 @@ impl Inner {
     /// stored wakers are handed back, to be dropped outside the lock.
     fn reap(&self, st: &mut State) -> Vec<Waker> {
         let mut wakers = Vec::new();
+        let State {
+            entries,
+            ended,
+            reaping,
+            ..
+        } = st;
         for shard in self.ended.iter() {
-            let Ended { slots, outcomes } = std::mem::take(&mut *shard.0.lock());
-            st.ended.add(&outcomes);
-            for slot in slots {
+            {
+                let mut full = shard.0.lock();
+                if full.slots.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut full.slots, reaping);
+                ended.add(&std::mem::take(&mut full.outcomes));
+            }
+            for slot in reaping.drain(..) {
                 if let Some(Entry {
                     control: Control::Native(Some(w)),
                     ..
-                }) = st.entries.remove_at(slot)
+                }) = entries.remove_at(slot)
                 {
                     wakers.push(w);
                 }
@@ -602,7 +625,14 @@ impl TaskRegistry {
             if st.closed {
                 return Err(ServiceError::AlreadyStopped);
             }
-            if st.entries.is_full() {
+            // Reap rather than grow only when that frees a batch (see
+            // `REAP_AT`). Occupied slots minus live tasks is the number of
+            // ended tasks waiting, give or take a foreign task ending now.
+            let waiting = || {
+                let live = self.inner.live.load(Ordering::Relaxed) as usize;
+                st.entries.len().saturating_sub(live)
+            };
+            if st.entries.is_full() && waiting() >= REAP_AT {
                 reaped = self.inner.reap(&mut st);
             }
             let k = st.insert(entry);

@@ -23,6 +23,8 @@ enum Slot<T> {
 pub(super) struct Slab<T> {
     pages: Vec<Box<[Slot<T>]>>,
     free_head: u32,
+    /// Occupied slots.
+    len: usize,
 }
 
 impl<T> Default for Slab<T> {
@@ -30,6 +32,7 @@ impl<T> Default for Slab<T> {
         Self {
             pages: Vec::new(),
             free_head: NO_SLOT,
+            len: 0,
         }
     }
 }
@@ -51,6 +54,11 @@ impl<T> Slab<T> {
     fn slot_mut(&mut self, index: u32) -> Option<&mut Slot<T>> {
         let i = index as usize;
         self.pages.get_mut(i >> PAGE_BITS)?.get_mut(i & (PAGE - 1))
+    }
+
+    /// How many slots are occupied.
+    pub(super) fn len(&self) -> usize {
+        self.len
     }
 
     /// Whether every slot is occupied (the next insert adds a page).
@@ -75,6 +83,7 @@ impl<T> Slab<T> {
         };
         *slot = Slot::Occupied { generation, value };
         self.free_head = next_free;
+        self.len += 1;
         Some(join(index, generation))
     }
 
@@ -123,6 +132,7 @@ impl<T> Slab<T> {
             unreachable!()
         };
         self.free_head = index;
+        self.len -= 1;
         Some(value)
     }
 
@@ -195,12 +205,14 @@ mod tests {
         for round in 0..100 {
             let keys: Vec<_> = (0..PAGE + 3).map(|i| slab.insert(i).unwrap()).collect();
             assert_eq!(slab.iter().count(), PAGE + 3, "round {round}");
+            assert_eq!(slab.len(), PAGE + 3, "round {round}");
             for k in keys {
                 assert!(slab.remove(k).is_some());
             }
         }
         assert_eq!(slab.pages.len(), 2);
         assert_eq!(slab.iter().count(), 0);
+        assert_eq!(slab.len(), 0);
     }
 
     #[test]
