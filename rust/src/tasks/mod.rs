@@ -9,8 +9,9 @@
 //!   snapshot and the straggler list the moment it finishes, so memory is
 //!   bounded by live tasks, not by tasks ever spawned (the 0.1 crate kept
 //!   every entry until `join_all`). A native task's entry itself is freed
-//!   in a batch a little later (see `Ended`), at most a thousand or so per
-//!   thread behind, and at once when the registry empties.
+//!   in a batch a little later (see `Ended`): when a spawn needs its slot,
+//!   or once several thousand have ended on one thread, and at once when
+//!   the registry empties.
 //! - **One deadline for everything.** [`TaskRegistry::join_all`] waits for
 //!   every live task, including tasks spawned while it waits, until the
 //!   deadline. Then it aborts native stragglers, cancels foreign ones and
@@ -337,13 +338,20 @@ struct Ended {
     outcomes: Outcomes,
 }
 
-/// Reap once this many ended tasks wait: a thread whose buffer holds this
-/// many reaps if the state lock is free, and a spawner that finds no free
-/// slot reaps instead of growing the slab if at least this many wait in
-/// all. Bounds the memory ended tasks keep, and makes every reap a batch
-/// (taking the other threads' buffers every few spawns costs more than the
-/// slots it frees).
+/// A spawner that finds no free slot reaps instead of growing the slab if
+/// at least this many ended tasks wait: every reap is then a batch (taking
+/// the other threads' buffers every few spawns costs more than the slots
+/// it frees), and the slab stays within this many slots of the peak live
+/// count.
 const REAP_AT: usize = 1024;
+
+/// A thread whose buffer holds this many ended tasks reaps, if the state
+/// lock is free: bounds the memory ended tasks keep when nothing spawns.
+/// Higher than [`REAP_AT`] so that while tasks are being spawned the
+/// spawner reaps, touching the slots it wrote itself; a reap by an ending
+/// thread holds the lock while it pulls every slot over from the
+/// spawner's cache, and the spawner waits.
+const REAP_AT_THREAD: usize = 8 * REAP_AT;
 
 /// A cache line (and its neighbour, which x86 prefetches in pairs) of its
 /// own, so that threads noting ended tasks do not contend on one line.
@@ -490,7 +498,7 @@ impl Inner {
             ended.outcomes.count(outcome);
             ended.slots.len()
         };
-        if backlog >= REAP_AT {
+        if backlog >= REAP_AT_THREAD {
             if let Some(mut st) = self.state.try_lock() {
                 let wakers = self.reap(&mut st);
                 drop(st);
@@ -959,7 +967,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{TaskKind, TaskRegistry, REAP_AT};
+    use super::{TaskKind, TaskRegistry, REAP_AT, REAP_AT_THREAD};
     use crate::ShutdownToken;
 
     fn slab_occupied_and_capacity(r: &TaskRegistry) -> (usize, usize) {
@@ -993,7 +1001,48 @@ mod tests {
         assert_eq!(r.stats().completed, 100_000);
         let (occupied, capacity) = slab_occupied_and_capacity(&r);
         assert_eq!(occupied, 0, "the task that emptied the registry reaps");
-        let bound = 1_000 + REAP_AT * r.inner.ended.len() + 2 * 128;
+        // A spawner grows the slab only while fewer than `REAP_AT` ended
+        // tasks wait, so the ending threads' larger backlog never adds slots.
+        let bound = 1_000 + REAP_AT + 2 * 128;
         assert!(capacity <= bound, "{capacity} slots for 1k live tasks");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ending_threads_reap_while_nothing_spawns() {
+        // Proves that the entries of ended tasks, with the wakers they
+        // hold (which keep the tasks' memory allocated), are freed while
+        // nothing spawns and the registry never empties. Catches reaping
+        // left to spawns and to the last task alone.
+        let r = TaskRegistry::new(ShutdownToken::new());
+        let (keep_tx, keep_rx) = tokio::sync::oneshot::channel::<()>();
+        let keeper = r
+            .spawn("keeper", TaskKind::BackgroundLoop, async move {
+                let _ = keep_rx.await;
+                Ok(())
+            })
+            .unwrap();
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let n = 4 * REAP_AT_THREAD;
+        let parked: Vec<_> = (0..n)
+            .map(|_| {
+                let mut go = go_rx.clone();
+                r.spawn("parked", TaskKind::RpcHandler, async move {
+                    let _ = go.wait_for(|&go| go).await;
+                    Ok(())
+                })
+                .unwrap()
+            })
+            .collect();
+        go_tx.send(true).unwrap();
+        for h in parked {
+            h.await.unwrap();
+        }
+        assert_eq!(r.len(), 1, "only the keeper is live");
+        let (occupied, _) = slab_occupied_and_capacity(&r);
+        let bound = 1 + REAP_AT_THREAD * r.inner.ended.len();
+        assert!(occupied <= bound, "{occupied} entries kept for 1 live task");
+        keep_tx.send(()).unwrap();
+        keeper.await.unwrap();
+        assert_eq!(slab_occupied_and_capacity(&r).0, 0);
     }
 }
