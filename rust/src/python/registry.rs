@@ -299,12 +299,11 @@ fn create_task<'py>(
         TaskCreation::CreateTask => false,
     };
     let kwargs = PyDict::new(py);
+    kwargs.set_item(pyo3::intern!(py, "name"), name)?;
     if direct {
         kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
-        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
         task_type(py)?.call((coro,), Some(&kwargs))
     } else {
-        kwargs.set_item(pyo3::intern!(py, "name"), name)?;
         event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
     }
 }
