@@ -386,14 +386,21 @@ impl Drop for LenAtDrop {
 #[tokio::test(start_paused = true)]
 async fn a_task_is_dropped_before_its_entry_leaves() {
     let (r, _) = registry();
-    let seen = Arc::new(AtomicUsize::new(usize::MAX));
-    let guard = LenAtDrop(r.clone(), seen.clone());
-    let h = r
-        .spawn("aborted", TaskKind::PeerConnection, async move {
-            let _guard = guard;
-            stuck().await
-        })
-        .unwrap();
+    // A task that never ends, and records the registry's length when it is
+    // dropped: still 1 if its entry had not left yet.
+    let spawn_stuck = |name: &str| {
+        let seen = Arc::new(AtomicUsize::new(usize::MAX));
+        let guard = LenAtDrop(r.clone(), seen.clone());
+        let h = r
+            .spawn(name, TaskKind::PeerConnection, async move {
+                let _guard = guard;
+                stuck().await
+            })
+            .unwrap();
+        (h, seen)
+    };
+
+    let (h, seen) = spawn_stuck("aborted");
     tokio::task::yield_now().await;
     h.abort();
     assert!(matches!(h.await, Err(TaskFailure::Aborted)));
@@ -403,13 +410,7 @@ async fn a_task_is_dropped_before_its_entry_leaves() {
         "dropped after its entry left"
     );
 
-    let guard = LenAtDrop(r.clone(), seen.clone());
-    let h = r
-        .spawn("straggler", TaskKind::PeerConnection, async move {
-            let _guard = guard;
-            stuck().await
-        })
-        .unwrap();
+    let (h, seen) = spawn_stuck("straggler");
     r.join_all(Duration::from_secs(1)).await.unwrap_err();
     assert!(matches!(h.await, Err(TaskFailure::Aborted)));
     assert_eq!(

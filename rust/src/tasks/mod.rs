@@ -978,8 +978,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ended_native_tasks_are_reaped_and_memory_stays_bounded() {
         // Proves the deferred removal of ended native tasks keeps the slab
-        // bounded by the live tasks plus the per-thread backlog, not by the
-        // tasks ever spawned, and that once the last task has ended nothing
+        // bounded by the live tasks plus one reap batch, not by the tasks
+        // ever spawned, and that once the last task has ended nothing
         // is left in it. Catches ended slots never reaped (a leak that the
         // exact live count would hide).
         let r = TaskRegistry::new(ShutdownToken::new());
