@@ -49,7 +49,7 @@ pub use error::{HookTimeout, Result, ServiceError};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
 pub use service::{Service, ServiceConfig};
-pub use shutdown::{ShutdownReason, ShutdownToken};
+pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
     ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
     TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,

@@ -31,7 +31,7 @@
 //! stops them through the [`ForeignTask`] they were registered with.
 
 mod name;
-mod slab;
+pub(crate) mod slab;
 mod stamp;
 
 use std::fmt;
