@@ -45,7 +45,7 @@ pub mod python;
 pub use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 
-pub use error::{HookTimeout, Result, ServiceError};
+pub use error::{HookTimeout, Result, ServiceError, NAMES_SHOWN};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
 pub use service::{Service, ServiceConfig};

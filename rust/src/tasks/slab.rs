@@ -168,6 +168,17 @@ impl<T> Slab<T> {
         self.pages.len() * PAGE
     }
 
+    /// Every stored value, mutably, in slot order.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.pages
+            .iter_mut()
+            .flat_map(|p| p.iter_mut())
+            .filter_map(|s| match s {
+                Slot::Occupied { value, .. } => Some(value),
+                Slot::Vacant { .. } => None,
+            })
+    }
+
     /// Every stored value, in slot order (not insertion order: slots are
     /// reused).
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
