@@ -471,10 +471,17 @@ impl Inner {
 
     /// One task fewer: if that was the last, wake the joiners (under the
     /// lock the live count is exact: spawns increment it under the lock).
+    #[inline]
     fn one_fewer(&self) {
-        if self.live.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.now_idle();
         }
+    }
+
+    /// The live count has just dropped to zero: reap, and wake the joiners
+    /// if no spawn came in meanwhile.
+    #[cold]
+    fn now_idle(&self) {
         let (wakers, idle) = {
             let mut st = self.state.lock();
             let wakers = self.reap(&mut st);
