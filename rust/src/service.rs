@@ -33,7 +33,8 @@
 //!   report the real outcome. The service itself may be dropped meanwhile.
 //! - **A runtime that shuts down.** If the runtime drops the lifecycle task
 //!   before it finished (the runtime is shutting down), the token is
-//!   cancelled with `Fatal`, every task is stopped and the registry closed;
+//!   cancelled with `Fatal` (unless it had fired already), every task is
+//!   stopped and the registry closed;
 //!   `on_stop` and `post_stop` cannot run (no runtime is left to run them
 //!   on), and the outcome is [`ServiceError::LifecycleAborted`].
 //! - **Nothing silently lost.** Exactly one error is returned (priority
@@ -296,7 +297,7 @@ where
     /// | `start` called a second time | [`ServiceError::AlreadyRunning`] |
     /// | `start` polled outside a tokio runtime | [`ServiceError::NoRuntime`]; the service is not started (a later `start` may) |
     /// | the `start()` future is dropped before it finished | token fired (`UserRequested`; an earlier reason wins), a running `pre_start`/`on_start` cut short (its failure), then the wind-down as above (join, `on_stop`, `post_stop`, bounded by the deadline) runs on the runtime; `wait_for_exit` returns the outcome |
-    /// | the runtime shuts down before the lifecycle finished | token cancelled with `Fatal`, tasks stopped, registry closed; `on_stop`/`post_stop` do not run; [`ServiceError::LifecycleAborted`] for `wait_for_exit` |
+    /// | the runtime shuts down before the lifecycle finished | token cancelled with `Fatal` (unless it had fired), tasks stopped, registry closed; `on_stop`/`post_stop` cannot run (no runtime left); [`ServiceError::LifecycleAborted`] for `wait_for_exit` |
     ///
     /// When several stages fail, the error returned is the first of run >
     /// on_stop > post_stop > join; the others are logged.
