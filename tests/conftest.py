@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,6 +123,26 @@ def _factories() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 LOOP_FACTORIES, TASK_FACTORY_LOOP_FACTORIES = _factories()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``$DIG_SERVICE_EXPECT_SITE`` set (scripts/test-wheels.sh sets it to the
+    venv's site-packages), refuse to test any ``dig_service`` but the one installed
+    there: the suite must exercise the wheel, not the ``python/`` source tree."""
+    expected = os.environ.get("DIG_SERVICE_EXPECT_SITE")
+    if not expected:
+        return
+    import dig_service
+    import dig_service._core
+
+    site = Path(expected).resolve()
+    for module in (dig_service, dig_service._core):
+        where = Path(module.__file__ or "").resolve()
+        if not where.is_relative_to(site):
+            raise pytest.UsageError(
+                f"{module.__name__} was imported from {where}, not from the installed wheel "
+                f"in {site}"
+            )
 
 
 def pytest_asyncio_loop_factories(
