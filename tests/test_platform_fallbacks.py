@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,6 +212,7 @@ def test_sd_notify_is_a_no_op_off_linux(monkeypatch: pytest.MonkeyPatch, platfor
     ``SOCK_CLOEXEC`` does not exist: an ``AttributeError`` at the first report).
     """
     env = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1000000"}
+    monkeypatch.setattr(sys, "platform", "linux")
     assert notify_address(env) == "/run/systemd/notify"  # Linux: used
     assert watchdog_interval(env) == 0.5
     monkeypatch.setattr(sys, "platform", platform)
@@ -221,7 +223,7 @@ def test_sd_notify_is_a_no_op_off_linux(monkeypatch: pytest.MonkeyPatch, platfor
     assert notify("READY=1", environ=env) is False
 
 
-@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs a unix socket to listen on")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux case needs Linux")
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
 def test_the_runner_speaks_sd_notify_only_on_linux(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, platform: str
@@ -267,3 +269,32 @@ def test_platform_facts_used_by_the_simulation_hold() -> None:
             loop.add_signal_handler(REAL["SIGINT"], lambda: None)
     finally:
         loop.close()
+
+
+def test_the_core_imports_and_works_where_os_has_no_register_at_fork() -> None:
+    """Proves: in a process whose ``os`` has no ``register_at_fork`` (Windows has no
+    ``fork()``), ``dig_service._core`` still imports, and a registry runs a Python and
+    a native task to completion.
+
+    Catches: the fork guard's registration failing the import of the native module on
+    every platform without ``fork()`` (an ``AttributeError`` at ``import dig_service``).
+    """
+    script = (
+        "import os, asyncio\n"
+        "del os.register_at_fork\n"
+        "from dig_service import ShutdownToken, TaskKind, TaskRegistry\n"
+        "from dig_service.testing import spawn_native_sleeper\n"
+        "async def main():\n"
+        "    reg = TaskRegistry(ShutdownToken())\n"
+        "    spawn_native_sleeper(reg, 'native', 0.01)\n"
+        "    reg.spawn('python', TaskKind.BackgroundLoop, asyncio.sleep(0.01))\n"
+        "    await reg.join_all(5.0)\n"
+        "    s = reg.stats()\n"
+        "    print(s.spawned, s.completed)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "2"], proc.stdout
