@@ -8,9 +8,33 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from dig_service import NodeLifecycle, RunContext, StartContext, StopContext
 
 Hook = Callable[[Any], Awaitable[None]]
+
+try:
+    import uvloop as _uvloop
+except ImportError:  # no uvloop build for this platform (Windows)
+    _uvloop = None
+
+uvloop: Any = _uvloop
+"""The uvloop module, or ``None`` where it is not installed (it has no Windows build)."""
+
+
+def loop_kinds(*kinds: str) -> list[Any]:
+    """``pytest.param`` per loop kind; a uvloop kind is skipped, visibly, without uvloop."""
+    return [
+        pytest.param(
+            kind,
+            id=kind,
+            marks=pytest.mark.skipif(
+                uvloop is None and kind == "uvloop", reason="uvloop is not installed"
+            ),
+        )
+        for kind in kinds
+    ]
 
 
 class ScriptedNode(NodeLifecycle):
