@@ -14,7 +14,8 @@
 # Every minor version named in $WHEEL_TEST_REQUIRE (default "3.11 3.12 3.13")
 # must be found, so that a missing interpreter fails instead of shrinking the
 # matrix; set it empty to test whatever is there. $WHEEL_TEST_SDIST=0 skips
-# step 2. Venvs live under target/wheel-venvs/ (ignored by git).
+# step 2. Each pytest run is stopped after $WHEEL_TEST_TIMEOUT s (default 900).
+# Venvs live under target/wheel-venvs/ (ignored by git).
 #
 # Usage: bash scripts/test-wheels.sh [WHEEL]
 set -euo pipefail
@@ -23,6 +24,7 @@ ROOT="$PWD"
 
 REQUIRE="${WHEEL_TEST_REQUIRE-3.11 3.12 3.13}"
 TEST_SDIST="${WHEEL_TEST_SDIST:-1}"
+PYTEST_TIMEOUT="${WHEEL_TEST_TIMEOUT:-900}"
 VENVS="$ROOT/target/wheel-venvs"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -134,12 +136,15 @@ for minor in "${MINORS[@]}"; do
     # `python -m pytest` puts the repository root on sys.path: it holds
     # python/, not dig_service/, so `import dig_service` finds the wheel
     # (the check above and DIG_SERVICE_EXPECT_SITE in conftest make sure).
+    # A hung test must not eat CI's budget: a whole run takes 2-3 minutes.
     env PATH="$NO_RUST_PATH" PYTHONDEVMODE=1 \
         DIG_SERVICE_EXPECT_SITE="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')" \
+        timeout --kill-after=30 "$PYTEST_TIMEOUT" \
         "$venv/bin/python" -W error -m pytest -W error -q -p no:cacheprovider tests 2>&1 | tee "$log"
     rc="${PIPESTATUS[0]}"
     set -e
-    SUMMARY[$minor]="$(grep -E '^[0-9]+ (passed|failed)|^(=+ )?[0-9]+ (passed|failed)|no tests ran' "$log" | tail -n 1)"
+    SUMMARY[$minor]="$(grep -E '^(=+ )?[0-9]+ (passed|failed)|no tests ran' "$log" | tail -n 1 || true)"
+    [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || SUMMARY[$minor]="timed out after ${PYTEST_TIMEOUT}s"
     [ "$rc" -eq 0 ] || failed+=("$minor (pytest exit $rc)")
 done
 
@@ -189,7 +194,7 @@ EOF
         tests/test_package.py tests/test_core_registry.py 2>&1 | tee "$log"
     rc="${PIPESTATUS[0]}"
     set -e
-    SUMMARY[sdist]="$(grep -E '[0-9]+ (passed|failed)|no tests ran' "$log" | tail -n 1)"
+    SUMMARY[sdist]="$(grep -E '^(=+ )?[0-9]+ (passed|failed)|no tests ran' "$log" | tail -n 1 || true)"
     [ "$rc" -eq 0 ] || failed+=("sdist (pytest exit $rc)")
 fi
 
