@@ -464,6 +464,9 @@ def _recv_until(sock: socket.socket, wanted: str, seen: list[str]) -> str:
             return data
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="systemd's notify protocol is Linux-only"
+)
 def test_notify_socket_gets_ready_after_on_start_then_stopping(
     spawn: type[Proc], tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -374,6 +375,7 @@ FORK_FRESH_SCRIPT = (
 )
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork() on this platform")
 def test_forked_child_runs_native_tasks() -> None:
     """Proves: after ``os.fork()`` in a process whose tokio runtime is running (and busy:
     native tasks start and finish around each fork), every child can spawn native tasks,
@@ -430,6 +432,7 @@ FORK_INHERITED_SCRIPT = (
 )
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork() on this platform")
 def test_forked_child_using_the_parents_registry_never_hangs() -> None:
     """Proves: a forked child that touches the registry and token it inherited from the
     parent (``len``, ``snapshot``, ``stats``, ``cancel``, ``reason``, ``join_all``) gets
