@@ -298,3 +298,32 @@ def test_the_core_imports_and_works_where_os_has_no_register_at_fork() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2", "2"], proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("platform", "expected"),
+    [
+        ("win32", "--uvloop: uvloop does not exist for Windows; run without --uvloop"),
+        ("linux", "--uvloop: uvloop is not installed (pip install 'dig-service[uvloop]')"),
+    ],
+)
+def test_uvloop_option_without_uvloop_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    platform: str,
+    expected: str,
+) -> None:
+    """Proves: ``run --uvloop`` where uvloop cannot be imported is one line and exit 2,
+    telling a Windows user that there is no uvloop there (the extra installs nothing)
+    and anyone else how to install it.
+
+    Catches: a Windows user sent to ``pip install 'dig-service[uvloop]'``, which does
+    not install uvloop there, or a traceback instead of the usage error.
+    """
+    from dig_service._cli import main
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` fail
+    monkeypatch.setattr(sys, "platform", platform)
+    assert main(["run", "--uvloop"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m dig_service run: error: {expected}\n"

@@ -433,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import uvloop
         except ImportError:
+            if sys.platform == "win32":
+                return _fail("--uvloop: uvloop does not exist for Windows; run without --uvloop")
             return _fail("--uvloop: uvloop is not installed (pip install 'dig-service[uvloop]')")
         loop_factory = uvloop.new_event_loop
 
