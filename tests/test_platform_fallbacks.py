@@ -327,3 +327,23 @@ def test_uvloop_option_without_uvloop_says_what_to_do(
     assert main(["run", "--uvloop"]) == 2
     err = capsys.readouterr().err
     assert err == f"python -m dig_service run: error: {expected}\n"
+
+
+def test_forwarders_do_not_outlive_run_when_the_previous_handler_was_not_pythons(
+    sentinels: dict[int, Any],
+) -> None:
+    """Proves: when ``signal.getsignal`` could not name the previous handler (``None``:
+    one installed outside Python), ``run`` on a loop without ``add_signal_handler``
+    still takes its forwarders down afterwards, leaving the defaults (Python's
+    ``KeyboardInterrupt`` handler for SIGINT), as ``remove_signal_handler`` would.
+
+    Catches: a forwarder left installed after ``run``: later signals would be posted to
+    a closed loop and silently dropped (Ctrl-C would do nothing any more).
+    """
+    sigint, sigterm = REAL["SIGINT"], REAL["SIGTERM"]
+    real_getsignal = signal.getsignal
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(signal, "getsignal", lambda signum: None)
+        assert run(Service(RaisesSignal(sigterm)), loop_factory=NoSignalLoop) == 0
+    assert real_getsignal(sigint) is signal.default_int_handler
+    assert real_getsignal(sigterm) == signal.SIG_DFL

@@ -397,6 +397,10 @@ class _Runner:
                     self.loop.remove_signal_handler(sig)
                 except Exception as exc:  # a closed or broken loop: restore below anyway
                     logger.debug("removing the %s handler failed: %s", _signame(sig), exc)
+            elif previous is None:
+                # The previous handler was not Python's: put back what
+                # remove_signal_handler would (our forwarder must not outlive the loop).
+                previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             if previous is not None:
                 try:
                     signal.signal(sig, previous)
