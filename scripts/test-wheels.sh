@@ -86,14 +86,25 @@ for minor in "${MINORS[@]}"; do
     printf 'CPython %s.%s: %s\n' "$minor" "${BEST_PATCH[$minor]}" "${BEST_EXE[$minor]}"
 done
 
-# PATH without any directory that holds cargo or rustc: the installed wheel
-# must need no Rust toolchain, and pip must not be able to fall back to a
-# source build.
+# PATH without cargo or rustc: the installed wheel must need no Rust
+# toolchain, and pip must not be able to fall back to a source build. A PATH
+# directory that holds them is replaced by a directory of links to its other
+# programs (so that a /usr/bin with a distribution's cargo keeps the rest).
+mkdir -p "$VENVS"
 NO_RUST_PATH=""
+SHADOW="$VENVS/no-rust-bin"
+rm -rf "$SHADOW"
 IFS=':' read -r -a path_dirs <<<"$PATH"
 for dir in "${path_dirs[@]}"; do
-    [ -n "$dir" ] || continue
+    [ -n "$dir" ] && [ -d "$dir" ] || continue
     if [ -e "$dir/cargo" ] || [ -e "$dir/rustc" ] || [ -e "$dir/rustup" ]; then
+        mkdir -p "$SHADOW"
+        for prog in "$dir"/*; do
+            name="$(basename "$prog")"
+            case "$name" in cargo* | rust* | clippy-driver | rls) continue ;; esac
+            [ -e "$SHADOW/$name" ] || ln -s "$prog" "$SHADOW/$name"
+        done
+        case ":$NO_RUST_PATH:" in *":$SHADOW:"*) ;; *) NO_RUST_PATH="${NO_RUST_PATH:+$NO_RUST_PATH:}$SHADOW" ;; esac
         continue
     fi
     NO_RUST_PATH="${NO_RUST_PATH:+$NO_RUST_PATH:}$dir"
@@ -116,7 +127,6 @@ for mod in (dig_service, core):
 
 # ---------------------------------------------------------------- the wheel
 
-mkdir -p "$VENVS"
 declare -A SUMMARY=()
 failed=()
 for minor in "${MINORS[@]}"; do
