@@ -9,6 +9,8 @@
 //! - Registries and tokens remember the fork generation they were made in.
 //!   One inherited from the parent raises a clear `RuntimeError` in the child
 //!   instead of touching its (possibly held) locks and hanging.
+//! - Where there is no `fork()` (Windows: `os` has no `register_at_fork`),
+//!   nothing is registered and the generation stays 0.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -51,14 +53,17 @@ pub(crate) fn _after_fork_in_child() {
     super::runtime::release_after_fork();
 }
 
-/// Register the hooks with `os.register_at_fork`.
+/// Register the hooks with `os.register_at_fork`, where the platform forks.
 pub(crate) fn install(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let os = m.py().import("os")?;
+    if !os.hasattr("register_at_fork")? {
+        // No `fork()` here (Windows): no child can inherit a held lock.
+        return Ok(());
+    }
     let kwargs = pyo3::types::PyDict::new(m.py());
     kwargs.set_item("before", m.getattr("_before_fork")?)?;
     kwargs.set_item("after_in_parent", m.getattr("_after_fork_in_parent")?)?;
     kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
-    m.py()
-        .import("os")?
-        .call_method("register_at_fork", (), Some(&kwargs))?;
+    os.call_method("register_at_fork", (), Some(&kwargs))?;
     Ok(())
 }

@@ -274,12 +274,18 @@ impl PyTaskHandle {
 /// either way: asyncio's `create_task` trims its own frame, and here there
 /// is no such frame. A task factory or an overriding subclass is honoured
 /// by calling `create_task` as before.
+///
+/// Returns the task and whether it may already have run: a task factory
+/// (`asyncio.eager_task_factory`) can run the coroutine's first step, or
+/// all of it, inside `create_task`; the direct `asyncio.Task(...)` never
+/// starts it. If `create_task` raises (a factory that refuses), the
+/// coroutine is closed, as for every other refusal.
 fn create_task<'py>(
     event_loop: &Bound<'py, PyAny>,
     coro: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
     refuse: impl Fn(PyErr) -> PyErr,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<(Bound<'py, PyAny>, bool)> {
     let py = event_loop.py();
     let direct = match task_creation(event_loop)? {
         TaskCreation::AsyncioStock => {
@@ -302,9 +308,12 @@ fn create_task<'py>(
     kwargs.set_item(pyo3::intern!(py, "name"), name)?;
     if direct {
         kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
-        task_type(py)?.call((coro,), Some(&kwargs))
+        Ok((task_type(py)?.call((coro,), Some(&kwargs))?, false))
     } else {
-        event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
+        let task = event_loop
+            .call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
+            .map_err(refuse)?;
+        Ok((task, true))
     }
 }
 
@@ -411,10 +420,10 @@ impl PyTaskRegistry {
             return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
         }
         let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
-        let task = create_task(&event_loop, coro, name_str, refuse)?;
+        let (task, may_have_run) = create_task(&event_loop, coro, name_str, refuse)?;
         let foreign = Arc::new(PyForeign {
             task: task.clone().unbind(),
-            event_loop: event_loop.unbind(),
+            event_loop: event_loop.clone().unbind(),
             thread: thread::current().id(),
         });
         let id = match core.track_foreign(name_str.to_str()?, kind, foreign.clone()) {
@@ -440,7 +449,26 @@ impl PyTaskRegistry {
             },
         )?;
         untrack(&handle);
-        task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
+        if may_have_run && task.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+            // An eager task factory ran the task to its end inside
+            // `create_task`. A done callback would run only on the next
+            // loop turn, after `await handle` had already returned: report
+            // the end now, so that, as for any other task, an awaiter that
+            // resumes finds it logged, counted and out of the registry. A
+            // report that fails goes where a failing done callback's would.
+            if let Err(err) = handle.get().__call__(&task) {
+                let context = PyDict::new(py);
+                context.set_item(
+                    "message",
+                    "TaskRegistry.spawn(): reporting the end of an eagerly finished task failed",
+                )?;
+                context.set_item("exception", err.value(py))?;
+                context.set_item("task", &task)?;
+                event_loop.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
+            }
+        } else {
+            task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
+        }
         Ok(handle)
     }
 
