@@ -686,6 +686,7 @@ class Service(Generic[N, A, R]):
         # service, or a kept handle (or a recorded failure) would keep it,
         # and its node, alive. The lifecycle task holds it while it runs.
         del self
+        escape: _Escape | None = None
         try:
             await asyncio.wait((lifecycle,))
         except asyncio.CancelledError:
@@ -694,9 +695,12 @@ class Service(Generic[N, A, R]):
                 await me._wind_down_after_cancel(lifecycle)
                 del me
             escape = _escape_of(lifecycle)
-            if escape is not None:
-                raise escape.exc from None
-            raise
+            if escape is None:
+                raise
+        if escape is not None:
+            # A hook's BaseException outranks the cancellation. Raised out of
+            # the handler, so that its context is left as it was.
+            raise escape.exc
         return _result_of(lifecycle, slot)
 
     def _record_outcome(self, task: asyncio.Task[Any]) -> None:

@@ -28,7 +28,6 @@
 //! allocation can start a garbage collection whose finalizers run Python
 //! code. Those windows are a few instructions long and hold no lock.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread::{self, ThreadId};
@@ -52,12 +51,6 @@ static EXIT_THREAD: OnceLock<ThreadId> = OnceLock::new();
 
 /// [`Inside`] guards alive, over every thread.
 static INSIDE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// [`Inside`] guards alive on this thread (an entry point that calls
-    /// Python code that calls another entry point nests).
-    static DEPTH: Cell<usize> = const { Cell::new(0) };
-}
 
 /// How long the hook waits for other threads to leave our code (a call
 /// lasts microseconds; a detached runtime build, milliseconds).
@@ -95,7 +88,6 @@ pub(crate) struct Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        DEPTH.with(|d| d.set(d.get() - 1));
         // SeqCst: the hook reads it with SeqCst (see `enter`).
         INSIDE.fetch_sub(1, Ordering::SeqCst);
     }
@@ -109,7 +101,6 @@ pub(crate) fn enter() -> PyResult<Inside> {
     // counted (and waits for it), or this thread sees `EXITING` (and leaves
     // at once). (The GIL, held at both points, orders them too.)
     INSIDE.fetch_add(1, Ordering::SeqCst);
-    DEPTH.with(|d| d.set(d.get() + 1));
     let inside = Inside {
         _not_send: std::marker::PhantomData,
     };
@@ -142,12 +133,13 @@ pub(crate) fn _shutdown_at_exit(py: Python<'_>) {
     EXITING.store(true, Ordering::SeqCst);
     super::runtime::shut_down_for_good(py);
     RUNTIME_GONE.store(true, Ordering::SeqCst);
-    let own = DEPTH.with(Cell::get);
-    if INSIDE.load(Ordering::SeqCst) > own {
-        // The threads inside need the GIL to leave: wait without it.
+    if INSIDE.load(Ordering::SeqCst) > 0 {
+        // The threads inside need the GIL to leave: wait without it. (If
+        // this thread itself were inside one, called from an entry point,
+        // the wait would end at the grace period.)
         py.detach(|| {
             let until = Instant::now() + GRACE;
-            while INSIDE.load(Ordering::SeqCst) > own && Instant::now() < until {
+            while INSIDE.load(Ordering::SeqCst) > 0 && Instant::now() < until {
                 thread::sleep(Duration::from_micros(200));
             }
         });
