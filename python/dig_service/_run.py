@@ -181,6 +181,7 @@ def _run(
         try:
             code = loop.run_until_complete(runner.main())
         except BaseException:  # KeyboardInterrupt without our handlers, SystemExit: clean up
+            runner.finish_service()
             runner.finish_remaining()
             raise
         if runner.forced:
@@ -237,6 +238,7 @@ class _Runner:
         self._stopping_sent = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
+        self._start: asyncio.Task[Any] | None = None
         self.monitor = _ShutdownMonitor(self, stream)
 
     # ----------------------------------------------------------------- main
@@ -244,6 +246,7 @@ class _Runner:
     async def main(self) -> int:
         loop = self.loop
         start = loop.create_task(self.service.start(), name=f"dig_service.main[{self.label}]")
+        self._start = start
         self._helpers = [
             loop.create_task(self._on_token_fired(), name="dig_service.run.on_shutdown"),
         ]
@@ -281,6 +284,24 @@ class _Runner:
             logger.error("service %s failed: %s", self.label, err, exc_info=err)
             return 1
         return status.exit_code
+
+    def finish_service(self) -> None:
+        """After a ``KeyboardInterrupt``/``SystemExit`` stopped the loop (raised by a
+        tracked task, which asyncio re-raises out of the loop at once): let the service
+        wind down before the exception propagates.
+
+        The task's end has fired the token (its done callback runs on the loop's next
+        turn), so the lifecycle stops as for any shutdown, every stage bounded by the
+        deadline; a second SIGINT/SIGTERM cuts this short, as it does a shutdown.
+        """
+        start = self._start
+        if start is not None and start.done() and not start.cancelled():
+            start.exception()  # start() raised what is propagating now: retrieved
+        lifecycle = getattr(self.service, "_lifecycle_task", None)
+        if not isinstance(lifecycle, asyncio.Task) or lifecycle.done() or self._force.done():
+            return
+        waited = asyncio.wait((lifecycle, self._force), return_when=asyncio.FIRST_COMPLETED)
+        self.loop.run_until_complete(waited)
 
     def finish_remaining(self) -> None:
         """After a normal exit: end what the registry did not track, like ``asyncio.run``.
@@ -320,11 +341,20 @@ class _Runner:
                         }
                     )
             if stuck:
-                logger.warning(
-                    "%d untracked task(s) did not finish after being cancelled at exit: %s",
-                    len(stuck),
-                    ", ".join(t.get_name() for t in stuck[:_MAX_NAMES]),
-                )
+                # A tracked straggler that swallows cancellation is still in the
+                # registry (join_all cancelled it at the deadline): not "untracked".
+                tracked = {s.name for s in self.registry.snapshot() if s.origin == "python"}
+                for kind, group in (
+                    ("tracked", [t for t in stuck if t.get_name() in tracked]),
+                    ("untracked", [t for t in stuck if t.get_name() not in tracked]),
+                ):
+                    if group:
+                        logger.warning(
+                            "%d %s task(s) did not finish after being cancelled at exit: %s",
+                            len(group),
+                            kind,
+                            ", ".join(t.get_name() for t in group[:_MAX_NAMES]),
+                        )
                 _abandoned.extend(stuck)
                 _quiet_pending_task_noise(loop)
                 return
