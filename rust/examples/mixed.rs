@@ -452,10 +452,9 @@ async fn signal() -> (&'static str, u8) {
 }
 
 async fn serve(args: Args) -> u8 {
-    let config = ServiceConfig {
-        shutdown_deadline: args.deadline,
-        hook_timeout: Some(Duration::from_secs(10)),
-    };
+    let config = ServiceConfig::new()
+        .with_shutdown_deadline(args.deadline)
+        .with_hook_timeout(Some(Duration::from_secs(10)));
     let svc = Service::with_config(MixedNode::new(args.opts), (), (), config);
     let handle = svc.handle();
     let deadline = args.deadline;

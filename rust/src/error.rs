@@ -37,9 +37,13 @@ pub enum ServiceError {
 
     /// Tracked tasks were still live when the deadline passed; they were
     /// aborted (native) or cancelled (foreign) and are named here.
+    ///
+    /// The message names the first [`NAMES_SHOWN`] of them and says how
+    /// many more there are (ten thousand names make no log line);
+    /// `pending_names` has them all.
     #[error(
         "shutdown deadline of {deadline:?} exceeded; {pending} task(s) still running: {}",
-        pending_names.join(", ")
+        names_preview(pending_names)
     )]
     ShutdownDeadlineExceeded {
         /// The deadline that was exceeded.
@@ -57,6 +61,41 @@ pub enum ServiceError {
     /// The registry was closed by `join_all`; nothing more can be spawned.
     #[error("task registry is closed (join_all has finished); no more tasks can be spawned")]
     AlreadyStopped,
+
+    /// The named operation needs a tokio runtime and was called (or
+    /// polled) outside one.
+    #[error(
+        "{0} was called outside a tokio runtime; call it from a task on a runtime, \
+         or name one (TaskRegistry::spawn_on takes a runtime handle)"
+    )]
+    NoRuntime(&'static str),
+
+    /// The tokio runtime the task was spawned on has shut down: the task
+    /// was dropped without ever running, and was not tracked.
+    #[error("the tokio runtime has shut down; the task was not started")]
+    RuntimeShutDown,
+
+    /// The service's lifecycle was cut short before it finished: its tokio
+    /// runtime shut down under it (or the lifecycle task itself panicked).
+    /// The token was cancelled, every task stopped and the registry closed;
+    /// `on_stop` and `post_stop` did not run (there was no runtime left to
+    /// run them on).
+    #[error("the service's lifecycle was cut short ({0}); its tasks were stopped and its registry closed, on_stop and post_stop did not run")]
+    LifecycleAborted(&'static str),
+}
+
+/// How many straggler names a [`ServiceError::ShutdownDeadlineExceeded`]
+/// message (and the deadline's log line) shows.
+pub const NAMES_SHOWN: usize = 5;
+
+/// `a, b, c, d, e and 9995 more`: the first [`NAMES_SHOWN`] names.
+pub(crate) fn names_preview(names: &[String]) -> String {
+    let shown = names.len().min(NAMES_SHOWN);
+    let mut out = names[..shown].join(", ");
+    if names.len() > shown {
+        out.push_str(&format!(" and {} more", names.len() - shown));
+    }
+    out
 }
 
 /// A lifecycle hook ran longer than `ServiceConfig::hook_timeout`.
@@ -69,4 +108,42 @@ pub struct HookTimeout {
     pub hook: &'static str,
     /// The timeout that elapsed.
     pub after: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// **Proves:** the deadline error names at most [`NAMES_SHOWN`]
+    /// stragglers and counts the rest, while `pending_names` keeps them all.
+    /// **Catches:** a message that joins every name (10k stragglers made a
+    /// 363 KB line).
+    #[test]
+    fn deadline_message_names_the_first_few() {
+        let names: Vec<String> = (0..10_000).map(|i| format!("peer-{i}")).collect();
+        let err = ServiceError::ShutdownDeadlineExceeded {
+            deadline: Duration::from_secs(1),
+            pending: names.len(),
+            pending_names: names.clone(),
+        };
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            "shutdown deadline of 1s exceeded; 10000 task(s) still running: \
+             peer-0, peer-1, peer-2, peer-3, peer-4 and 9995 more"
+        );
+        let few = ServiceError::ShutdownDeadlineExceeded {
+            deadline: Duration::from_secs(1),
+            pending: 2,
+            pending_names: names[..2].to_vec(),
+        };
+        assert!(
+            few.to_string().ends_with("running: peer-0, peer-1"),
+            "{few}"
+        );
+        let ServiceError::ShutdownDeadlineExceeded { pending_names, .. } = err else {
+            unreachable!()
+        };
+        assert_eq!(pending_names.len(), 10_000);
+    }
 }

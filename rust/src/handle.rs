@@ -11,9 +11,11 @@
 //!   every [`ServiceHandle::wait_for_exit`] (before or after the fact, from
 //!   any clone) returns a clone of that very result.
 //! - **Never hangs on a dead service.** If the service is dropped without
-//!   having been started (or the `start()` future is dropped before it
-//!   finishes), waiters get [`ServiceError::AlreadyStopped`] instead of
-//!   waiting forever.
+//!   having been started, waiters get [`ServiceError::AlreadyStopped`]
+//!   instead of waiting forever. Once started, the lifecycle runs as a task
+//!   of its own: dropping the `start()` future (or the service) winds it
+//!   down and the waiters get its real outcome; if the runtime shuts down
+//!   under it, they get [`ServiceError::LifecycleAborted`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,10 +32,10 @@ use crate::tasks::{TaskRegistry, TaskSummary};
 pub(crate) enum Phase {
     /// Built, `start()` not called yet.
     Created,
-    /// `start()` called and not yet returned.
+    /// `start()` called and its lifecycle not yet ended.
     Running,
-    /// `start()` returned this, or the service is gone without a result
-    /// (see [`Shared::abandon`]).
+    /// The lifecycle ended with this, or the service was dropped unstarted
+    /// (see [`Shared::abandon_unstarted`]).
     Exited(Result<ExitStatus>),
 }
 
@@ -74,10 +76,17 @@ impl Shared {
         });
     }
 
-    /// The service will never produce a result (dropped unstarted, or the
-    /// `start()` future was dropped midway): release the waiters.
-    pub(crate) fn abandon(&self) {
-        self.finish(Err(ServiceError::AlreadyStopped));
+    /// The service is dropped: if it was never started, no result will
+    /// ever come, so release the waiters. A started one's lifecycle task
+    /// records its result itself.
+    pub(crate) fn abandon_unstarted(&self) {
+        self.phase.send_if_modified(|p| match p {
+            Phase::Created => {
+                *p = Phase::Exited(Err(ServiceError::AlreadyStopped));
+                true
+            }
+            _ => false,
+        });
     }
 
     pub(crate) fn is_running(&self) -> bool {
@@ -129,8 +138,9 @@ impl ServiceHandle {
         self.shutdown.cancel(reason);
     }
 
-    /// Whether the service is alive: `start()` has been called and has not
-    /// returned yet.
+    /// Whether the service is alive: `start()` has been called and its
+    /// lifecycle has not ended yet (it goes on after the `start()` future
+    /// is dropped, until the wind-down is over).
     ///
     /// This stays `true` while the service is *stopping* (token fired,
     /// tasks being joined, `on_stop`/`post_stop` running), because the
@@ -154,12 +164,14 @@ impl ServiceHandle {
         self.tasks.snapshot()
     }
 
-    /// Wait until `start()` has returned, and return (a clone of) what it
-    /// returned. Returns at once if it already has.
+    /// Wait until the service's lifecycle has ended, and return (a clone
+    /// of) its result: what `start()` returned, or would have returned had
+    /// its future not been dropped. Returns at once if it already has.
     ///
-    /// If the service is dropped without ever being started, or the future
-    /// driving `start()` is dropped before it finishes, there is no result
-    /// to wait for: this returns [`ServiceError::AlreadyStopped`].
+    /// If the service is dropped without ever being started, there is no
+    /// result to wait for: this returns [`ServiceError::AlreadyStopped`].
+    /// If the runtime shut down before the lifecycle ended:
+    /// [`ServiceError::LifecycleAborted`].
     pub async fn wait_for_exit(&self) -> Result<ExitStatus> {
         self.shared.wait_for_exit().await
     }

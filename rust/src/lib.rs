@@ -45,11 +45,11 @@ pub mod python;
 pub use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 
-pub use error::{HookTimeout, Result, ServiceError};
+pub use error::{HookTimeout, Result, ServiceError, NAMES_SHOWN};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
 pub use service::{Service, ServiceConfig};
-pub use shutdown::{ShutdownReason, ShutdownToken};
+pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
     ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
     TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,

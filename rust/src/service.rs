@@ -12,7 +12,31 @@
 //!   [`ServiceConfig::shutdown_deadline`]; [`ServiceConfig::hook_timeout`]
 //!   additionally bounds each edge hook from the moment it starts.
 //! - **Panics are failures, not crashes.** A panic inside any hook is
-//!   caught and reported as that hook's failure, with the panic message.
+//!   caught and reported as that hook's failure, with the panic message
+//!   (`"non-string panic payload"` for a payload that is not a string).
+//!   The join and the stop hooks still run, as after any failure. A panic
+//!   while a hook's future is being dropped (one cut off by `hook_timeout`
+//!   or the deadline) is caught and logged; the lifecycle goes on. A
+//!   task's panic is the task's failure: logged, counted, joined like any
+//!   ending (and, for a [critical](crate::TaskRegistry::spawn_critical)
+//!   task, a `Fatal` shutdown). Rust has no counterpart of Python's
+//!   `BaseException`: a panic is the one way out of a hook that is not a
+//!   return, and it is handled as above, never propagated.
+//! - **The lifecycle outlives `start()`'s future.** The lifecycle runs as a
+//!   task of its own on the runtime `start()` is called on; `start()` only
+//!   awaits it. Dropping the `start()` future (a `select!`, a `timeout`)
+//!   fires the token with [`ShutdownReason::UserRequested`] (an earlier
+//!   reason wins), cuts a running `pre_start`/`on_start` short (it counts as
+//!   failed; no later start-up hook starts) and lets the wind-down run on:
+//!   join, `on_stop`, `post_stop`, bounded by the deadline as for any
+//!   shutdown. [`Service::wait_for_exit`] and every [`ServiceHandle`] then
+//!   report the real outcome. The service itself may be dropped meanwhile.
+//! - **A runtime that shuts down.** If the runtime drops the lifecycle task
+//!   before it finished (the runtime is shutting down), the token is
+//!   cancelled with `Fatal` (unless it had fired already), every task is
+//!   stopped and the registry closed;
+//!   `on_stop` and `post_stop` cannot run (no runtime is left to run them
+//!   on), and the outcome is [`ServiceError::LifecycleAborted`].
 //! - **Nothing silently lost.** Exactly one error is returned (priority
 //!   run > on_stop > post_stop > join); every other failure is logged
 //!   (target `dig_service::service`). A hook's own `anyhow::Error` is kept
@@ -30,6 +54,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
 use crate::error::{HookTimeout, Result, ServiceError};
 use crate::exit::{ExitReason, ExitStatus};
 use crate::handle::{ServiceHandle, Shared};
@@ -40,6 +67,24 @@ use crate::traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, St
 const LOG: &str = "dig_service::service";
 
 /// Timing knobs of a [`Service`].
+///
+/// `#[non_exhaustive]`, so that knobs can be added without breaking
+/// anyone: build it with [`ServiceConfig::new`] (or `default()`) and the
+/// `with_*` methods, or set the public fields of a default value.
+///
+/// ```
+/// use std::time::Duration;
+/// use dig_service::ServiceConfig;
+///
+/// let config = ServiceConfig::new()
+///     .with_shutdown_deadline(Duration::from_secs(10))
+///     .with_hook_timeout(Some(Duration::from_secs(2)));
+/// assert_eq!(config.shutdown_deadline, Duration::from_secs(10));
+///
+/// let mut config = ServiceConfig::default();
+/// config.hook_timeout = Some(Duration::from_secs(5));
+/// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// How long, once the shutdown token has fired, each shutdown stage may
@@ -61,6 +106,25 @@ impl Default for ServiceConfig {
             shutdown_deadline: Duration::from_secs(30),
             hook_timeout: None,
         }
+    }
+}
+
+impl ServiceConfig {
+    /// The defaults: a 30 s shutdown deadline, no hook timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With [`shutdown_deadline`](Self::shutdown_deadline) set.
+    pub fn with_shutdown_deadline(mut self, deadline: Duration) -> Self {
+        self.shutdown_deadline = deadline;
+        self
+    }
+
+    /// With [`hook_timeout`](Self::hook_timeout) set (`None`: none).
+    pub fn with_hook_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.hook_timeout = timeout;
+        self
     }
 }
 
@@ -202,17 +266,20 @@ where
         self.shutdown.cancel(reason);
     }
 
-    /// Wait until [`start`](Self::start) has returned and return (a clone
-    /// of) its result; see [`ServiceHandle::wait_for_exit`].
+    /// Wait until the lifecycle [`start`](Self::start) began has ended and
+    /// return (a clone of) its result, even if the `start()` future was
+    /// dropped; see [`ServiceHandle::wait_for_exit`].
     pub async fn wait_for_exit(&self) -> Result<ExitStatus> {
         self.shared.wait_for_exit().await
     }
 
     /// Run the whole lifecycle and return how it ended.
     ///
-    /// Must be called inside a tokio runtime with the time driver enabled.
-    /// The returned future is `Send`; spawn it (with the service in an
-    /// `Arc`) to keep the service reachable while it runs.
+    /// Must be called inside a tokio runtime, which must have the time
+    /// driver enabled (the hooks' timeouts and the deadline are tokio
+    /// timers). The lifecycle runs as a task of its own on that runtime;
+    /// the returned future (which is `Send`) only awaits it, so dropping
+    /// it does not abandon the service (see the last rows below).
     ///
     /// | situation | result |
     /// |---|---|
@@ -222,31 +289,96 @@ where
     /// | `on_start` fails | [`ServiceError::OnStartFailed`]; token cancelled with `Fatal`, tasks joined, then `post_stop` (its `exit_reason` is `RunError` carrying the `on_start` error); `run` / `on_stop` do not run |
     /// | `run` fails or panics | [`ServiceError::RunFailed`]; token cancelled with `Fatal`, tasks joined, `on_stop` and `post_stop` still run |
     /// | `on_stop` or `post_stop` fails | [`ServiceError::OnStopFailed`]; the later hook still runs |
+    /// | any hook panics (any payload; also while its future is dropped) | as that hook failing (above); a panic in a dropped hook's `Drop` is logged; the join and the stop hooks run |
+    /// | a tracked task fails or panics | logged and counted; the lifecycle goes on (a [critical](TaskRegistry::spawn_critical) task cancels the token with `Fatal`) |
     /// | tracked tasks outlive `shutdown_deadline` in `join_all` | they are aborted (native) / cancelled (foreign); [`ServiceError::ShutdownDeadlineExceeded`] |
     /// | `run` outlives `shutdown_deadline` after the token fired | `run` is dropped and every still-live task is stopped at once; `ShutdownDeadlineExceeded` with `"run"` first in `pending_names` |
     /// | an edge hook outlives `hook_timeout` (or, once the token has fired, `shutdown_deadline`) | that hook's failure, with a [`HookTimeout`] source |
     /// | `start` called a second time | [`ServiceError::AlreadyRunning`] |
+    /// | `start` polled outside a tokio runtime | [`ServiceError::NoRuntime`]; the service is not started (a later `start` may) |
+    /// | the `start()` future is dropped before it finished | token fired (`UserRequested`; an earlier reason wins), a running `pre_start`/`on_start` cut short (its failure), then the wind-down as above (join, `on_stop`, `post_stop`, bounded by the deadline) runs on the runtime; `wait_for_exit` returns the outcome |
+    /// | the runtime shuts down before the lifecycle finished | token cancelled with `Fatal` (unless it had fired), tasks stopped, registry closed; `on_stop`/`post_stop` cannot run (no runtime left); [`ServiceError::LifecycleAborted`] for `wait_for_exit` |
     ///
     /// When several stages fail, the error returned is the first of run >
     /// on_stop > post_stop > join; the others are logged.
     pub async fn start(&self) -> Result<ExitStatus> {
+        let Ok(rt) = Handle::try_current() else {
+            return Err(ServiceError::NoRuntime("Service::start"));
+        };
         if !self.shared.begin() {
             return Err(ServiceError::AlreadyRunning);
         }
-        // If this future is dropped midway, release the waiters.
-        let guard = AbandonOnDrop(&self.shared);
-        tracing::info!(target: LOG, service = self.shared.name, "service starting");
-        let result = self.lifecycle().await;
-        match &result {
-            Ok(status) => {
-                tracing::info!(target: LOG, service = self.shared.name, %status, "service stopped")
-            }
+        let lifecycle = Lifecycle {
+            node: self.node.clone(),
+            config: self.config.clone(),
+            shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
+            shared: self.shared.clone(),
+            abandoned: CancellationToken::new(),
+        };
+        let mut on_drop = WindDownOnDrop {
+            shutdown: &self.shutdown,
+            abandoned: lifecycle.abandoned.clone(),
+            name: self.shared.name,
+            armed: true,
+        };
+        let joined = rt.spawn(lifecycle.drive()).await;
+        on_drop.armed = false;
+        match joined {
+            Ok(result) => result,
+            // Cancelled (the runtime is shutting down) or panicked: the
+            // lifecycle's own guard recorded what happened, unless the task
+            // was dropped before its first poll (a runtime shut down already
+            // drops it inside `spawn`); then record it here.
             Err(e) => {
-                tracing::error!(target: LOG, service = self.shared.name, error = %e, "service failed")
+                let why = if e.is_panic() {
+                    tracing::error!(
+                        target: LOG,
+                        service = self.shared.name,
+                        panic = %panic_message(&*e.into_panic()),
+                        "the lifecycle task panicked"
+                    );
+                    PANICKED
+                } else {
+                    RUNTIME_GONE
+                };
+                cut_short(&self.shutdown, &self.tasks, &self.shared, why);
+                self.shared.wait_for_exit().await
             }
         }
+    }
+}
+
+/// What `start()` spawns: everything the lifecycle needs, owned, so that it
+/// runs to its end whatever becomes of the `start()` future.
+struct Lifecycle<N> {
+    node: Arc<N>,
+    config: ServiceConfig,
+    shutdown: ShutdownToken,
+    tasks: TaskRegistry,
+    shared: Arc<Shared>,
+    /// Cancelled when the `start()` future is dropped: a running
+    /// `pre_start`/`on_start` is cut short, and no later one starts.
+    abandoned: CancellationToken,
+}
+
+impl<N: NodeLifecycle> Lifecycle<N> {
+    /// The lifecycle task: run it, record its result for the waiters, and
+    /// hand it to `start()`.
+    async fn drive(self) -> Result<ExitStatus> {
+        let mut cut_short = CutShort {
+            lifecycle: &self,
+            armed: true,
+        };
+        let name = self.shared.name;
+        tracing::info!(target: LOG, service = name, "service starting");
+        let result = self.lifecycle().await;
+        match &result {
+            Ok(status) => tracing::info!(target: LOG, service = name, %status, "service stopped"),
+            Err(e) => tracing::error!(target: LOG, service = name, error = %e, "service failed"),
+        }
         self.shared.finish(result.clone());
-        drop(guard);
+        cut_short.armed = false;
         result
     }
 
@@ -259,21 +391,27 @@ where
         };
 
         if let Err(e) = self
-            .edge_hook("pre_start", node.pre_start(&start_ctx))
+            .edge_hook("pre_start", true, || node.pre_start(&start_ctx))
             .await
         {
             self.wind_down_failed_start("pre_start", &e).await;
             return Err(ServiceError::PreStartFailed(e));
         }
 
-        if let Err(e) = self.edge_hook("on_start", node.on_start(&start_ctx)).await {
+        if let Err(e) = self
+            .edge_hook("on_start", true, || node.on_start(&start_ctx))
+            .await
+        {
             self.wind_down_failed_start("on_start", &e).await;
             let stop_ctx = StopContext {
                 shutdown: self.shutdown.clone(),
                 tasks: &self.tasks,
                 exit_reason: ExitReason::RunError(e.clone()),
             };
-            if let Err(post) = self.edge_hook("post_stop", node.post_stop(&stop_ctx)).await {
+            if let Err(post) = self
+                .edge_hook("post_stop", false, || node.post_stop(&stop_ctx))
+                .await
+            {
                 log_suppressed(&ServiceError::OnStopFailed(post));
             }
             return Err(ServiceError::OnStartFailed(e));
@@ -283,7 +421,7 @@ where
             shutdown: self.shutdown.clone(),
             tasks: self.tasks.clone(),
         };
-        let outcome = self.drive_run(node.run(run_ctx)).await;
+        let outcome = self.drive_run(|| node.run(run_ctx)).await;
 
         let deadline = self.config.shutdown_deadline;
         let (exit_reason, run_error, join_deadline) = match outcome {
@@ -360,8 +498,12 @@ where
             tasks: &self.tasks,
             exit_reason: exit_reason.clone(),
         };
-        let on_stop = self.edge_hook("on_stop", node.on_stop(&stop_ctx)).await;
-        let post_stop = self.edge_hook("post_stop", node.post_stop(&stop_ctx)).await;
+        let on_stop = self
+            .edge_hook("on_stop", false, || node.on_stop(&stop_ctx))
+            .await;
+        let post_stop = self
+            .edge_hook("post_stop", false, || node.post_stop(&stop_ctx))
+            .await;
 
         let mut errors = run_error
             .into_iter()
@@ -381,13 +523,13 @@ where
 
     /// Run `run` until it returns, or until `shutdown_deadline` after the
     /// token fired.
-    async fn drive_run<F>(&self, run: F) -> RunOutcome
+    async fn drive_run<'a, F>(&self, make: impl FnOnce() -> F + 'a) -> RunOutcome
     where
-        F: Future<Output = anyhow::Result<()>> + Unpin,
+        F: Future<Output = anyhow::Result<()>> + Unpin + 'a,
     {
-        let run = CatchUnwind {
-            hook: "run",
-            fut: run,
+        let run = match CatchUnwind::call("run", make) {
+            Ok(run) => run,
+            Err(e) => return RunOutcome::Returned(Err(e)),
         };
         let overrun = async {
             self.shutdown.cancelled().await;
@@ -401,16 +543,27 @@ where
     }
 
     /// Run an edge hook under the hook timeout and (once the token has
-    /// fired) the shutdown deadline, catching panics.
-    async fn edge_hook<F>(
+    /// fired) the shutdown deadline, catching panics. A start-up hook
+    /// (`startup`) is also cut short when the `start()` future is dropped,
+    /// and is not started at all once it has been.
+    async fn edge_hook<'a, F>(
         &self,
         hook: &'static str,
-        fut: F,
+        startup: bool,
+        make: impl FnOnce() -> F + 'a,
     ) -> std::result::Result<(), Arc<anyhow::Error>>
     where
-        F: Future<Output = anyhow::Result<()>> + Unpin,
+        F: Future<Output = anyhow::Result<()>> + Unpin + 'a,
     {
-        let fut = CatchUnwind { hook, fut };
+        if startup && self.abandoned.is_cancelled() {
+            return Err(Arc::new(anyhow::anyhow!(
+                "`{hook}` was not started: the future driving start() was dropped"
+            )));
+        }
+        let fut = match CatchUnwind::call(hook, make) {
+            Ok(fut) => fut,
+            Err(e) => return Err(Arc::new(e)),
+        };
         let by_hook_timeout = async {
             match self.config.hook_timeout {
                 Some(after) => {
@@ -425,11 +578,21 @@ where
             tokio::time::sleep(self.config.shutdown_deadline).await;
             self.config.shutdown_deadline
         };
+        let by_abandon = async {
+            if startup {
+                self.abandoned.cancelled().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let res = tokio::select! {
             biased;
             res = fut => res,
             after = by_hook_timeout => Err(anyhow::Error::new(HookTimeout { hook, after })),
             after = by_deadline => Err(anyhow::Error::new(HookTimeout { hook, after })),
+            () = by_abandon => Err(anyhow::anyhow!(
+                "`{hook}` was cancelled: the future driving start() was dropped"
+            )),
         };
         if let Err(e) = &res {
             tracing::debug!(target: LOG, service = self.shared.name, hook, error = ?e, "hook failed");
@@ -448,6 +611,79 @@ where
     }
 }
 
+/// Armed while `start()` awaits the lifecycle task: if the `start()` future
+/// is dropped first, the service is told to shut down (the lifecycle task
+/// winds it down on its own).
+struct WindDownOnDrop<'a> {
+    shutdown: &'a ShutdownToken,
+    abandoned: CancellationToken,
+    name: &'static str,
+    armed: bool,
+}
+
+impl Drop for WindDownOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::info!(
+            target: LOG,
+            service = self.name,
+            "the future driving start() was dropped; shutting the service down"
+        );
+        self.shutdown.cancel(ShutdownReason::UserRequested);
+        self.abandoned.cancel();
+    }
+}
+
+/// Armed while the lifecycle task runs: if the runtime drops the task
+/// before it finished (it is shutting down), or the task panics, do what
+/// can still be done without a runtime: fire the token, stop every task,
+/// close the registry, and record the outcome for the waiters.
+struct CutShort<'a, N> {
+    lifecycle: &'a Lifecycle<N>,
+    armed: bool,
+}
+
+impl<N> Drop for CutShort<'_, N> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            PANICKED
+        } else {
+            RUNTIME_GONE
+        };
+        let lc = self.lifecycle;
+        cut_short(&lc.shutdown, &lc.tasks, &lc.shared, why);
+    }
+}
+
+const PANICKED: &str = "the lifecycle task panicked";
+const RUNTIME_GONE: &str = "its tokio runtime shut down";
+
+/// What can be done for a lifecycle that cannot finish, without a runtime:
+/// fire the token, stop every task, close the registry, record the
+/// outcome. A no-op once the lifecycle has recorded its result.
+fn cut_short(shutdown: &ShutdownToken, tasks: &TaskRegistry, shared: &Shared, why: &'static str) {
+    if !shared.is_running() {
+        return;
+    }
+    shutdown.cancel(ShutdownReason::Fatal(format!(
+        "the service's lifecycle was cut short: {why}"
+    )));
+    let stopped = tasks.close_and_stop_all();
+    tracing::error!(
+        target: LOG,
+        service = shared.name,
+        reason = why,
+        stopped = stopped.names.len(),
+        "service lifecycle cut short; tasks stopped, on_stop and post_stop not run"
+    );
+    shared.finish(Err(ServiceError::LifecycleAborted(why)));
+}
+
 impl<N, A, R> Drop for Service<N, A, R>
 where
     N: NodeLifecycle,
@@ -455,9 +691,10 @@ where
     R: RpcApi,
 {
     fn drop(&mut self) {
-        // Dropped before `start()` ran (or with its future leaked): no
-        // result will ever come; release `wait_for_exit` callers.
-        self.shared.abandon();
+        // Dropped before `start()` ran: no result will ever come; release
+        // the `wait_for_exit` callers. A started service's lifecycle task
+        // records its own result, however it ends.
+        self.shared.abandon_unstarted();
     }
 }
 
@@ -486,19 +723,33 @@ fn log_suppressed(e: &ServiceError) {
     );
 }
 
-struct AbandonOnDrop<'a>(&'a Shared);
+/// Turns a panic while making, polling or dropping a hook's future into
+/// that hook's failure (or, for the drop, a log line): a hook never takes
+/// the lifecycle down with it.
+struct CatchUnwind<F> {
+    hook: &'static str,
+    // `None` once dropped by `Drop`.
+    fut: Option<F>,
+}
 
-impl Drop for AbandonOnDrop<'_> {
-    fn drop(&mut self) {
-        // A no-op once `start()` recorded its result.
-        self.0.abandon();
+impl<F> CatchUnwind<F> {
+    /// Make the hook's future with `make` (which may panic: a hand-written
+    /// hook can, before it returns its future).
+    fn call(hook: &'static str, make: impl FnOnce() -> F) -> anyhow::Result<Self> {
+        match std::panic::catch_unwind(AssertUnwindSafe(make)) {
+            Ok(fut) => Ok(Self {
+                hook,
+                fut: Some(fut),
+            }),
+            Err(payload) => Err(panicked(hook, &*payload)),
+        }
     }
 }
 
-/// Turns a panic while polling `fut` into an error naming the hook.
-struct CatchUnwind<F> {
-    hook: &'static str,
-    fut: F,
+fn panicked(hook: &'static str, payload: &(dyn std::any::Any + Send)) -> anyhow::Error {
+    let msg = panic_message(payload);
+    tracing::error!(target: LOG, hook, panic = %msg, "hook panicked");
+    anyhow::anyhow!("`{hook}` panicked: {msg}")
 }
 
 impl<F> Future for CatchUnwind<F>
@@ -509,17 +760,29 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        let hook = this.hook;
+        let fut = this.fut.as_mut().expect("a hook polled after it ended");
         // The future is never polled again after a panic (the caller drops
         // it), so observing it in a broken state is impossible.
-        let polled =
-            std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut this.fut).poll(cx)));
-        match polled {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(fut).poll(cx))) {
             Ok(poll) => poll,
-            Err(payload) => {
-                let msg = panic_message(&*payload);
-                tracing::error!(target: LOG, hook = this.hook, panic = %msg, "hook panicked");
-                Poll::Ready(Err(anyhow::anyhow!("`{}` panicked: {msg}", this.hook)))
-            }
+            Err(payload) => Poll::Ready(Err(panicked(hook, &*payload))),
+        }
+    }
+}
+
+impl<F> Drop for CatchUnwind<F> {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else {
+            return;
+        };
+        if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(fut))) {
+            tracing::error!(
+                target: LOG,
+                hook = self.hook,
+                panic = %panic_message(&*payload),
+                "hook panicked while its future was being dropped"
+            );
         }
     }
 }

@@ -347,10 +347,7 @@ async fn stop_hook_failures() {
 /// **Catches:** "last error wins" bookkeeping.
 #[tokio::test(start_paused = true)]
 async fn error_priority_run_on_stop_post_stop_join() {
-    let cfg = ServiceConfig {
-        shutdown_deadline: Duration::from_secs(1),
-        hook_timeout: None,
-    };
+    let cfg = ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(1));
     // run > on_stop > post_stop > join
     let (svc, _) = service_with(
         Script {
@@ -464,10 +461,9 @@ async fn original_error_is_kept_as_source() {
 /// loses its typed cause.
 #[tokio::test(start_paused = true)]
 async fn hook_timeout_bounds_edge_hooks() {
-    let cfg = ServiceConfig {
-        shutdown_deadline: Duration::from_secs(30),
-        hook_timeout: Some(Duration::from_secs(5)),
-    };
+    let cfg = ServiceConfig::new()
+        .with_shutdown_deadline(Duration::from_secs(30))
+        .with_hook_timeout(Some(Duration::from_secs(5)));
     let (svc, probe) = service_with(
         Script {
             pre_start: Act::Hang,
@@ -510,10 +506,7 @@ async fn hook_timeout_bounds_edge_hooks() {
 /// **Catches:** unbounded hooks when `hook_timeout` is `None`.
 #[tokio::test(start_paused = true)]
 async fn shutdown_deadline_bounds_edge_hooks_once_token_fired() {
-    let cfg = ServiceConfig {
-        shutdown_deadline: Duration::from_secs(2),
-        hook_timeout: None,
-    };
+    let cfg = ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(2));
     let (svc, probe) = service_with(
         Script {
             run: RunAct::Return,
@@ -563,10 +556,7 @@ async fn shutdown_deadline_bounds_edge_hooks_once_token_fired() {
 /// tail after dropping it, or leaving tasks running.
 #[tokio::test(start_paused = true)]
 async fn run_is_bounded_by_the_deadline_once_token_fired() {
-    let cfg = ServiceConfig {
-        shutdown_deadline: Duration::from_secs(3),
-        hook_timeout: None,
-    };
+    let cfg = ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(3));
     let (svc, probe) = service_with(
         Script {
             run: RunAct::IgnoreShutdown,
@@ -747,24 +737,41 @@ async fn handle_outlives_the_service() {
     ));
 }
 
-/// **Proves:** if the future driving `start()` is dropped midway, waiters
-/// are released with `AlreadyStopped` and `is_running()` turns `false`.
+/// **Proves:** if the future driving `start()` is dropped midway, the
+/// service is still wound down (token fired with `UserRequested`, stop
+/// hooks run) and waiters get that real outcome; `is_running()` turns
+/// `false` once the wind-down is over. (`rust/tests/edges.rs` has the
+/// full version of this, with a ticker task, on both runtime flavours.)
 ///
 /// **Why it matters:** a `select!` or timeout around `start()` must not
-/// leave every `wait_for_exit` caller stuck forever.
+/// leave the service half-alive, nor every `wait_for_exit` caller stuck.
 ///
-/// **Catches:** a result slot only written on the normal return path.
+/// **Catches:** a lifecycle that lives inside the `start()` future (it
+/// died with it: no `on_stop`, no `post_stop`, `AlreadyStopped` for the
+/// waiters).
 #[tokio::test(start_paused = true)]
-async fn dropped_start_future_releases_waiters() {
-    let svc = Service::<_, (), ()>::new(TestNode::default(), (), ());
+async fn dropped_start_future_winds_the_service_down() {
+    let (svc, probe) = service(Script::default());
     let handle = svc.handle();
     let gave_up = tokio::time::timeout(Duration::from_secs(1), svc.start()).await;
     assert!(gave_up.is_err());
-    assert!(!handle.is_running());
+    let status = handle.wait_for_exit().await.expect("a graceful wind-down");
     assert!(matches!(
-        handle.wait_for_exit().await,
-        Err(ServiceError::AlreadyStopped)
+        status.reason,
+        ExitReason::RequestedShutdown(ShutdownReason::UserRequested)
     ));
+    assert!(!handle.is_running());
+    assert_eq!(
+        probe.hooks(),
+        strs(&[
+            "pre_start",
+            "on_start",
+            "run",
+            "run_exit",
+            "on_stop",
+            "post_stop"
+        ])
+    );
 }
 
 /// **Proves:** `start()`'s future is `Send`, so a service in an `Arc` can

@@ -217,10 +217,9 @@ async fn python_task_ignoring_the_token_is_cancelled_at_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_service_stops_cleanly_on_request() {
     example::init_python().expect("embedded Python");
-    let config = ServiceConfig {
-        shutdown_deadline: GENEROUS,
-        hook_timeout: Some(GENEROUS),
-    };
+    let config = ServiceConfig::new()
+        .with_shutdown_deadline(GENEROUS)
+        .with_hook_timeout(Some(GENEROUS));
     let svc = Arc::new(Service::with_config(
         MixedNode::new(options(false)),
         (),
@@ -269,10 +268,9 @@ async fn mixed_service_stops_cleanly_on_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_service_reports_python_straggler() {
     example::init_python().expect("embedded Python");
-    let config = ServiceConfig {
-        shutdown_deadline: SHORT,
-        hook_timeout: Some(GENEROUS),
-    };
+    let config = ServiceConfig::new()
+        .with_shutdown_deadline(SHORT)
+        .with_hook_timeout(Some(GENEROUS));
     let svc = Arc::new(Service::with_config(
         MixedNode::new(options(true)),
         (),

@@ -662,10 +662,7 @@ fn run_scenario(sc: &Scenario) -> Result<(), TestCaseError> {
         node,
         (),
         (),
-        ServiceConfig {
-            shutdown_deadline: DEADLINE,
-            hook_timeout: None,
-        },
+        ServiceConfig::new().with_shutdown_deadline(DEADLINE),
     ));
     let (res, events) = capture_events(|| {
         runtime().block_on(async {

@@ -177,10 +177,7 @@ async fn service_reports_stuck_tasks_and_still_cleans_up() {
         node,
         (),
         (),
-        ServiceConfig {
-            shutdown_deadline: Duration::from_secs(4),
-            hook_timeout: None,
-        },
+        ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(4)),
     );
     let mut fired = Instant::now();
     let (res, ()) = tokio::join!(svc.start(), async {

@@ -20,7 +20,20 @@
 //! - **Closed after join.** Once `join_all` has returned, the registry is
 //!   closed and `spawn` fails with [`ServiceError::AlreadyStopped`].
 //! - **Nothing lost silently.** A task's error or panic is logged (target
-//!   `dig_service::tasks`) and counted in [`TaskStats`].
+//!   `dig_service::tasks`) and counted in [`TaskStats`]. A panic while the
+//!   task's future is being dropped (when it ends, or when it is aborted)
+//!   is a panic too: the task still leaves the registry, counted failed.
+//! - **Counted once.** A task named as a straggler by a deadline is counted
+//!   `aborted`, however it ends afterwards (one that blocks its worker
+//!   thread cannot be stopped and may still run to completion).
+//! - **Never a panic.** [`TaskRegistry::spawn`] outside a tokio runtime
+//!   returns [`ServiceError::NoRuntime`]; a spawn on a runtime that has
+//!   shut down (the task could never run) returns
+//!   [`ServiceError::RuntimeShutDown`]. Neither leaves anything behind.
+//! - **Critical tasks.** [`TaskRegistry::spawn_critical`] is the Rust
+//!   `critical=True`: a task that fails or panics, or returns while the
+//!   token has not fired, cancels the token with
+//!   [`ShutdownReason::Fatal`](crate::ShutdownReason::Fatal).
 //!
 //! # Two kinds of task
 //!
@@ -31,11 +44,13 @@
 //! stops them through the [`ForeignTask`] they were registered with.
 
 mod name;
-mod slab;
+pub(crate) mod slab;
 mod stamp;
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -48,7 +63,7 @@ use tokio::runtime::Handle;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Result, ServiceError};
-use crate::shutdown::ShutdownToken;
+use crate::shutdown::{ShutdownReason, ShutdownToken};
 pub use name::TaskName;
 use slab::{Key, Slab};
 use stamp::{Epoch, Stamp};
@@ -229,6 +244,9 @@ enum Control {
     /// `close_and_stop_all` can wake it to be stopped; a task that never
     /// waited sees the stop flag on its first poll.
     Native(Option<Waker>),
+    /// A native task that `close_and_stop_all` named as a straggler (and
+    /// woke, if it had waited): counted `Aborted` however it ends.
+    Straggler,
     Foreign(Arc<dyn ForeignTask>),
 }
 
@@ -243,7 +261,7 @@ struct Entry {
 impl Entry {
     fn origin(&self) -> TaskOrigin {
         match self.control {
-            Control::Native(_) => TaskOrigin::Native,
+            Control::Native(_) | Control::Straggler => TaskOrigin::Native,
             Control::Foreign(_) => TaskOrigin::Python,
         }
     }
@@ -284,7 +302,10 @@ struct State {
     /// The latest `spawned_at` given out.
     last_stamp: Stamp,
     closed: bool,
-    idle_wakers: Vec<IdleWaker>,
+    /// A slab, so that a `join_all` future dropped midway removes its
+    /// wake-up (see `IdleWait`) instead of leaving it until the registry
+    /// empties.
+    idle_wakers: Slab<IdleWaker>,
     spawned: u64,
     /// Outcomes of the tasks whose entries have left `entries`.
     ended: Outcomes,
@@ -300,7 +321,7 @@ impl State {
             entries: Slab::default(),
             last_stamp: Stamp::now(),
             closed: false,
-            idle_wakers: Vec::new(),
+            idle_wakers: Slab::default(),
             spawned: 0,
             ended: Outcomes::default(),
             reaping: Vec::new(),
@@ -371,8 +392,9 @@ struct Inner {
     /// (so `try_close` under the lock sees every spawn), decremented
     /// without it when a task ends.
     live: AtomicU64,
-    /// Set (under the state lock) by `close_and_stop_all`: every native task
-    /// still running stops at its next poll.
+    /// Set (under the state lock, before its reap) by `close_and_stop_all`:
+    /// every native task still running stops at its next poll, and a task
+    /// that ends from then on leaves through `finish_stopping`.
     stopping: AtomicBool,
     shutdown: ShutdownToken,
     /// Per-thread buffers of ended native tasks (`ended_shard`).
@@ -449,15 +471,22 @@ impl Inner {
 
     /// One task fewer: if that was the last, wake the joiners (under the
     /// lock the live count is exact: spawns increment it under the lock).
+    #[inline]
     fn one_fewer(&self) {
-        if self.live.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.now_idle();
         }
+    }
+
+    /// The live count has just dropped to zero: reap, and wake the joiners
+    /// if no spawn came in meanwhile.
+    #[cold]
+    fn now_idle(&self) {
         let (wakers, idle) = {
             let mut st = self.state.lock();
             let wakers = self.reap(&mut st);
             let idle = if self.live.load(Ordering::Acquire) == 0 {
-                std::mem::take(&mut st.idle_wakers)
+                st.idle_wakers.drain()
             } else {
                 Vec::new()
             };
@@ -494,9 +523,22 @@ impl Inner {
         };
         let backlog = {
             let mut ended = self.ended[ended_shard(self.ended.len())].0.lock();
-            ended.slots.push(slot);
-            ended.outcomes.count(outcome);
-            ended.slots.len()
+            // Ordering: `close_and_stop_all` sets `stopping` (under the state
+            // lock) before its reap, which takes this lock. Read false here,
+            // this section comes before that reap takes this buffer: the slot
+            // noted now is reaped before the stragglers are named, so this
+            // task is not one. Read true, the task goes to `finish_stopping`,
+            // which waits for the state lock, so for the naming to be over.
+            if self.stopping.load(Ordering::Relaxed) {
+                None
+            } else {
+                ended.slots.push(slot);
+                ended.outcomes.count(outcome);
+                Some(ended.slots.len())
+            }
+        };
+        let Some(backlog) = backlog else {
+            return self.finish_stopping(slot, outcome);
         };
         if backlog >= REAP_AT_THREAD {
             if let Some(mut st) = self.state.try_lock() {
@@ -509,19 +551,110 @@ impl Inner {
         name
     }
 
+    /// The end of a native task once the registry is stopping: its entry
+    /// leaves at once, and a task named as a straggler counts as aborted
+    /// whatever `outcome` it ended with, so that the stats agree with the
+    /// deadline's report. Hands back its name if it failed, for the log.
+    #[cold]
+    fn finish_stopping(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
+        let entry = {
+            let mut st = self.state.lock();
+            let entry = st.entries.remove_at(slot);
+            let counted = match entry {
+                Some(Entry {
+                    control: Control::Straggler,
+                    ..
+                }) => TaskOutcome::Aborted,
+                _ => outcome,
+            };
+            st.ended.count(counted);
+            entry
+        };
+        let name = match (&entry, outcome) {
+            (Some(e), TaskOutcome::Failed) => Some(e.name.clone()),
+            _ => None,
+        };
+        // Its waker, if any, is dropped outside the lock.
+        drop(entry);
+        self.one_fewer();
+        name
+    }
+
+    /// Take back the counts of a task that a shut-down runtime dropped
+    /// inside `spawn` (see `TaskRegistry::spawn_with`): `spawn` refuses it,
+    /// so it was never accepted, but `insert_entry` counted it spawned and
+    /// its drop, on this thread, counted it aborted.
+    #[cold]
+    fn uncount_refused(&self) {
+        let mut st = self.state.lock();
+        st.spawned -= 1;
+        // The drop noted the abort in this thread's buffer; a reap since
+        // (the task that empties the registry reaps) moved it to `ended`.
+        // Both move only under the state lock, held here.
+        let mut mine = self.ended[ended_shard(self.ended.len())].0.lock();
+        if mine.outcomes.aborted > 0 {
+            mine.outcomes.aborted -= 1;
+        } else {
+            st.ended.aborted -= 1;
+        }
+    }
+
     /// Store the waker of the native task in `slot`, which has just waited
     /// for the first time; wake it at once if a stop came first.
     fn park_native(&self, slot: u32, waker: &Waker) {
         let stop = {
             let mut st = self.state.lock();
-            if let Some(entry) = st.entries.get_mut_at(slot) {
-                entry.control = Control::Native(Some(waker.clone()));
+            // A straggler (named before its first wait) keeps its mark: it
+            // is woken below, to stop.
+            if let Some(Entry {
+                control: Control::Native(w),
+                ..
+            }) = st.entries.get_mut_at(slot)
+            {
+                *w = Some(waker.clone());
             }
             self.stopping.load(Ordering::Relaxed)
         };
         if stop {
             waker.wake_by_ref();
         }
+    }
+
+    /// Close the registry and return `None` if no task is live; otherwise
+    /// store `wake`, to run once the live count next drops to zero, and
+    /// return its key (for [`IdleWait`]).
+    fn close_or_wait(&self, wake: IdleWaker) -> Option<Key> {
+        let mut st = self.state.lock();
+        if self.live.load(Ordering::Acquire) == 0 {
+            st.closed = true;
+            let reaped = self.reap(&mut st);
+            drop(st);
+            drop(reaped);
+            None
+        } else {
+            let key = st
+                .idle_wakers
+                .insert(wake)
+                .expect("more than 2^32 - 1 join_all waiters");
+            Some(key)
+        }
+    }
+}
+
+/// Removes a `join_all` wake-up when the waiting future is dropped, so that
+/// abandoned joins (a `select!`, a `timeout`) leave nothing behind. A key
+/// whose wake-up already ran names nothing (the slab moved on a
+/// generation), so the removal is then a no-op.
+struct IdleWait<'a> {
+    inner: &'a Inner,
+    key: Key,
+}
+
+impl Drop for IdleWait<'_> {
+    fn drop(&mut self) {
+        let wake = self.inner.state.lock().idle_wakers.remove(self.key);
+        // Dropped outside the lock.
+        drop(wake);
     }
 }
 
@@ -553,20 +686,37 @@ impl TaskRegistry {
 
     /// Spawn a tracked tokio task on the current runtime.
     ///
-    /// # Panics
-    /// Outside a tokio runtime, like `tokio::spawn`; use
-    /// [`spawn_on`](Self::spawn_on) to name a runtime.
+    /// The task's error or panic is logged and counted; its entry leaves the
+    /// registry as soon as it ends, however it ends.
+    ///
+    /// # Errors
+    /// [`ServiceError::AlreadyStopped`] once `join_all` has closed the
+    /// registry; [`ServiceError::NoRuntime`] outside a tokio runtime (use
+    /// [`spawn_on`](Self::spawn_on) to name one);
+    /// [`ServiceError::RuntimeShutDown`] when the runtime has shut down, so
+    /// the task could never run. The future is dropped unpolled in each
+    /// case, and nothing is counted.
     pub fn spawn<F>(&self, name: impl Into<TaskName>, kind: TaskKind, fut: F) -> Result<TaskHandle>
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.spawn_with(CurrentRuntime, name.into(), kind, fut)
+        // Inside a task, `tokio::spawn` finds the runtime without cloning a
+        // handle; anywhere else (`block_on`'s own future, a thread that
+        // entered a runtime, no runtime at all) look one up.
+        if tokio::task::try_id().is_some() {
+            self.spawn_with(CurrentRuntime, name.into(), kind, fut)
+        } else {
+            match Handle::try_current() {
+                Ok(rt) => self.spawn_with(&rt, name.into(), kind, fut),
+                Err(_) => Err(ServiceError::NoRuntime("TaskRegistry::spawn")),
+            }
+        }
     }
 
     /// Spawn a tracked tokio task on the runtime behind `rt`.
     ///
-    /// The task's error or panic is logged and counted; its entry leaves the
-    /// registry as soon as it ends, however it ends.
+    /// As [`spawn`](Self::spawn); [`ServiceError::RuntimeShutDown`] when
+    /// that runtime has shut down.
     pub fn spawn_on<F>(
         &self,
         rt: &Handle,
@@ -578,6 +728,59 @@ impl TaskRegistry {
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         self.spawn_with(rt, name.into(), kind, fut)
+    }
+
+    /// Spawn a *critical* tracked task on the current runtime: the Rust
+    /// form of Python's `spawn(..., critical=True)`, with the same rules.
+    ///
+    /// If the task fails (returns `Err`) or panics, at any time, the token
+    /// is cancelled with `ShutdownReason::Fatal("critical task 'NAME'
+    /// failed: ERROR")` (`... panicked: MESSAGE`); if it returns `Ok(())`
+    /// while the token has not fired, with `Fatal("critical task 'NAME'
+    /// returned while the service was running")`. Its end is otherwise
+    /// logged, counted and reported by its handle like any task's. An abort
+    /// (by its handle or at the deadline) is not a failure. First reason
+    /// wins: once the token has fired (a shutdown is under way), a critical
+    /// failure no longer changes the reason, and shows in
+    /// [`TaskStats::failed`] and the log only.
+    ///
+    /// Errors as for [`spawn`](Self::spawn).
+    pub fn spawn_critical<F>(
+        &self,
+        name: impl Into<TaskName>,
+        kind: TaskKind,
+        fut: F,
+    ) -> Result<TaskHandle>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let name = name.into();
+        let fut = self.critical(name.clone(), fut);
+        self.spawn(name, kind, fut)
+    }
+
+    /// [`spawn_critical`](Self::spawn_critical) on the runtime behind `rt`.
+    pub fn spawn_critical_on<F>(
+        &self,
+        rt: &Handle,
+        name: impl Into<TaskName>,
+        kind: TaskKind,
+        fut: F,
+    ) -> Result<TaskHandle>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let name = name.into();
+        let fut = self.critical(name.clone(), fut);
+        self.spawn_with(rt, name, kind, fut)
+    }
+
+    fn critical<F>(&self, name: TaskName, fut: F) -> Critical<F> {
+        Critical {
+            fut,
+            token: self.inner.shutdown.clone(),
+            name,
+        }
     }
 
     fn spawn_with<F>(
@@ -597,14 +800,25 @@ impl TaskRegistry {
             control: Control::Native(None),
         };
         let k = self.insert_entry(entry)?;
-        // No registry lock may be held here: on a runtime that is shutting
+        // No registry lock may be held here: on a runtime that has shut
         // down, tokio drops the task inline, and its drop takes the lock.
-        let join = rt.spawn(Watched {
-            fut: Some(fut),
-            inner: self.inner.clone(),
-            slot: slab::index_of(k),
-            parked: false,
-        });
+        let join = {
+            let _spawning = Spawning::enter(&self.inner);
+            rt.spawn(Watched {
+                fut: Some(fut),
+                inner: self.inner.clone(),
+                slot: slab::index_of(k),
+                parked: false,
+            })
+        };
+        // Finished already: it ran on another worker, or the runtime has
+        // shut down and dropped it unpolled, right here (then its drop said
+        // so). Refuse the latter: it never ran and never will.
+        if join.is_finished() && REFUSED.with(|r| r.replace(false)) {
+            drop(join);
+            self.inner.uncount_refused();
+            return Err(ServiceError::RuntimeShutDown);
+        }
         Ok(TaskHandle { name, kind, join })
     }
 
@@ -660,17 +874,41 @@ impl TaskRegistry {
     /// Wait for every tracked task, including those spawned meanwhile, for
     /// at most `deadline`; then abort or cancel the stragglers.
     ///
-    /// Either way the registry is closed afterwards.
+    /// Either way the registry is closed afterwards. Dropping the future
+    /// before it finishes leaves the registry open and nothing behind.
+    ///
+    /// # Errors
+    /// [`ServiceError::ShutdownDeadlineExceeded`] naming the stragglers;
+    /// [`ServiceError::NoRuntime`] when it has to wait while polled outside
+    /// a tokio runtime (the registry is then left open).
+    ///
+    /// # Panics
+    /// When it has to wait, with a deadline, on a tokio runtime built
+    /// without the time driver (`Builder::enable_time`), as
+    /// `tokio::time::sleep` does: tokio offers no way to tell beforehand.
+    /// With no live task, or with `Duration::MAX`, it needs no timer.
     pub async fn join_all(&self, deadline: Duration) -> Result<()> {
         // A deadline too large to add to `now` (say `Duration::MAX`) means
         // "no deadline", not a panic.
         let until = tokio::time::Instant::now().checked_add(deadline);
+        let mut in_runtime = false;
         loop {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            if self.try_close(move || {
+            let Some(key) = self.inner.close_or_wait(Box::new(move || {
                 let _ = tx.send(());
-            }) {
+            })) else {
                 return Ok(());
+            };
+            // Removes the wake-up if this future is dropped while waiting.
+            let _wait = IdleWait {
+                inner: &self.inner,
+                key,
+            };
+            if !in_runtime {
+                if Handle::try_current().is_err() {
+                    return Err(ServiceError::NoRuntime("TaskRegistry::join_all"));
+                }
+                in_runtime = true;
             }
             let timed_out = match until {
                 Some(until) => tokio::time::timeout_at(until, rx).await.is_err(),
@@ -687,7 +925,7 @@ impl TaskRegistry {
                 tracing::warn!(
                     target: "dig_service::tasks",
                     pending = stragglers.names.len(),
-                    names = ?stragglers.names,
+                    names = %crate::error::names_preview(&stragglers.names),
                     "shutdown deadline exceeded; stopping stragglers"
                 );
                 return Err(ServiceError::ShutdownDeadlineExceeded {
@@ -704,22 +942,13 @@ impl TaskRegistry {
     /// and return `false`.
     ///
     /// This is the building block of `join_all`; foreign event loops use
-    /// it to wait without a tokio round trip.
+    /// it to wait without a tokio round trip. The wake-up stays registered
+    /// until the registry empties.
     pub fn try_close<F>(&self, wake: F) -> bool
     where
         F: FnOnce() + Send + 'static,
     {
-        let mut st = self.inner.state.lock();
-        if self.inner.live.load(Ordering::Acquire) == 0 {
-            st.closed = true;
-            let reaped = self.inner.reap(&mut st);
-            drop(st);
-            drop(reaped);
-            true
-        } else {
-            st.idle_wakers.push(Box::new(wake));
-            false
-        }
+        self.inner.close_or_wait(Box::new(wake)).is_none()
     }
 
     /// Close the registry, abort every native task and cancel every foreign
@@ -730,14 +959,21 @@ impl TaskRegistry {
         let mut foreign = Vec::new();
         let reaped = {
             let mut st = self.inner.state.lock();
-            let reaped = self.inner.reap(&mut st);
             st.closed = true;
             // Under the lock, so that a task parking its waker after this
-            // section sees the flag and wakes itself.
+            // section sees the flag and wakes itself; and before the reap,
+            // so that a task ending from now on is either reaped here (and
+            // not named) or leaves by `finish_stopping` (see `finish_native`).
             self.inner.stopping.store(true, Ordering::Relaxed);
-            for e in st.entries.iter() {
-                match &e.control {
-                    Control::Native(waker) => natives.extend(waker.clone()),
+            let reaped = self.inner.reap(&mut st);
+            for e in st.entries.iter_mut() {
+                match &mut e.control {
+                    // Marked, so that it counts as aborted however it ends.
+                    c @ (Control::Native(_) | Control::Straggler) => {
+                        if let Control::Native(waker) = std::mem::replace(c, Control::Straggler) {
+                            natives.extend(waker);
+                        }
+                    }
                     Control::Foreign(f) => {
                         foreign.push((e.spawned_at, e.name.to_string(), f.clone()));
                         continue;
@@ -848,7 +1084,8 @@ pin_project! {
     /// A native task as spawned: the user's future, which stops at its next
     /// poll once the registry is stopping, and the slot of its entry, which
     /// it removes when it ends, however it ends (tokio drops the task's
-    /// future when it is aborted, and while unwinding from a panic).
+    /// future when it is aborted, and while unwinding from a panic), even
+    /// when dropping the user's future panics (see [`EndGuard`]).
     ///
     /// Kept to two words beside the future: tokio rounds a task's cell up
     /// to 128 bytes, and a trivial task through `TaskTracker` fills exactly
@@ -861,6 +1098,7 @@ pin_project! {
         inner: Arc<Inner>,
         // Only this task removes its entry, so the slot index alone names it.
         slot: u32,
+        // Set the first time the future returns `Pending`.
         parked: bool,
     }
 
@@ -868,18 +1106,73 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
             if this.fut.is_some() {
-                let panicked = std::thread::panicking();
-                this.fut.set(None);
-                let outcome = if panicked {
-                    TaskOutcome::Failed
-                } else {
-                    TaskOutcome::Aborted
+                // Ends the task when it drops: after the future, or while
+                // unwinding from the future's own `Drop`.
+                let _end = EndGuard {
+                    inner: this.inner,
+                    slot: *this.slot,
+                    polled: *this.parked,
                 };
-                if let Some(name) = this.inner.finish_native(*this.slot, outcome) {
-                    tracing::error!(target: "dig_service::tasks", task = %name, "task panicked");
-                }
+                this.fut.set(None);
             }
         }
+    }
+}
+
+/// Ends a native task whose future is being dropped before it returned: an
+/// abort, the stop at a deadline, a shut-down runtime, a panic in `poll`
+/// (tokio drops the future while unwinding), or (`polled`) a panic in the
+/// future's `Drop` after it returned. Counted `Failed` when unwinding,
+/// else `Aborted`: either way the task leaves the registry, so a `Drop`
+/// that panics cannot leave a phantom live task behind.
+struct EndGuard<'a> {
+    inner: &'a Inner,
+    slot: u32,
+    polled: bool,
+}
+
+impl Drop for EndGuard<'_> {
+    fn drop(&mut self) {
+        let outcome = if std::thread::panicking() {
+            TaskOutcome::Failed
+        } else {
+            if !self.polled && SPAWNING.with(Cell::get) == std::ptr::from_ref(self.inner) {
+                // Dropped unpolled inside its own `spawn`: the runtime has
+                // shut down (tokio shuts a task down inline then).
+                REFUSED.with(|r| r.set(true));
+            }
+            TaskOutcome::Aborted
+        };
+        if let Some(name) = self.inner.finish_native(self.slot, outcome) {
+            tracing::error!(target: "dig_service::tasks", task = %name, "task panicked");
+        }
+    }
+}
+
+thread_local! {
+    /// The registry whose `spawn_with` is handing a task to tokio on this
+    /// thread, or null.
+    static SPAWNING: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
+    /// Set by a task of that registry dropped unpolled inside `spawn_with`,
+    /// read (and cleared) by `spawn_with` right after.
+    static REFUSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as spawning into a registry, for [`EndGuard`]; restores
+/// the previous mark when dropped (a task's drop may spawn, too).
+struct Spawning(*const Inner);
+
+impl Spawning {
+    #[inline]
+    fn enter(inner: &Arc<Inner>) -> Self {
+        Self(SPAWNING.with(|s| s.replace(Arc::as_ptr(inner))))
+    }
+}
+
+impl Drop for Spawning {
+    #[inline]
+    fn drop(&mut self) {
+        SPAWNING.with(|s| s.set(self.0));
     }
 }
 
@@ -907,7 +1200,17 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
                 return Poll::Pending;
             }
         };
-        this.fut.set(None);
+        {
+            // Only if the future's `Drop` panics (then `fut` is `None`
+            // all the same, and the guard ends the task as failed).
+            let end = EndGuard {
+                inner: this.inner,
+                slot: *this.slot,
+                polled: true,
+            };
+            this.fut.set(None);
+            std::mem::forget(end);
+        }
         match res {
             Ok(()) => {
                 this.inner.finish_native(*this.slot, TaskOutcome::Completed);
@@ -918,6 +1221,57 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
                     tracing::error!(target: "dig_service::tasks", task = %name, error = ?e, "task failed");
                 }
                 Poll::Ready(Exit::Failed(Arc::new(e)))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A critical task's future (see [`TaskRegistry::spawn_critical`]): the
+    /// user's future, and the token it cancels when it fails, panics or
+    /// returns early.
+    struct Critical<F> {
+        #[pin]
+        fut: F,
+        token: ShutdownToken,
+        name: TaskName,
+    }
+}
+
+impl<F: Future<Output = anyhow::Result<()>>> Future for Critical<F> {
+    type Output = anyhow::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let fut = this.fut;
+        // A panicking future is never polled again (it is dropped), so it
+        // cannot be seen in a broken state.
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx)));
+        let name = &*this.name;
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(()))) => {
+                if !this.token.is_cancelled() {
+                    let msg =
+                        format!("critical task '{name}' returned while the service was running");
+                    tracing::warn!(target: "dig_service::tasks", task = %name, "{msg}");
+                    this.token.cancel(ShutdownReason::Fatal(msg));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Ok(Poll::Ready(Err(e))) => {
+                let msg = format!("critical task '{name}' failed: {e:#}");
+                this.token.cancel(ShutdownReason::Fatal(msg));
+                Poll::Ready(Err(e))
+            }
+            Err(payload) => {
+                let msg = format!(
+                    "critical task '{name}' panicked: {}",
+                    panic_message(&*payload)
+                );
+                this.token.cancel(ShutdownReason::Fatal(msg));
+                // Counted, logged and reported as the panic it is.
+                std::panic::resume_unwind(payload)
             }
         }
     }
@@ -967,6 +1321,10 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+    use std::time::Duration;
+
     use super::{TaskKind, TaskRegistry, REAP_AT, REAP_AT_THREAD};
     use crate::ShutdownToken;
 
@@ -1005,6 +1363,59 @@ mod tests {
         // tasks wait, so the ending threads' larger backlog never adds slots.
         let bound = 1_000 + REAP_AT + 2 * 128;
         assert!(capacity <= bound, "{capacity} slots for 1k live tasks");
+    }
+
+    /// The `join_all` wake-ups waiting in `r`.
+    fn idle_waiters(r: &TaskRegistry) -> usize {
+        r.inner.state.lock().idle_wakers.len()
+    }
+
+    async fn abandoned_joins_leave_no_wake_up() {
+        // Proves a `join_all` future dropped while it waits (a `timeout`, a
+        // `select!`) removes its wake-up, so abandoned joins cost nothing
+        // while a task stays live, and that a join left to finish still
+        // wakes. Catches wake-ups kept until the registry empties (1M
+        // abandoned joins held 125 MB).
+        let r = TaskRegistry::new(ShutdownToken::new());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        r.spawn("live", TaskKind::BackgroundLoop, async move {
+            let _ = rx.await;
+            Ok(())
+        })
+        .unwrap();
+        for _ in 0..10_000 {
+            // Polled once, then given up on (as by a `select!`).
+            let mut join = std::pin::pin!(r.join_all(Duration::from_secs(3600)));
+            let polled = std::future::poll_fn(|cx| Poll::Ready(join.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "the task is still live");
+        }
+        assert_eq!(idle_waiters(&r), 0, "abandoned joins left their wake-ups");
+        assert!(!r.is_closed());
+        let join = tokio::spawn({
+            let r = r.clone();
+            async move { r.join_all(Duration::from_secs(3600)).await }
+        });
+        while idle_waiters(&r) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), join)
+            .await
+            .expect("the join woke")
+            .unwrap()
+            .unwrap();
+        assert_eq!(idle_waiters(&r), 0);
+        assert!(r.is_closed());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn abandoned_joins_leave_no_wake_up_current_thread() {
+        abandoned_joins_leave_no_wake_up().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_joins_leave_no_wake_up_multi_thread() {
+        abandoned_joins_leave_no_wake_up().await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,13 @@
 //! free list, so inserting and removing touch one slot and the list head.
 //! The slab keeps as many slots as were ever occupied at once (rounded up
 //! to a page); it never shrinks.
+//!
+//! Used for a registry's live entries and its idle waiters, and for a
+//! shutdown token's callbacks: whatever a guard must be able to remove
+//! again, in O(1), without a stale key ever removing a newer value.
 
 /// A slab key: the slot index in the low 32 bits, its generation above.
-pub(super) type Key = u64;
+pub(crate) type Key = u64;
 
 const PAGE_BITS: u32 = 7;
 const PAGE: usize = 1 << PAGE_BITS;
@@ -20,7 +24,7 @@ enum Slot<T> {
     Occupied { generation: u32, value: T },
 }
 
-pub(super) struct Slab<T> {
+pub(crate) struct Slab<T> {
     pages: Vec<Box<[Slot<T>]>>,
     free_head: u32,
     /// Occupied slots.
@@ -38,7 +42,7 @@ impl<T> Default for Slab<T> {
 }
 
 /// The slot index in `k`.
-pub(super) fn index_of(k: Key) -> u32 {
+pub(crate) fn index_of(k: Key) -> u32 {
     split(k).0
 }
 
@@ -57,18 +61,18 @@ impl<T> Slab<T> {
     }
 
     /// How many slots are occupied.
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// Whether every slot is occupied (the next insert adds a page).
-    pub(super) fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.free_head == NO_SLOT
     }
 
     /// Store `value`; `None` if the slab already holds `u32::MAX` slots.
     #[inline]
-    pub(super) fn insert(&mut self, value: T) -> Option<Key> {
+    pub(crate) fn insert(&mut self, value: T) -> Option<Key> {
         if self.free_head == NO_SLOT {
             self.add_page()?;
         }
@@ -105,7 +109,7 @@ impl<T> Slab<T> {
     }
 
     /// Take the value under `k` out, if `k` still names it.
-    pub(super) fn remove(&mut self, k: Key) -> Option<T> {
+    pub(crate) fn remove(&mut self, k: Key) -> Option<T> {
         let (index, generation) = split(k);
         match self.slot_mut(index)? {
             Slot::Occupied { generation: g, .. } if *g == generation => self.remove_at(index),
@@ -117,7 +121,7 @@ impl<T> Slab<T> {
     /// there. For an owner that alone removes its value, so that its slot
     /// cannot have been reused.
     #[inline]
-    pub(super) fn remove_at(&mut self, index: u32) -> Option<T> {
+    pub(crate) fn remove_at(&mut self, index: u32) -> Option<T> {
         let next_free = self.free_head;
         let slot = self.slot_mut(index)?;
         let generation = match slot {
@@ -138,7 +142,7 @@ impl<T> Slab<T> {
 
     /// The value under `k`, if `k` still names it.
     #[cfg(test)]
-    pub(super) fn get_mut(&mut self, k: Key) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, k: Key) -> Option<&mut T> {
         let (index, generation) = split(k);
         match self.slot_mut(index)? {
             Slot::Occupied {
@@ -151,7 +155,7 @@ impl<T> Slab<T> {
 
     /// The value in slot `index`, whichever insertion put it there (see
     /// [`remove_at`](Self::remove_at)).
-    pub(super) fn get_mut_at(&mut self, index: u32) -> Option<&mut T> {
+    pub(crate) fn get_mut_at(&mut self, index: u32) -> Option<&mut T> {
         match self.slot_mut(index)? {
             Slot::Occupied { value, .. } => Some(value),
             Slot::Vacant { .. } => None,
@@ -160,13 +164,24 @@ impl<T> Slab<T> {
 
     /// How many slots the slab holds, occupied or not.
     #[cfg(test)]
-    pub(super) fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.pages.len() * PAGE
+    }
+
+    /// Every stored value, mutably, in slot order.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.pages
+            .iter_mut()
+            .flat_map(|p| p.iter_mut())
+            .filter_map(|s| match s {
+                Slot::Occupied { value, .. } => Some(value),
+                Slot::Vacant { .. } => None,
+            })
     }
 
     /// Every stored value, in slot order (not insertion order: slots are
     /// reused).
-    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
         self.pages
             .iter()
             .flat_map(|p| p.iter())
@@ -174,6 +189,31 @@ impl<T> Slab<T> {
                 Slot::Occupied { value, .. } => Some(value),
                 Slot::Vacant { .. } => None,
             })
+    }
+}
+
+impl<T> Slab<T> {
+    /// Take every stored value out, in slot order. Each slot moves to its
+    /// next generation, so no key handed out before names anything after.
+    pub(crate) fn drain(&mut self) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.len);
+        if self.len == 0 {
+            return out;
+        }
+        for index in 0..self.capacity_slots() {
+            if let Some(value) = self.remove_at(index) {
+                out.push(value);
+                if self.len == 0 {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn capacity_slots(&self) -> u32 {
+        // `add_page` never lets the slot count exceed `u32::MAX`.
+        (self.pages.len() * PAGE) as u32
     }
 }
 
@@ -213,6 +253,32 @@ mod tests {
         assert_eq!(slab.pages.len(), 2);
         assert_eq!(slab.iter().count(), 0);
         assert_eq!(slab.len(), 0);
+    }
+
+    #[test]
+    fn drain_takes_everything_and_retires_every_key() {
+        // Proves `drain` empties the slab and that a key handed out before
+        // it never names a value stored after it (the slots move to their
+        // next generation): a guard dropped late must not remove a newer
+        // waiter or callback. Catches a drain that swaps in a fresh slab,
+        // whose generations restart at zero.
+        let mut slab = Slab::default();
+        let old: Vec<_> = (0..PAGE + 5).map(|i| slab.insert(i).unwrap()).collect();
+        assert!(slab.remove(old[3]).is_some());
+        let mut drained = slab.drain();
+        drained.sort_unstable();
+        assert_eq!(drained.len(), PAGE + 4);
+        assert!(!drained.contains(&3));
+        assert_eq!(slab.len(), 0);
+        let new: Vec<_> = (0..PAGE + 5)
+            .map(|i| slab.insert(100 + i).unwrap())
+            .collect();
+        for k in &old {
+            assert_eq!(slab.remove(*k), None, "a pre-drain key removed a new value");
+        }
+        assert_eq!(slab.len(), PAGE + 5);
+        assert!(new.iter().all(|k| slab.get_mut(*k).is_some()));
+        assert!(Slab::<u8>::default().drain().is_empty());
     }
 
     #[test]
