@@ -305,10 +305,11 @@ async fn play(row: &Row) -> Result<(), String> {
         "cancel_start" => true,
         other => panic!("unknown `via` {other:?}"),
     };
-    let config = ServiceConfig {
-        shutdown_deadline: Duration::from_secs_f64(row.config.shutdown_deadline.unwrap_or(5.0)),
-        hook_timeout: row.config.hook_timeout.map(Duration::from_secs_f64),
-    };
+    let config = ServiceConfig::new()
+        .with_shutdown_deadline(Duration::from_secs_f64(
+            row.config.shutdown_deadline.unwrap_or(5.0),
+        ))
+        .with_hook_timeout(row.config.hook_timeout.map(Duration::from_secs_f64));
     let node = ContractNode {
         spec: row.node.clone(),
         calls: watch::Sender::new(Vec::new()),
