@@ -1,6 +1,15 @@
 //! `TaskKind` and `ShutdownReason` as Python classes, and their conversions
-//! to and from the core enums. Both compare by value; `match` works on
-//! `ShutdownReason` variants.
+//! to and from the core enums.
+//!
+//! Guarantees:
+//! - **Values.** Both are immutable and compare and hash by value;
+//!   `match` works on `ShutdownReason` variants (`Fatal(message)`), and a
+//!   reason pickles (through `_restore_reason`).
+//! - **Lossless.** Every core variant has a Python one and back: a reason
+//!   given in Python is the reason Rust sees, and the other way round.
+//! - **Checked arguments.** `from_arg` refuses anything but an instance,
+//!   with a `TypeError` that names the function and the parameter: the one
+//!   `ShutdownReason` check of the bindings.
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;

@@ -11,9 +11,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 use tokio::sync::watch;
 
-use super::interop::{duration, seconds_arg, service_err, text_arg};
+use super::errors::service_err;
+use super::handle::PyTaskHandle;
+use super::interop::{duration, seconds_arg, text_arg};
 use super::kinds::PyTaskKind;
-use super::registry::{PyTaskHandle, PyTaskRegistry};
+use super::registry::PyTaskRegistry;
 use super::runtime;
 use crate::tasks::TaskKind;
 
