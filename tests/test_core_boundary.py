@@ -156,6 +156,31 @@ def test_shutdown_deadline_exceeded_keeps_its_fields_and_pickles() -> None:
     assert str(back) == str(err)
 
 
+def test_shutdown_reasons_pickle_through_the_cores_own_function() -> None:
+    """Proves: every ``ShutdownReason`` variant (and an ``ExitStatus`` carrying one)
+    pickles and comes back equal, through ``_core._restore_reason``, the very object
+    ``pickle`` finds by name.
+
+    Catches: a ``__reduce__`` that imports the package by name to find its restore
+    function, or hands out a function object ``pickle`` cannot find again.
+    """
+    from dig_service import ExitReason, ExitStatus, ShutdownReason
+
+    reasons = [
+        ShutdownReason.UserRequested(),
+        ShutdownReason.RpcRequested(),
+        ShutdownReason.ReloadRequested(),
+        ShutdownReason.RequestedByRun(),
+        ShutdownReason.Fatal("disk gone"),
+    ]
+    for reason in reasons:
+        restore, _ = reason.__reduce__()
+        assert restore is _core._restore_reason
+        assert pickle.loads(pickle.dumps(reason)) == reason
+    status = ExitStatus(ExitReason.RequestedShutdown(ShutdownReason.Fatal("x")))
+    assert pickle.loads(pickle.dumps(status)) == status
+
+
 async def test_tracebacks_through_the_glue_show_its_source_lines() -> None:
     """Proves: a traceback that passes through the glue compiled into ``_core`` (the
     ``cancelled()`` coroutine, ``join_all``) names its file and shows its lines.
