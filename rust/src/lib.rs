@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod error;
 mod exit;
 mod handle;
@@ -45,10 +46,11 @@ pub mod python;
 pub use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 
+pub use config::ServiceConfig;
 pub use error::{HookTimeout, Result, ServiceError, NAMES_SHOWN};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
-pub use service::{Service, ServiceConfig};
+pub use service::Service;
 pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
     ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
