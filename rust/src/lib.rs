@@ -36,6 +36,7 @@ mod service;
 mod shutdown;
 mod tasks;
 mod traits;
+mod wire;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -56,7 +57,5 @@ pub use tasks::{
     ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
     TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,
 };
-pub use traits::{
-    DisconnectReason, InboundMessage, JsonRpcError, NodeLifecycle, PeerApi, PeerId, PeerInfo,
-    RpcApi, RunContext, StartContext, StopContext,
-};
+pub use traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
+pub use wire::{DisconnectReason, InboundMessage, JsonRpcError, PeerId, PeerInfo};
