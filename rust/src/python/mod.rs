@@ -20,7 +20,9 @@
 //! | [`errors`] | the `ServiceError` family (`errors.py`) and core errors → Python |
 //! | [`aio`] | the asyncio glue coroutines and callbacks (`aio.py`) |
 //! | [`native`] | native tokio tasks spawned from Python |
-//! | [`runtime`] | the tokio runtime and the future → awaitable bridge |
+//! | [`runtime`] | the tokio runtime: lazy, fork-safe, shut down once at exit |
+//! | [`bridge`] | a Rust future as an asyncio awaitable |
+//! | [`release`] | Python references released attached, never deferred (fork-safe) |
 //! | [`pyfuture`] | a Python coroutine awaited from Rust, cancelled when Rust gives up |
 //! | [`logbridge`] | Rust `tracing` → Python `logging` |
 //! | [`fork`] | `os.fork()`: a child never hangs on its parent's locks |
@@ -28,6 +30,7 @@
 //! | [`interop`] | what they share: stdlib objects, argument checks, clocks |
 
 mod aio;
+mod bridge;
 mod errors;
 mod exit;
 mod foreign;
@@ -39,6 +42,7 @@ mod logbridge;
 mod native;
 mod pyfuture;
 mod registry;
+mod release;
 mod running_loop;
 mod runtime;
 mod spawn;
