@@ -147,10 +147,10 @@ fn reason_name(reason: &ShutdownReason) -> &'static str {
 
 fn error_name(err: &ServiceError) -> &'static str {
     match err {
-        ServiceError::PreStartFailed(_) => "PreStartFailed",
-        ServiceError::OnStartFailed(_) => "OnStartFailed",
-        ServiceError::RunFailed(_) => "RunFailed",
-        ServiceError::OnStopFailed(_) => "OnStopFailed",
+        ServiceError::PreStartFailed(..) => "PreStartFailed",
+        ServiceError::OnStartFailed(..) => "OnStartFailed",
+        ServiceError::RunFailed(..) => "RunFailed",
+        ServiceError::OnStopFailed(..) => "OnStopFailed",
         ServiceError::ShutdownDeadlineExceeded { .. } => "ShutdownDeadlineExceeded",
         ServiceError::AlreadyRunning => "AlreadyRunning",
         ServiceError::AlreadyStopped => "AlreadyStopped",
