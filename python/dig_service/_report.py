@@ -93,6 +93,15 @@ class StragglerReport:
             "stack": self.stack,
         }
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # ``TaskKind`` does not pickle: it travels as its variant's name.
+        return (_straggler, (self.name, _kind_name(self.kind), self.origin, self.age, self.stack))
+
+
+def _straggler(name: str, kind: str, origin: str, age: float, stack: str | None) -> StragglerReport:
+    """Unpickle a ``StragglerReport``."""
+    return StragglerReport(name, getattr(TaskKind, kind), origin, age, stack)
+
 
 @final
 @dataclass(frozen=True, slots=True)

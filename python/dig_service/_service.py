@@ -12,7 +12,14 @@ Design notes:
   it without propagating its own cancellation into it (``asyncio.wait``).
   That is what lets a cancelled ``start()`` still wind the service down —
   fire the token, join the tasks, run ``on_stop``/``post_stop`` — bounded by
-  the shutdown deadline, before ``CancelledError`` propagates.
+  the shutdown budget, before ``CancelledError`` propagates.
+- One budget: from the token firing, ``run`` and the join share
+  ``shutdown_deadline - stop_reserve``; ``on_stop`` and ``post_stop`` share
+  what is left, never less than ``stop_reserve``. The moment the token fired
+  is stamped by a future parked on it (``_watch_fire``); every limit is
+  counted from it. At the end of the join's share the stacks of the Python
+  stragglers are taken, then they are cancelled (``_join``), for the
+  ``ShutdownReport``.
 - Each hook runs in its own asyncio task, so that the lifecycle can stop
   waiting for a hook that outlives ``hook_timeout`` (or ``run`` that
   outlives the shutdown deadline) even when the hook swallows cancellation.
@@ -288,8 +295,11 @@ class Service(Generic[N, A, R]):
         """Run the lifecycle once and return how it ended.
 
         Order: ``pre_start → on_start → run``; then (once ``run`` returned or
-        the token fired) cancel the token → ``join_all(shutdown_deadline)`` →
-        ``on_stop`` → ``post_stop``.
+        the token fired) cancel the token → join the tasks → ``on_stop`` →
+        ``post_stop``. From the token firing, ``start()`` returns within
+        ``shutdown_deadline`` (plus scheduling slack): ``run`` and the join
+        share ``shutdown_deadline - stop_reserve``, the stop hooks get the
+        rest, never less than ``stop_reserve``.
 
         ==============================================  ==========================================
         situation                                       result
@@ -303,10 +313,15 @@ class Service(Generic[N, A, R]):
         ``run`` raises                                  ``RunFailed``; tasks joined, ``on_stop`` and
                                                         ``post_stop`` still run
         ``on_stop`` or ``post_stop`` raises             ``OnStopFailed``; the later hook still runs
-        tasks (or ``run``) outlive the deadline         stragglers cancelled/aborted;
-        after the token fired                           ``ShutdownDeadlineExceeded``
+        tasks (or ``run``) outlive their share of the   stragglers cancelled/aborted;
+        budget after the token fired                    ``ShutdownDeadlineExceeded``
         a hook outlives ``hook_timeout`` (or, once     that hook's failure, cause ``TimeoutError``
-        the token fired, ``shutdown_deadline``)
+        the token fired, its share of the budget)
+        shutdown requested before ``start()``           no hook runs; ``RequestedShutdown(reason)``
+        shutdown requested while ``pre_start`` runs     ``on_start``/``run`` skipped; tasks joined,
+        (and it returns)                                ``post_stop``; ``RequestedShutdown(reason)``
+        shutdown requested while ``on_start`` runs      ``run`` skipped; tasks joined, ``on_stop``,
+        (and it returns)                                ``post_stop``; ``RequestedShutdown(reason)``
         ``start`` called twice                          ``AlreadyRunning``
         the task awaiting ``start()`` is cancelled      token fired (``UserRequested``), tasks
         (or the lifecycle task itself, as               joined, ``on_stop``/``post_stop`` run, all
@@ -322,6 +337,8 @@ class Service(Generic[N, A, R]):
         run > on_stop > post_stop > join; the others are logged on the
         ``dig_service.service`` logger and added as notes to it. Every
         ``ServiceError`` chains the original exception as ``__cause__``.
+        Whenever a shutdown began, the status (``ExitStatus.report``) or the
+        error (``ServiceError.report``) carries its ``ShutdownReport``.
         After a failed ``pre_start``/``on_start`` the token is cancelled with
         ``ShutdownReason.Fatal(...)`` and the tasks spawned so far are joined.
 

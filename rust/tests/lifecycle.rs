@@ -714,3 +714,30 @@ async fn test_node_switches() {
     assert_eq!(t0.elapsed(), Duration::from_secs(90));
     assert!(matches!(status.reason, ExitReason::RunCompleted));
 }
+
+/// **Proves:** a `stop_reserve` larger than the `shutdown_deadline` is
+/// refused by `start()` before anything runs, with an error naming both
+/// knobs; the waiters get the same error, and no hook was entered.
+///
+/// **Catches:** a negative share for `run` and the join (every task cut at
+/// once) accepted silently, or an error that does not say which knob.
+#[tokio::test]
+async fn a_stop_reserve_above_the_deadline_is_refused_before_any_hook() {
+    let cfg = ServiceConfig::new()
+        .with_shutdown_deadline(Duration::from_secs(2))
+        .with_stop_reserve(Duration::from_secs(3));
+    let (svc, probe) = service_with(Script::default(), cfg);
+    let err = svc.start().await.unwrap_err();
+    assert!(matches!(err, ServiceError::InvalidConfig(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`stop_reserve`") && msg.contains("`shutdown_deadline`"),
+        "{msg}"
+    );
+    assert!(probe.hooks().is_empty(), "{:?}", probe.hooks());
+    assert!(matches!(
+        svc.wait_for_exit().await,
+        Err(ServiceError::InvalidConfig(_))
+    ));
+    assert!(err.report().is_none());
+}
