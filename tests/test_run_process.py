@@ -420,6 +420,7 @@ def test_help_documents_every_option_signal_and_exit_code(spawn: type[Proc]) -> 
         "--shutdown-deadline",
         "--hook-timeout",
         "--log-level",
+        "--log-format",
         "--uvloop",
         "SIGTERM",
         "SIGHUP",
@@ -505,6 +506,48 @@ def test_notify_socket_gets_ready_after_on_start_then_stopping(
     ready = next(i for i, m in enumerate(seen) if "READY=1" in m.split("\n"))
     stopping = next(i for i, m in enumerate(seen) if "STOPPING=1" in m.split("\n"))
     assert ready < stopping
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="systemd's notify protocol is Linux-only"
+)
+def test_notify_socket_gets_the_shutdown_stage_and_time_left_as_status(
+    spawn: type[Proc], tmp_path: Path
+) -> None:
+    """While shutting down, systemd gets ``STATUS=`` with the stage and the time left of
+    the budget: joining the stragglers first, then ``on_stop`` (``systemctl status``
+    shows where a slow stop is).
+
+    Catches: a STATUS that stays at "stopping: <reason>" for the whole shutdown, or one
+    that counts down a per-stage deadline instead of the one budget."""
+    address = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(address))
+    seen: list[str] = []
+    try:
+        proc = spawn(
+            "targets.nodes:SlowFlush",
+            "--shutdown-deadline",
+            "2",
+            env={"NOTIFY_SOCKET": str(address)},
+        )
+        _recv_until(sock, "READY=1", seen)
+        proc.send(signal.SIGTERM)
+        assert proc.finish() == 1, proc.output  # the stragglers
+        sock.settimeout(0.1)
+        while True:
+            try:
+                seen.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    finally:
+        sock.close()
+    joining = [m for m in seen if m.startswith("STATUS=stopping: joining ")]
+    assert joining, seen
+    assert re.fullmatch(r"STATUS=stopping: joining \d+ tasks?, (2\.0|1\.\d) s left", joining[0])
+    # The stop hooks' window: what is left of the 2 s budget after the 1.5 s join.
+    on_stop = [m for m in seen if m.startswith("STATUS=stopping: running on_stop, ")]
+    assert on_stop and re.fullmatch(r".*, 0\.[3-5] s left", on_stop[0]), seen
 
 
 # --------------------------------------------------------------------------- loops, logging
