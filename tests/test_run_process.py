@@ -630,7 +630,7 @@ def test_sigterm_with_stragglers_and_a_slow_on_stop_ends_inside_the_budget(
     rc = proc.finish()
     elapsed = time.monotonic() - sent
     assert rc == 1, proc.output  # ShutdownDeadlineExceeded: the stragglers
-    assert 1.5 <= elapsed < 2.0 + 1.5, f"{elapsed:.2f}s\n{proc.output}"
+    assert 1.5 <= elapsed < 2.0 + 1.0, f"{elapsed:.2f}s\n{proc.output}"
     assert proc.stdout[-3:] == ["on_stop flushing", "on_stop flushed", "post_stop ran"]
     err = "\n".join(proc.stderr)
     reports = [line for line in proc.stderr if "task(s) live when it began" in line]
