@@ -92,13 +92,16 @@ exit status:
 
 environment:
   NOTIFY_SOCKET   set by systemd (Type=notify): READY=1 is sent after on_start,
-                  STOPPING=1 when shutdown begins (Linux only; ignored elsewhere)
+                  STOPPING=1 when shutdown begins, then STATUS= with the stage
+                  and the time left (Linux only; ignored elsewhere)
   WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period
 
 logging:
   If the target has not configured logging (no handler on the root logger),
-  log records go to stderr at --log-level (default INFO). Nothing is written
-  to stdout by dig-service itself.
+  log records go to stderr at --log-level (default INFO); --log-format json
+  makes every record one JSON object a line. After a shutdown, its report
+  (each stage's time and outcome, every straggler with its stack) is logged
+  once on dig_service.run. Nothing is written to stdout by dig-service itself.
 
 examples:
   python -m dig_service run                              # the demo
@@ -173,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-deadline",
         type=_seconds,
         metavar="S",
-        help="seconds each shutdown stage (run returning, the task join, each of on_stop "
-        "and post_stop) may take once shutdown began; stragglers are then cancelled and "
-        "the exit status is 1 (default: 30, ServiceConfig's)",
+        help="the whole budget of a shutdown, in seconds, from the request until the "
+        "process exits: run and the task join share it minus the stop reserve "
+        "(min(5, S/4)), on_stop and post_stop get the rest; stragglers are then "
+        "cancelled and the exit status is 1 (default: 30, ServiceConfig's). Set the "
+        "supervisor's grace period to S plus a small margin",
     )
     run.add_argument(
         "--hook-timeout",
@@ -190,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="L",
         help="debug, info, warning, error or critical (default: info). Sets the root "
         "logger's level; a handler on stderr is added only if none is configured",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default) or json: every log record as one JSON object a line on "
+        'stderr, the shutdown report as structured data in its "report" field',
     )
     run.add_argument(
         "--uvloop",
@@ -386,7 +398,7 @@ def _build(
 # --------------------------------------------------------------------------- main
 
 
-def _configure_logging(level: str | None) -> None:
+def _configure_logging(level: str | None, log_format: str = "text") -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(
@@ -396,6 +408,12 @@ def _configure_logging(level: str | None) -> None:
         )
     elif level is not None:
         root.setLevel(level)
+    if log_format == "json":
+        from ._logjson import JsonFormatter
+
+        # Asked for explicitly: every handler of the root logger writes JSON lines.
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def _fail(message: str) -> int:
@@ -451,12 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 128 + 2
 
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
 
     from ._runner import run_service
 
     try:
-        outcome = run_service(service, loop_factory=loop_factory)
+        # JSON lines only: no status line redrawn in place on a terminal.
+        plain = args.log_format == "json"
+        outcome = run_service(service, loop_factory=loop_factory, plain_status=plain)
     except KeyboardInterrupt:  # before the handlers were installed
         return 128 + 2
     if outcome.forced:

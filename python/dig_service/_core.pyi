@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Self, final
 
 from typing_extensions import disjoint_base
 
+from dig_service._report import ShutdownReport
+
 __all__ = [
     "AlreadyRunning",
     "AlreadyStopped",
@@ -40,7 +42,14 @@ __version__: str
 # rust/src/python/errors.py), re-exported by dig_service._errors.
 
 class ServiceError(Exception):
-    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``."""
+    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``.
+
+    Attributes:
+        report: the ``ShutdownReport`` of the shutdown this error ended, set by
+            ``Service.start()`` whenever a shutdown began; ``None`` otherwise.
+    """
+
+    report: ShutdownReport | None
 
 class PreStartFailed(ServiceError):
     """``pre_start`` raised (or timed out); no later hook ran."""

@@ -13,11 +13,16 @@ What an operator gets (SPEC, "Running a service for real"):
   and ``call_soon_threadsafe``; reload and snapshot by signal are off.
 - **A shutdown one can watch.** From the moment the token fires until the
   service has stopped, the tasks still running and the time left of the
-  current stage's deadline are shown, and stragglers are named with their
-  stacks (see ``_display``).
+  current stage and of the whole budget (``shutdown_deadline``) are shown
+  (see ``_display``). At the end the service's ``ShutdownReport`` is logged
+  once, as one record on ``dig_service.run`` (the report as structured data
+  in the record's ``report`` attribute: ``--log-format json`` writes it as
+  JSON): each stage's duration and outcome, and every straggler with the
+  stack it was stuck in.
 - **systemd.** With ``$NOTIFY_SOCKET`` set: ``READY=1`` after ``on_start``,
-  ``STOPPING=1`` when the token fires, ``WATCHDOG=1`` every
-  ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
+  ``STOPPING=1`` when the token fires, then ``STATUS=`` with the stage and
+  the time left ("stopping: joining 12 tasks, 8.2 s left"), and
+  ``WATCHDOG=1`` every ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
 - **An exit code.** ``ExitStatus.exit_code`` (0 graceful, 1 otherwise); 1 for
   any ``ServiceError``; ``128 + n`` for a forced exit by signal ``n``.
 
@@ -39,6 +44,7 @@ from ._core import ShutdownReason
 from ._display import MAX_NAMES, ServiceView, ShutdownMonitor, describe_tasks
 from ._errors import ServiceError, ShutdownDeadlineExceeded
 from ._phase import STARTUP_PHASES, Phase
+from ._report import ShutdownReport
 from ._service import Service
 from ._systemd import Notifier, watchdog_interval
 
@@ -91,10 +97,11 @@ def run(
     Windows lacks, are not handled.
 
     While the service shuts down, the tasks still running and the time left
-    are shown on stderr (in place, on a terminal) or logged on
-    ``dig_service.run``; stragglers past the deadline are named, with their
-    stacks. With ``$NOTIFY_SOCKET`` set, systemd is told ``READY=1``,
-    ``STOPPING=1`` and, if it asks, ``WATCHDOG=1``.
+    of the budget are shown on stderr (in place, on a terminal) or logged on
+    ``dig_service.run``; at the end the ``ShutdownReport`` is logged once
+    (stragglers named, with their stacks). With ``$NOTIFY_SOCKET`` set,
+    systemd is told ``READY=1``, ``STOPPING=1``, the shutdown's progress as
+    ``STATUS=`` and, if it asks, ``WATCHDOG=1``.
 
     Returns:
         ``ExitStatus.exit_code`` (0 graceful, 1 not); 1 if ``start()``
@@ -125,6 +132,7 @@ def run_service(
     install_signal_handlers: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     status_stream: IO[str] | None = None,
+    plain_status: bool = False,
 ) -> Outcome:
     """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown)."""
     _check_service(service)
@@ -149,7 +157,8 @@ def run_service(
         )
 
     loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
-    runner = _Runner(service, loop, status_stream if status_stream is not None else sys.stderr)
+    stream = status_stream if status_stream is not None else sys.stderr
+    runner = _Runner(service, loop, stream, plain_status=plain_status)
     try:
         asyncio.set_event_loop(loop)
         if install_signal_handlers:
@@ -195,7 +204,12 @@ class _Runner:
     """One ``run``: the loop-side state (signals, systemd, the shutdown display)."""
 
     def __init__(
-        self, service: Service[Any, Any, Any], loop: asyncio.AbstractEventLoop, stream: IO[str]
+        self,
+        service: Service[Any, Any, Any],
+        loop: asyncio.AbstractEventLoop,
+        stream: IO[str],
+        *,
+        plain_status: bool = False,
     ) -> None:
         self.service = service
         self.loop = loop
@@ -210,6 +224,7 @@ class _Runner:
             token=self.token,
             registry=self.registry,
             deadline=self.deadline,
+            stop_reserve=service.config.stop_reserve,
             hook_timeout=service.config.hook_timeout,
             phase=self.phases.current,
         )
@@ -223,7 +238,9 @@ class _Runner:
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
         self._start: asyncio.Task[Any] | None = None
-        self.monitor = ShutdownMonitor(self.view, stream)
+        self.monitor = ShutdownMonitor(self.view, stream, on_status=self._send_status)
+        if plain_status:
+            self.monitor.tty = False  # progress as log records only (--log-format json)
 
     # ----------------------------------------------------------------- main
 
@@ -262,12 +279,31 @@ class _Runner:
         try:
             status = start.result()
         except ShutdownDeadlineExceeded as err:
-            self.monitor.report_stragglers(err)
+            # No cause to show: the report below names every straggler, with its stack.
+            logger.error("service %s failed: %s", self.label, err)
+            self._log_report(err.report, failed=True)
             return 1
         except ServiceError as err:
             logger.error("service %s failed: %s", self.label, err, exc_info=err)
+            self._log_report(err.report, failed=True)
             return 1
+        self._log_report(status.report, failed=not status.is_graceful())
         return status.exit_code
+
+    def _log_report(self, report: ShutdownReport | None, *, failed: bool) -> None:
+        """Log the shutdown's report once, as one record: readable text as the message,
+        the report as data in the record's ``report`` attribute (``--log-format json``)."""
+        if report is None:
+            return
+        troubled = failed or bool(report.stragglers)
+        troubled = troubled or any(p.outcome in ("failed", "timed_out") for p in report.phases)
+        logger.log(
+            logging.WARNING if troubled else logging.INFO,
+            "service %s: %s",
+            self.label,
+            report,
+            extra={"report": report.to_dict()},
+        )
 
     def finish_service(self) -> None:
         """After a ``KeyboardInterrupt``/``SystemExit`` stopped the loop (raised by a
@@ -446,7 +482,7 @@ class _Runner:
             )
             return
         logger.info(
-            "%s received: shutting down (deadline %gs); send %s again to exit at once",
+            "%s received: shutting down (within %gs); send %s again to exit at once",
             name,
             self.deadline,
             again,
@@ -460,7 +496,7 @@ class _Runner:
             return
         logger.info(
             "%s received: reload requested; shutting down so that the supervisor restarts "
-            "the service (deadline %gs)",
+            "the service (within %gs)",
             name,
             self.deadline,
         )
@@ -478,6 +514,11 @@ class _Runner:
             self._stopping_sent = True
             self._notifier.send("STOPPING=1", f"STATUS=stopping: {reason}")
         self.monitor.start()
+
+    def _send_status(self, text: str) -> None:
+        """The shutdown's progress, for systemd (``STATUS=``)."""
+        if self._notifier is not None:
+            self._notifier.send(f"STATUS={text}")
 
     async def _notify_ready(self) -> None:
         if not await self.phases.wait_started():
