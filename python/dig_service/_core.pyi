@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Self, final
 from typing_extensions import disjoint_base
 
 __all__ = [
+    "LoopWatchdog",
     "ShutdownReason",
     "ShutdownToken",
     "TaskHandle",
@@ -165,6 +166,36 @@ class TaskRegistry:
     def is_empty(self) -> bool: ...
     def is_closed(self) -> bool: ...
     def __len__(self) -> int: ...
+
+@final
+class LoopWatchdog:
+    """A native thread that warns when an event loop stops turning.
+
+    ``LoopWatchdog(stall_warning, thread_id, label, logger)`` starts the
+    thread (``thread_id`` is ``threading.get_ident()`` of the loop's thread);
+    the loop calls ``beat()`` every ``interval`` seconds; when no beat comes
+    for ``stall_warning`` seconds past its due time, one warning with the
+    loop thread's stack goes to ``logger`` (default ``dig_service.watchdog``),
+    then the stall's length when the loop turns again. ``stop()`` ends the
+    thread and waits for it (GIL released).
+    """
+
+    def __new__(
+        cls,
+        stall_warning: float | timedelta,
+        thread_id: int,
+        label: str,
+        logger: str | None = None,
+    ) -> Self: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def stall_warning(self) -> float: ...
+    @property
+    def stalls(self) -> int: ...
+    def beat(self) -> None: ...
+    def is_running(self) -> bool: ...
+    def stop(self) -> None: ...
 
 def spawn_native_sleeper(
     registry: TaskRegistry,

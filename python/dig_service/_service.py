@@ -60,6 +60,7 @@ from ._lifecycle import (
     StartContext,
     StopContext,
 )
+from ._watchdog import watch_running_loop
 
 __all__ = ["Service", "ServiceConfig", "ServiceHandle"]
 
@@ -109,22 +110,29 @@ class ServiceConfig:
             (``pre_start``, ``on_start``, ``on_stop``, ``post_stop``) may take;
             a hook that outlives it is cancelled and counts as failed, with a
             ``TimeoutError`` as cause. ``None`` (the default): no limit.
+        stall_warning: seconds (or a ``timedelta``) the event loop may go
+            without turning while ``start()`` runs before a native watchdog
+            thread logs a warning on ``dig_service.watchdog`` with the loop
+            thread's Python stack (once per stall, then the stall's length
+            when it ends). At least 0.01. ``None`` (the default): no watchdog.
 
     Raises:
         TypeError: a field is not a number, a ``timedelta`` (or ``None`` for
-            ``hook_timeout``); the message names the field.
-        ValueError: a field is negative, NaN or infinite, or ``hook_timeout``
-            is zero; the message names the field.
+            ``hook_timeout`` and ``stall_warning``); the message names the field.
+        ValueError: a field is negative, NaN or infinite, ``hook_timeout``
+            is zero or ``stall_warning`` below 0.01; the message names the field.
     """
 
-    __slots__ = ("hook_timeout", "shutdown_deadline")
+    __slots__ = ("hook_timeout", "shutdown_deadline", "stall_warning")
     shutdown_deadline: float
     hook_timeout: float | None
+    stall_warning: float | None
 
     def __init__(
         self,
         shutdown_deadline: float | timedelta = 30.0,
         hook_timeout: float | timedelta | None = None,
+        stall_warning: float | timedelta | None = None,
     ) -> None:
         deadline = _seconds(shutdown_deadline, "ServiceConfig", "shutdown_deadline")
         timeout: float | None = None
@@ -135,31 +143,43 @@ class ServiceConfig:
                     "ServiceConfig: `hook_timeout` must be > 0 seconds "
                     "(every hook would time out at once); use None for no limit"
                 )
+        stall: float | None = None
+        if stall_warning is not None:
+            stall = _seconds(stall_warning, "ServiceConfig", "stall_warning")
+            if stall < 0.01:
+                raise ValueError(
+                    "ServiceConfig: `stall_warning` must be at least 0.01 seconds, "
+                    f"got {stall}; use None for no loop-stall watchdog"
+                )
         object.__setattr__(self, "shutdown_deadline", deadline)
         object.__setattr__(self, "hook_timeout", timeout)
+        object.__setattr__(self, "stall_warning", stall)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("ServiceConfig is immutable; build a new one instead")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ServiceConfig):
-            return (self.shutdown_deadline, self.hook_timeout) == (
+            return (self.shutdown_deadline, self.hook_timeout, self.stall_warning) == (
                 other.shutdown_deadline,
                 other.hook_timeout,
+                other.stall_warning,
             )
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.shutdown_deadline, self.hook_timeout))
+        return hash((self.shutdown_deadline, self.hook_timeout, self.stall_warning))
 
     def __repr__(self) -> str:
         return (
             f"ServiceConfig(shutdown_deadline={self.shutdown_deadline!r}, "
-            f"hook_timeout={self.hook_timeout!r})"
+            f"hook_timeout={self.hook_timeout!r}, stall_warning={self.stall_warning!r})"
         )
 
-    def __reduce__(self) -> tuple[type[ServiceConfig], tuple[float, float | None]]:
-        return (ServiceConfig, (self.shutdown_deadline, self.hook_timeout))
+    def __reduce__(
+        self,
+    ) -> tuple[type[ServiceConfig], tuple[float, float | None, float | None]]:
+        return (ServiceConfig, (self.shutdown_deadline, self.hook_timeout, self.stall_warning))
 
 
 # --------------------------------------------------------------------------- validation
@@ -630,6 +650,11 @@ class Service(Generic[N, A, R]):
                 "single-shot, build a new Service (with a new node) to start again"
             )
         loop = asyncio.get_running_loop()
+        try:
+            watch = watch_running_loop(self._config.stall_warning, self._label)
+        except BaseException:  # no thread for the watchdog: nothing started yet
+            self._slot.abandon(f"service {self._label!r}: the loop-stall watchdog did not start")
+            raise
         self._hook_context = contextvars.copy_context()
         lifecycle = loop.create_task(
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
@@ -637,10 +662,14 @@ class Service(Generic[N, A, R]):
         self._lifecycle_task = lifecycle
         lifecycle.add_done_callback(self._record_outcome)
         try:
-            await asyncio.wait((lifecycle,))
-        except asyncio.CancelledError:
-            await self._wind_down_after_cancel(lifecycle)
-            raise
+            try:
+                await asyncio.wait((lifecycle,))
+            except asyncio.CancelledError:
+                await self._wind_down_after_cancel(lifecycle)
+                raise
+        finally:
+            if watch is not None:
+                watch.stop()
         return lifecycle.result()
 
     def _record_outcome(self, task: asyncio.Task[ExitStatus]) -> None:

@@ -6,7 +6,8 @@
 //! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
 //! tokio tasks seen from Python), [`pyfuture`] (a Python coroutine awaited
 //! from Rust, cancelled when Rust gives up), [`logbridge`] (Rust `tracing` → Python
-//! `logging`). [`fork`] keeps `os.fork()` from hanging a child; [`interop`] holds the cached Python
+//! `logging`), [`watchdog`] (a native thread that notices a stalled event loop).
+//! [`fork`] keeps `os.fork()` from hanging a child; [`interop`] holds the cached Python
 //! objects and argument checks they share.
 
 mod fork;
@@ -18,6 +19,7 @@ mod pyfuture;
 mod registry;
 mod runtime;
 mod token;
+mod watchdog;
 
 use pyo3::prelude::*;
 
@@ -39,6 +41,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<registry::PyTaskHandle>()?;
     m.add_class::<registry::PyTaskSummary>()?;
     m.add_class::<registry::PyTaskStats>()?;
+    m.add_class::<watchdog::PyLoopWatchdog>()?;
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::runtime_started, m)?)?;
