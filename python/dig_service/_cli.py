@@ -1,9 +1,11 @@
 """``python -m dig_service``: the command line.
 
 ``python -m dig_service run [MODULE:ATTR] [options]`` runs a service until
-it is told to stop (see ``--help``). Errors in the command line itself — an
-unknown option, a target that cannot be imported, found or turned into a
-``Service`` — are one line on stderr and exit status 2, never a traceback.
+it is told to stop (see ``--help``); ``ps SOCKET`` and ``stop SOCKET`` ask
+one that runs with ``--control-socket SOCKET`` (see ``_ctl``). Errors in
+the command line itself — an unknown option, a target that cannot be
+imported, found or turned into a ``Service`` — are one line on stderr and
+exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -55,13 +57,16 @@ exit status:
   0        graceful stop (requested shutdown, or run() returned)
   1        the service failed: a hook raised, a Fatal shutdown, tasks outlived
            the shutdown deadline, or any other ServiceError
-  2        bad command line or bad TARGET
+  2        bad command line or bad TARGET, or the control socket is held by a
+           live process (or is not a socket)
   128 + n  forced exit by a second signal n (130 for SIGINT, 143 for SIGTERM)
 
 environment:
   NOTIFY_SOCKET   set by systemd (Type=notify): READY=1 is sent after on_start,
                   STOPPING=1 when shutdown begins
-  WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period
+  WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period,
+                  sent by a timer on the event loop: a stuck loop sends none, so
+                  systemd restarts the service
 
 logging:
   If the target has not configured logging (no handler on the root logger),
@@ -72,7 +77,13 @@ examples:
   python -m dig_service run                              # the demo
   python -m dig_service run myapp.node:MyNode --shutdown-deadline 20
   python -m dig_service run myapp.main:build_service --uvloop
+  python -m dig_service run myapp.node:MyNode --control-socket /run/mynode/control.sock
+  python -m dig_service ps /run/mynode/control.sock
+  python -m dig_service stop /run/mynode/control.sock --wait
 """
+
+DEFAULT_STALL_WARNING: Final = 1.0
+"""The runner's --stall-warning when none is given."""
 
 
 class TargetError(Exception):
@@ -103,6 +114,22 @@ def _positive_seconds(text: str) -> float:
 
 
 _LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _stall_warning(text: str) -> float:
+    """Seconds (>= 0.01), or 0 for "off"."""
+    if text.strip().lower() in ("off", "none", "0"):
+        return 0.0
+    value = _seconds(text)
+    if value != 0 and value < 0.01:
+        raise argparse.ArgumentTypeError(f"must be at least 0.01 seconds (or off), got {text}")
+    return value
+
+
+def _socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
 
 
 def _level(text: str) -> str:
@@ -164,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run on uvloop instead of the default asyncio loop (pip install uvloop)",
     )
+    run.add_argument(
+        "--control-socket",
+        type=_socket_path,
+        metavar="PATH",
+        help="serve a control socket at PATH (Unix socket, mode 0600, this user only) for "
+        "`ps` and `stop`; a stale one is replaced, a live one is an error (exit 2)",
+    )
+    run.add_argument(
+        "--stall-warning",
+        type=_stall_warning,
+        metavar="S",
+        help="warn, with the event loop thread's stack, when the loop has not turned for S "
+        "seconds (a blocking call in a coroutine); 0 or off disables it (default: "
+        f"{DEFAULT_STALL_WARNING:g}, or the Service's ServiceConfig.stall_warning)",
+    )
+    from ._ctl import add_commands
+
+    add_commands(commands, _Parser)
     return parser
 
 
@@ -393,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (a forced exit does not return)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("ps", "stop"):
+        from ._ctl import main as ctl_main
+
+        return ctl_main(args, PROG)
     if args.command != "run":
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -421,13 +470,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 128 + 2
+    if args.stall_warning is not None and service.config.stall_warning is not None:
+        return _fail(
+            f"target {args.target!r} is a Service with ServiceConfig.stall_warning set, so "
+            "--stall-warning cannot be applied; change it where the Service is built"
+        )
+    stall = DEFAULT_STALL_WARNING if args.stall_warning is None else args.stall_warning
 
     _configure_logging(args.log_level)
 
+    from ._control import ControlSocketError
     from ._run import _run
 
     try:
-        outcome = _run(service, loop_factory=loop_factory)
+        outcome = _run(
+            service,
+            loop_factory=loop_factory,
+            control_socket=args.control_socket,
+            stall_warning=stall or None,
+        )
+    except ControlSocketError as exc:
+        return _fail(str(exc))
     except KeyboardInterrupt:  # before the handlers were installed
         return 128 + 2
     if outcome.forced:

@@ -18,7 +18,11 @@ What an operator gets (SPEC, "Running a service for real"):
   ``STOPPING=1`` when the token fires, ``WATCHDOG=1`` every
   ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
 - **An exit code.** ``ExitStatus.exit_code`` (0 graceful, 1 otherwise); 1 for
-  any ``ServiceError``; ``128 + n`` for a forced exit by signal ``n``.
+  any ``ServiceError``; ``128 + n`` for a forced exit by signal ``n``; 2 if
+  the control socket cannot be set up.
+- **A control socket** (``control_socket=PATH``, see ``_control``) from
+  before ``pre_start`` until the service has stopped and every ``shutdown``
+  request that waits for the end has its answer; removed on exit.
 
 Nothing is written to stdout.
 """
@@ -39,10 +43,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
+from ._control import (
+    BoundSocket,
+    ControlServer,
+    ControlSocketError,
+    bind_control_socket,
+    final_outcome,
+)
 from ._core import ShutdownReason, ShutdownToken, TaskSummary
 from ._errors import ServiceError, ShutdownDeadlineExceeded
 from ._service import Service
 from ._systemd import Notifier, watchdog_interval
+from ._watchdog import LoopWatch
 
 __all__ = ["run"]
 
@@ -79,6 +91,7 @@ def run(
     *,
     install_signal_handlers: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    control_socket: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run ``service`` on a new event loop until it has stopped; return the exit code.
 
@@ -98,21 +111,43 @@ def run(
     are shown on stderr (in place, on a terminal) or logged on
     ``dig_service.run``; stragglers past the deadline are named, with their
     stacks. With ``$NOTIFY_SOCKET`` set, systemd is told ``READY=1``,
-    ``STOPPING=1`` and, if it asks, ``WATCHDOG=1``.
+    ``STOPPING=1`` and, while the loop turns, ``WATCHDOG=1``.
+
+    With ``control_socket=PATH``, a Unix socket at ``PATH`` (mode 0600,
+    same-uid peers only) answers JSON-RPC requests (``tasks``, ``stats``,
+    ``health``, ``report``, ``shutdown``) until the service has stopped, and
+    is removed on exit (``python -m dig_service ps PATH`` / ``stop PATH``).
+    A stale socket left at ``PATH`` by a dead process is replaced.
 
     Returns:
         ``ExitStatus.exit_code`` (0 graceful, 1 not); 1 if ``start()``
         raised a ``ServiceError`` (which is logged); ``128 + n`` after a
-        forced exit by signal ``n``.
+        forced exit by signal ``n``; 2 (logged, the service not started) if
+        the control socket cannot be set up: ``PATH`` is held by a live
+        process, is not a socket, or its directory is missing.
 
     Raises:
-        TypeError: ``service`` is not a ``Service``.
+        TypeError: ``service`` is not a ``Service``; ``control_socket`` is
+            not a path.
+        ValueError: ``control_socket`` is empty.
         RuntimeError: called from a running event loop, or with
             ``install_signal_handlers=True`` outside the main thread.
     """
-    return _run(
-        service, install_signal_handlers=install_signal_handlers, loop_factory=loop_factory
-    ).code
+    try:
+        outcome = _run(
+            service,
+            install_signal_handlers=install_signal_handlers,
+            loop_factory=loop_factory,
+            control_socket=control_socket,
+        )
+    except ControlSocketError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONTROL_SOCKET
+    return outcome.code
+
+
+EXIT_CONTROL_SOCKET: Final = 2
+"""The exit code when the control socket cannot be set up."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +164,18 @@ def _run(
     install_signal_handlers: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     status_stream: IO[str] | None = None,
+    control_socket: str | os.PathLike[str] | None = None,
+    stall_warning: float | None = None,
 ) -> Outcome:
-    """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown)."""
+    """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown).
+
+    ``stall_warning`` (the CLI's ``--stall-warning``) runs a loop-stall
+    watchdog around the service when its own ``ServiceConfig.stall_warning``
+    is ``None``. Raises ``ControlSocketError`` if the control socket cannot
+    be set up (before anything else happened).
+    """
     _check_service(service)
+    socket_path = _check_control_socket(control_socket)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -152,8 +196,17 @@ def _run(
             f"got {type(loop_factory).__name__}"
         )
 
-    loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
+    bound = bind_control_socket(socket_path) if socket_path is not None else None
+    try:
+        loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
+    except BaseException:
+        if bound is not None:
+            bound.remove()
+        raise
     runner = _Runner(service, loop, status_stream if status_stream is not None else sys.stderr)
+    runner.control_bound = bound
+    if service.config.stall_warning is None:
+        runner.stall_warning = stall_warning
     try:
         asyncio.set_event_loop(loop)
         if install_signal_handlers:
@@ -173,6 +226,24 @@ def _run(
         runner.close_display()
         asyncio.set_event_loop(None)
         loop.close()
+        if bound is not None:
+            bound.remove()
+
+
+def _check_control_socket(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(
+            "dig_service.run(): `control_socket` must be a path (str or os.PathLike) or None, "
+            f"got {type(value).__name__}"
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError("dig_service.run(): `control_socket` must be a str path, not bytes")
+    if not path:
+        raise ValueError("dig_service.run(): `control_socket` must not be empty")
+    return path
 
 
 def _check_service(service: object) -> None:
@@ -218,10 +289,38 @@ class _Runner:
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
         self.monitor = _ShutdownMonitor(self, stream)
+        self.control_bound: BoundSocket | None = None
+        self.stall_warning: float | None = None
+        self.started_at = time.monotonic()
 
     # ----------------------------------------------------------------- main
 
     async def main(self) -> int:
+        """``_main`` between the control socket's start and close, under the runner's
+        loop-stall watchdog (``--stall-warning``) if any."""
+        control: ControlServer | None = None
+        if self.control_bound is not None:
+            control = ControlServer(
+                self.control_bound, self.service, label=self.label, started_at=self.started_at
+            )
+            await control.start()
+            logger.info("control socket listening on %s", self.control_bound.path)
+        watch = None
+        if self.stall_warning is not None:
+            watch = LoopWatch(self.loop, self.stall_warning, self.label)
+        try:
+            code = await self._main()
+            if control is not None:
+                control.finish(await final_outcome(self.service, code, self.forced))
+                await control.close(grace=0.1 if self.forced else 5.0)
+        finally:
+            if watch is not None:
+                watch.stop()
+            if control is not None:
+                control.abort()
+        return code
+
+    async def _main(self) -> int:
         loop = self.loop
         start = loop.create_task(self.service.start(), name=f"dig_service.main[{self.label}]")
         self._helpers = [
