@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from dig_service._control import (
     final_outcome,
 )
 from dig_service._ctl import CtlError, call
+from dig_service._run import run
 from dig_service.testing import spawn_native_sleeper
 
 WAIT = 10.0
@@ -725,3 +727,92 @@ def test_client_errors_are_one_line_and_say_what_to_do(sock_dir: Path) -> None:
     stale.close()
     with pytest.raises(CtlError, match=r"nothing is listening .* stale"):
         call(str(sock_dir / "stale.sock"), "tasks")
+
+
+# --------------------------------------------------------------------------- through run()
+
+
+class Flagged(NodeLifecycle):
+    """Sets a thread-safe flag once ``run`` began (a client thread waits for it)."""
+
+    NAME = "flagged"
+
+    def __init__(self) -> None:
+        self.running = threading.Event()
+        self.started = False
+
+    async def on_start(self, ctx: StartContext) -> None:
+        self.started = True
+        spawn_native_sleeper(ctx.tasks, "native-worker", 3600.0)
+
+    async def run(self, ctx: RunContext) -> None:
+        self.running.set()
+        await ctx.shutdown.cancelled()
+
+
+def _loops() -> list[Any]:
+    import uvloop
+
+    return [pytest.param(None, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
+
+
+@pytest.mark.parametrize("loop_factory", _loops())
+def test_run_serves_the_control_socket_until_the_end(sock_dir: Path, loop_factory: Any) -> None:
+    """Proves: ``run(service, control_socket=PATH)`` serves the socket while the service
+    runs (a client thread lists its native task, then stops it with ``wait``), returns
+    the exit code, and leaves no socket behind.
+
+    Catches: a ``run`` that ignores ``control_socket``, or leaves the file on exit."""
+    path = str(sock_dir / "c.sock")
+    node = Flagged()
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        if not node.running.wait(WAIT):
+            return
+        seen["tasks"] = call(path, "tasks")
+        seen["stop"] = call(path, "shutdown", {"wait": True}, timeout=WAIT)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        code = run(
+            Service(node),
+            install_signal_handlers=False,
+            loop_factory=loop_factory,
+            control_socket=Path(path),
+        )
+    finally:
+        node.running.set()
+        thread.join(WAIT)
+    assert code == 0
+    assert [t["name"] for t in seen["tasks"]] == ["native-worker"]
+    assert seen["stop"]["exit_code"] == 0 and seen["stop"]["forced"] is False
+    assert not os.path.exists(path)
+
+
+def test_run_refuses_a_live_socket_with_exit_2_before_starting(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Proves: ``run`` with a control socket held by a live process returns 2, logs one
+    error line naming the path, and runs no hook; bad ``control_socket`` values are a
+    ``TypeError``/``ValueError`` naming the parameter, before anything starts.
+
+    Catches: a service started without its control socket, an unnamed bad argument."""
+    path = str(sock_dir / "c.sock")
+    holder = bind_control_socket(path)
+    try:
+        node = Flagged()
+        caplog.set_level(logging.ERROR, logger="dig_service.run")
+        assert run(Service(node), install_signal_handlers=False, control_socket=path) == 2
+        assert not node.started
+        errors = [r.getMessage() for r in caplog.records if r.name == "dig_service.run"]
+        assert len(errors) == 1 and "in use by a live process" in errors[0] and path in errors[0]
+    finally:
+        holder.remove()
+    with pytest.raises(TypeError, match="`control_socket`"):
+        run(Service(Flagged()), install_signal_handlers=False, control_socket=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`control_socket`"):
+        run(Service(Flagged()), install_signal_handlers=False, control_socket=b"/tmp/x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`control_socket`"):
+        run(Service(Flagged()), install_signal_handlers=False, control_socket="")

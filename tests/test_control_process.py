@@ -249,6 +249,44 @@ def test_stop_wait_stops_the_service_and_prints_the_outcome(
     assert "Traceback" not in child.output
 
 
+def test_stop_wait_gets_its_answer_even_when_the_exit_is_forced(
+    spawn: type[Service], sock_dir: Path
+) -> None:
+    """Proves: a ``stop --wait`` pending while the operator forces the exit (SIGTERM
+    twice during a shutdown stuck on a straggler) still gets its answer, saying the
+    exit was forced and its code (143), and exits 0; the service exits 143 and removes
+    its socket.
+
+    Catches: a waiting client left with a closed connection and no word when the runner
+    takes its fast exit path (the socket closed before the pending answer went out)."""
+    path = str(sock_dir / "c.sock")
+    child = spawn("targets.nodes:Stubborn", "--shutdown-deadline", "30", "--control-socket", path)
+    child.wait_for("^run started$")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "dig_service", "stop", path, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+    try:
+        child.wait_for("shutdown started")
+        # The shutdown came through the socket: the first SIGTERM is the operator's
+        # first signal, the second one forces the exit.
+        child.popen.send_signal(signal.SIGTERM)
+        child.wait_for("SIGTERM received: already shutting down")
+        child.popen.send_signal(signal.SIGTERM)
+        assert child.finish() == 128 + signal.SIGTERM, child.output
+        out, err = waiting.communicate(timeout=WAIT)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        waiting.communicate()
+    assert waiting.returncode == 0, err
+    assert out.strip() == "service stopped: forced exit (143) while shutting down", out
+    assert not os.path.exists(path)
+
+
 def test_stop_without_wait_returns_once_accepted(spawn: type[Service], sock_dir: Path) -> None:
     """Proves: ``stop SOCKET`` exits 0 as soon as the shutdown is accepted and says so;
     the service then stops by itself and exits 0.
