@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Every check, Rust and Python, from a bare checkout: installs what it needs
-# (Rust crates through cargo, Python packages through pip into ./.venv),
-# builds the extension, runs the linters, the Rust tests and the pytest
-# suite on the default asyncio loop and on uvloop.
+# Every check, Rust and Python, from a bare checkout (what CI runs, through
+# .ci/run): installs what it needs (Rust crates through cargo, Python
+# packages through pip into ./.venv and into one venv per CPython), then
+#   1. cargo fmt, clippy -D warnings, cargo test;
+#   2. the release artefacts (scripts/build-wheels.sh): the manylinux2014
+#      abi3 wheel, checked by auditwheel, and the sdist;
+#   3. ruff, mypy --strict, stubtest and the benchmark smoke run, against
+#      that wheel installed into ./.venv;
+#   4. the GitHub workflows: schema check and zizmor (offline);
+#   5. the pytest suite against that wheel on every CPython >= 3.11 here
+#      (3.11, 3.12 and 3.13 at least), on asyncio and uvloop, with no cargo
+#      on PATH; and the sdist built by pip with cargo (scripts/test-wheels.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
 PY="${PYTHON:-python3}"
+started=$SECONDS
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s  [%ds]\n' "$*" "$((SECONDS - started))"; }
 
 step "python environment ($VENV)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "maturin>=1.5,<2"
+"$VENV/bin/python" -m pip install -q "maturin>=1.9.2,<2" "check-jsonschema>=0.29" "zizmor>=1.5"
 # One interpreter for every cargo step (pyo3's build script reads it, and a
 # change would rebuild pyo3); the Rust tests that embed CPython link
 # libpython, so tell the loader where it is.
@@ -31,8 +40,13 @@ cargo clippy --all-targets --all-features -- -D warnings
 step "cargo test"
 cargo test --all-features
 
-step "build the extension into $VENV (with the test extras)"
-VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release --extras test
+step "release artefacts: scripts/build-wheels.sh (manylinux2014 abi3 wheel + sdist)"
+VENV="$VENV" bash scripts/build-wheels.sh
+WHEEL="$(ls dist/dig_service-*-abi3-*manylinux2014_*.whl)"
+
+step "install the wheel into $VENV, with the test extras (for the linters, stubtest, bench)"
+"$VENV/bin/python" -m pip uninstall -q -y dig-service >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install -q "$WHEEL[test]"
 
 step "ruff"
 LINT=(python tests rust/examples)
@@ -47,10 +61,11 @@ step "mypy --strict"
 step "benchmark smoke check (bench/run.py --quick; ratios not asserted: CI machines are noisy)"
 "$VENV/bin/python" bench/run.py --quick --no-assert
 
-step "pytest (PYTHONDEVMODE=1, -W error)"
-# Once, in Python's development mode with every warning an error: a
-# ResourceWarning, a "coroutine ... was never awaited" or a "Task was
-# destroyed but it is pending" fails the suite instead of scrolling by.
-# (`-W error` for the interpreter covers imports and collection; pytest's
-# own `-W error` covers each test, where pytest resets the filters.)
-PYTHONDEVMODE=1 "$VENV/bin/python" -W error -m pytest -W error -q tests
+step "GitHub workflows: schema (check-jsonschema) and zizmor --offline"
+"$VENV/bin/check-jsonschema" --builtin-schema vendor.github-workflows .github/workflows/*.yml
+"$VENV/bin/zizmor" --offline --no-progress .github/workflows/
+
+step "pytest against the installed wheel on every CPython >= 3.11, and the sdist (scripts/test-wheels.sh)"
+bash scripts/test-wheels.sh "$WHEEL"
+
+step "all checks passed in $((SECONDS - started)) s"

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import pytest
 
 from dig_service import NodeLifecycle, RunContext, StartContext, StopContext
 
 Hook = Callable[[Any], Awaitable[None]]
+
+try:
+    import uvloop as _uvloop
+except ImportError:  # no uvloop build for this platform (Windows)
+    _uvloop = None
+
+uvloop: Any = _uvloop
+"""The uvloop module, or ``None`` where it is not installed (it has no Windows build)."""
+
+
+def loop_kinds(*kinds: str) -> list[Any]:
+    """``pytest.param`` per loop kind; a uvloop kind is skipped, visibly, without uvloop."""
+    return [
+        pytest.param(
+            kind,
+            id=kind,
+            marks=pytest.mark.skipif(
+                uvloop is None and kind == "uvloop", reason="uvloop is not installed"
+            ),
+        )
+        for kind in kinds
+    ]
 
 
 class ScriptedNode(NodeLifecycle):
@@ -84,3 +110,49 @@ async def eventually(predicate: Callable[[], bool], within: float = 2.0) -> None
     while not predicate():
         assert loop.time() < end, "condition not reached in time"
         await asyncio.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- child processes
+
+_DEFAULT_DISPOSITIONS_PRELUDE = """\
+import runpy, signal, sys
+for _name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGBREAK"):
+    _sig = getattr(signal, _name, None)
+    if _sig is not None:
+        signal.signal(_sig, signal.default_int_handler if _name == "SIGINT" else signal.SIG_DFL)
+_mode, _target, *_rest = sys.argv[1:]
+sys.argv = [_target, *_rest]
+if _mode == "-m":
+    runpy.run_module(_target, run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(_target, run_name="__main__")
+"""
+
+
+def python_child(*args: str) -> list[str]:
+    """The argv of a Python child that starts with default signal dispositions.
+
+    ``python_child("-m", "dig_service", "run")`` runs like ``python -m dig_service
+    run``, and ``python_child("script.py", "arg")`` like ``python script.py arg``,
+    except that SIGINT gets Python's usual ``KeyboardInterrupt`` handler and the
+    other signals a test may send get their default action first. A child
+    inherits ignored signals across ``exec``: started from a job whose shell
+    ignores SIGINT (``(cmd &)`` in a script), ``python`` leaves SIGINT ignored
+    and a test's Ctrl-C would do nothing. The reset runs in the child's own
+    interpreter, so no Python code runs between ``fork`` and ``exec`` (unlike
+    ``preexec_fn``, which is unsafe with the tokio threads of the test process).
+    """
+    if not args or (args[0] == "-m" and len(args) < 2):
+        raise ValueError("python_child() needs a script path or '-m' and a module name")
+    mode, rest = ("-m", args[1:]) if args[0] == "-m" else ("script", args)
+    return [sys.executable, "-c", _DEFAULT_DISPOSITIONS_PRELUDE, mode, *rest]
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it is still running, wait for it, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()

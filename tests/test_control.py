@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import loop_kinds, uvloop
 
 from dig_service import (
     NodeLifecycle,
@@ -47,6 +49,9 @@ from dig_service.testing import spawn_native_sleeper
 
 WAIT = 10.0
 """Upper bound for one answer; a healthy server needs milliseconds."""
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no Unix sockets on Windows")
+HAVE_PEERCRED = hasattr(socket, "SO_PEERCRED")
 
 
 @pytest.fixture
@@ -195,6 +200,7 @@ def test_socket_is_0600_before_it_appears_whatever_the_umask(
     assert os.listdir(sock_dir) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_a_long_path_is_bound_through_proc_when_the_staging_path_is_too_long(
     sock_dir: Path,
 ) -> None:
@@ -678,6 +684,7 @@ async def test_an_idle_connection_is_closed(sock_dir: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.skipif(not HAVE_PEERCRED, reason="SO_PEERCRED is Linux's")
 async def test_a_peer_of_another_uid_is_refused(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -750,14 +757,8 @@ class Flagged(NodeLifecycle):
         await ctx.shutdown.cancelled()
 
 
-def _loops() -> list[Any]:
-    import uvloop
-
-    return [pytest.param(None, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
-
-
-@pytest.mark.parametrize("loop_factory", _loops())
-def test_run_serves_the_control_socket_until_the_end(sock_dir: Path, loop_factory: Any) -> None:
+@pytest.mark.parametrize("loop_kind", loop_kinds("asyncio", "uvloop"))
+def test_run_serves_the_control_socket_until_the_end(sock_dir: Path, loop_kind: str) -> None:
     """Proves: ``run(service, control_socket=PATH)`` serves the socket while the service
     runs (a client thread lists its native task, then stops it with ``wait``), returns
     the exit code, and leaves no socket behind.
@@ -779,7 +780,7 @@ def test_run_serves_the_control_socket_until_the_end(sock_dir: Path, loop_factor
         code = run(
             Service(node),
             install_signal_handlers=False,
-            loop_factory=loop_factory,
+            loop_factory=uvloop.new_event_loop if loop_kind == "uvloop" else None,
             control_socket=Path(path),
         )
     finally:

@@ -2,10 +2,10 @@
 (SPEC section 9, issue 16 "Done when").
 
 Each test starts ``python -m dig_service run targets.control_nodes:X --control-socket
-PATH`` as a child with default signal dispositions, talks to it with the real
-``python -m dig_service ps|stop`` commands (or raw sockets for the hostile cases), and
-synchronises on its output lines, never on sleeps. Every child is killed and reaped on
-every exit path (the ``spawn`` fixture).
+PATH`` as a child with default signal dispositions (``_support.python_child``), talks
+to it with the real ``python -m dig_service ps|stop`` commands (or raw sockets for the
+hostile cases), and synchronises on its output lines, never on sleeps. Every child
+is killed and reaped on every exit path (the ``spawn`` fixture).
 """
 
 from __future__ import annotations
@@ -26,24 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _support import python_child
 
 import dig_service
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="Unix sockets and POSIX signals (there are no Windows ones)"
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 WAIT = 20.0
 """Upper bound for any single wait; a healthy run needs a fraction of it."""
-
-# The child's first act: default dispositions for the signals a test may send (a child
-# inherits ignored signals across exec), then run the module as `python -m` would.
-_PRELUDE = """\
-import runpy, signal, sys
-for _name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGQUIT"):
-    _sig = getattr(signal, _name, None)
-    if _sig is not None:
-        signal.signal(_sig, signal.default_int_handler if _name == "SIGINT" else signal.SIG_DFL)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
 
 
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -61,7 +54,7 @@ class Service:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-c", _PRELUDE, "dig_service", "run", *args],
+            python_child("-m", "dig_service", "run", *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -373,7 +366,16 @@ def test_another_uid_is_refused(spawn: type[Service], sock_dir: Path) -> None:
     os.chmod(sock_dir, 0o755)  # the directory is searchable: the socket's own mode decides
     child, path = start_with_socket(spawn, sock_dir, "Tasks")
     child.wait_for("^run started$")
-    package_root = str(Path(dig_service.__file__).resolve().parent.parent)
+    # The client needs the package's Python files only; wherever it is installed
+    # (a private venv, say), nobody can read this copy.
+    package_root = sock_dir / "pkg"
+    shutil.copytree(
+        Path(dig_service.__file__).resolve().parent,
+        package_root / "dig_service",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"),
+    )
+    for copied in (package_root, *package_root.rglob("*")):
+        copied.chmod(0o755 if copied.is_dir() else 0o644)
     as_nobody = [*NOBODY[:-1], "env", f"PYTHONPATH={package_root}", NOBODY[-1]]
 
     def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
@@ -597,6 +599,9 @@ def test_stall_warning_off_disables_the_watchdog(spawn: type[Service], sock_dir:
     assert not any("dig_service.watchdog" in line for line in child.stderr), child.output
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="systemd's notify protocol is Linux-only"
+)
 def test_systemd_watchdog_pings_stop_while_the_loop_is_blocked(
     spawn: type[Service], sock_dir: Path
 ) -> None:

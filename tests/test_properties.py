@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
-import uvloop
+from _support import loop_kinds, uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,7 +60,10 @@ REASONS = [
     ShutdownReason.Fatal("operator says stop"),
 ]
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+LOOPS = {
+    "asyncio": asyncio.new_event_loop,
+    **({"uvloop": uvloop.new_event_loop} if uvloop is not None else {}),
+}
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -444,7 +447,7 @@ def check(
         assert id(exc) in raised | logged, f"{exc.where}: neither raised nor logged"
 
 
-@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("loop", loop_kinds("asyncio", "uvloop"))
 @settings(
     max_examples=120,
     derandomize=True,

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +34,22 @@ from dig_service._run import run
 from dig_service._systemd import Notifier, notify, notify_address, watchdog_interval
 from dig_service.testing import TestNode
 
-HANDLED = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
+HANDLED = [
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+    if hasattr(signal, name)  # Windows has neither SIGHUP nor SIGUSR1
+]
+
+POSIX_SIGNALS = pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="POSIX signals sent with os.kill (on Windows os.kill terminates the process); "
+    "the Windows signal path is in test_platform_fallbacks.py",
+)
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="systemd's notify protocol is Linux-only "
+    "(a no-op elsewhere: test_platform_fallbacks.py)",
+)
 
 
 def _loop_factories() -> list[Any]:
@@ -80,6 +96,7 @@ class SelfSignal(NodeLifecycle):
         self.reason = ctx.shutdown.reason()
 
 
+@POSIX_SIGNALS
 @pytest.mark.parametrize("loop_factory", LOOPS)
 @pytest.mark.parametrize(
     ("sig", "reason"),
@@ -125,6 +142,7 @@ def test_exit_codes_follow_exit_status_and_service_errors(caplog: pytest.LogCapt
     assert "run failure injected" in caplog.text  # the cause's traceback is in the record
 
 
+@POSIX_SIGNALS
 def test_second_signal_returns_128_plus_n_at_once(sentinel_handlers: dict[int, Any]) -> None:
     """In the library path too, a second SIGTERM during a shutdown that waits for a
     straggler makes ``run`` return 143 at once (well inside the 30 s deadline), and the
@@ -214,6 +232,7 @@ pytestmark = pytest.mark.usefixtures("targets_on_path")
 # --------------------------------------------------------------------------- systemd
 
 
+@LINUX_ONLY
 def test_notify_address_forms() -> None:
     """``$NOTIFY_SOCKET`` may be a path or ``@name`` (abstract); anything else is ignored.
 
@@ -225,6 +244,7 @@ def test_notify_address_forms() -> None:
     assert notify_address({}) is None
 
 
+@LINUX_ONLY
 def test_notify_reaches_an_abstract_socket() -> None:
     """A datagram reaches a socket in the abstract namespace named ``@name``.
 
@@ -240,6 +260,7 @@ def test_notify_reaches_an_abstract_socket() -> None:
         sock.close()
 
 
+@LINUX_ONLY
 def test_notify_failures_are_quiet(tmp_path: Path) -> None:
     """A notify socket that is gone makes ``send`` return False instead of raising.
 
@@ -250,6 +271,7 @@ def test_notify_failures_are_quiet(tmp_path: Path) -> None:
     assert notify("READY=1", environ={}) is False
 
 
+@LINUX_ONLY
 def test_watchdog_interval() -> None:
     """Pings go every ``WATCHDOG_USEC / 2``, and only to the process ``WATCHDOG_PID`` names.
 
@@ -317,6 +339,7 @@ class PhaseService(Service[Any, Any, Any]):
             callback(value)
 
 
+@LINUX_ONLY
 @pytest.mark.parametrize("service_class", [Service, PhaseService], ids=["polled", "listener"])
 def test_ready_is_sent_only_after_on_start_returned(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service_class: type[Service[Any, Any, Any]]

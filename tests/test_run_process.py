@@ -21,6 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _support import python_child, reap
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="POSIX signals, pty and unix sockets; the Windows signal path is in "
+    "test_platform_fallbacks.py",
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 WAIT = 15.0
@@ -39,8 +46,9 @@ class Proc:
         )
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
+        # Default signal dispositions in the child, whatever this process ignores.
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dig_service", "run", *args],
+            python_child("-m", "dig_service", "run", *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -116,16 +124,15 @@ class Proc:
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
-            self.popen.wait()
+        self.popen.wait()
 
     def close(self) -> None:
-        """Kill the child if it is still alive, then release its pipes (no ResourceWarning)."""
+        """Kill the child if it is still alive, reap it, then release its pipes (no
+        ResourceWarning)."""
         self.kill()
         for reader in self._readers:
             reader.join(WAIT)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
+        reap(self.popen)
 
 
 @pytest.fixture
@@ -139,8 +146,14 @@ def spawn() -> Iterator[type[Proc]]:
             started.append(self)
 
     yield Tracked
-    for proc in started:
-        proc.close()
+    failures: list[BaseException] = []
+    for proc in started:  # every child, even if closing an earlier one failed
+        try:
+            proc.close()
+        except BaseException as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 # --------------------------------------------------------------------------- signals
@@ -233,7 +246,7 @@ def test_shutdown_progress_is_updated_in_place_on_a_terminal(tmp_path: Path) -> 
     args = ["targets.nodes:Stubborn", "--shutdown-deadline", "0.6"]
     master, slave = os.openpty()
     popen = subprocess.Popen(
-        [sys.executable, "-m", "dig_service", "run", *args],
+        python_child("-m", "dig_service", "run", *args),
         stdout=subprocess.PIPE,
         stderr=slave,
         stdin=subprocess.DEVNULL,
@@ -264,11 +277,7 @@ def test_shutdown_progress_is_updated_in_place_on_a_terminal(tmp_path: Path) -> 
         assert popen.wait(WAIT) == 1
         reader.join(WAIT)
     finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait()
-        if popen.stdout is not None:
-            popen.stdout.close()
+        reap(popen)
         os.close(master)
     text = b"".join(chunks).decode(errors="replace")
     redraws = re.findall(
@@ -455,6 +464,9 @@ def _recv_until(sock: socket.socket, wanted: str, seen: list[str]) -> str:
             return data
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="systemd's notify protocol is Linux-only"
+)
 def test_notify_socket_gets_ready_after_on_start_then_stopping(
     spawn: type[Proc], tmp_path: Path
 ) -> None:

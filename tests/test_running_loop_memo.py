@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
+from _support import loop_kinds, uvloop
 
 from dig_service import ShutdownToken, TaskKind, TaskRegistry
 
@@ -30,7 +30,7 @@ BG = TaskKind.BackgroundLoop
 
 RUNNERS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {
     "asyncio": asyncio.run,
-    "uvloop": uvloop.run,
+    **({"uvloop": uvloop.run} if uvloop is not None else {}),
 }
 
 
@@ -56,8 +56,8 @@ async def spawn_and_get_loop(reg: TaskRegistry, name: str) -> asyncio.AbstractEv
     return task.get_loop()
 
 
-@pytest.mark.parametrize("first", sorted(RUNNERS))
-@pytest.mark.parametrize("second", sorted(RUNNERS))
+@pytest.mark.parametrize("first", loop_kinds("asyncio", "uvloop"))
+@pytest.mark.parametrize("second", loop_kinds("asyncio", "uvloop"))
 def test_stopped_loop_and_next_loop_on_the_same_thread(first: str, second: str) -> None:
     """Proves after a loop stops, spawn sees no loop; a second loop on the thread gets the tasks.
 
@@ -113,7 +113,7 @@ def test_a_loop_installed_by_hand_is_seen() -> None:
     assert reg.stats().completed == 3 and len(reg) == 0
 
 
-@pytest.mark.parametrize("flavour", sorted(RUNNERS))
+@pytest.mark.parametrize("flavour", loop_kinds("asyncio", "uvloop"))
 def test_loops_in_two_threads(flavour: str) -> None:
     """Proves spawns in two threads, each running its own loop at once, land on their own loop.
 
@@ -162,7 +162,6 @@ def test_loops_in_two_threads(flavour: str) -> None:
 
 CHILD_SCRIPT = """
 import asyncio, os, sys, warnings
-import uvloop
 from dig_service import ShutdownToken, TaskKind, TaskRegistry
 
 async def nop():
@@ -210,12 +209,16 @@ async def main():
         await asyncio.sleep(0)
     print("child exit", code, "parent completed", reg.stats().completed, flush=True)
 
-(uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
 """
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("flavour", sorted(RUNNERS))
+@pytest.mark.parametrize("flavour", loop_kinds("asyncio", "uvloop"))
 def test_forked_child_sees_no_running_loop(flavour: str) -> None:
     """Proves a child forked inside a running loop cannot spawn, then can on a new loop.
 

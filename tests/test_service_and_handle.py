@@ -16,8 +16,7 @@ import weakref
 from typing import Any
 
 import pytest
-import uvloop
-from _support import ScriptedNode, raiser
+from _support import ScriptedNode, loop_kinds, raiser, uvloop
 
 from dig_service import (
     AlreadyStopped,
@@ -217,7 +216,7 @@ async def test_cancelled_wait_for_exit_leaves_the_service_alone() -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("other_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("other_loop", loop_kinds("asyncio", "uvloop"))
 async def test_wait_for_exit_from_another_thread_and_event_loop(other_loop: str) -> None:
     """Proves: ``handle.wait_for_exit()`` awaited on a different event loop in another
     thread (asyncio or uvloop) is woken when the service exits on this loop, and

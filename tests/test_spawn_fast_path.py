@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-import uvloop
+from _support import loop_kinds, uvloop
 
 from dig_service import ShutdownToken, TaskKind, TaskRegistry
 from dig_service.testing import spawn_native_sleeper
@@ -27,7 +27,7 @@ BG = TaskKind.BackgroundLoop
 
 LOOP_TYPES: dict[str, type[asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.SelectorEventLoop,
-    "uvloop": uvloop.Loop,
+    **({"uvloop": uvloop.Loop} if uvloop is not None else {}),
 }
 
 
@@ -76,7 +76,7 @@ async def test_spawn_honours_a_task_factory() -> None:
     assert reg.stats().completed == 3
 
 
-@pytest.mark.parametrize("flavour", sorted(LOOP_TYPES))
+@pytest.mark.parametrize("flavour", loop_kinds("asyncio", "uvloop"))
 def test_spawn_honours_a_create_task_override(flavour: str) -> None:
     """Proves a loop subclass that overrides create_task gets the call, with the name.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from dig_service._core import LoopWatchdog
 from dig_service._watchdog import LoopWatch
 
 WATCHDOG_THREAD = "dig-service-wat"  # the thread's name as the kernel keeps it (15 chars)
+needs_proc = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task"
+)
 
 
 def watchdog_threads() -> int:
@@ -85,6 +89,7 @@ def test_stall_warning_is_validated_and_part_of_the_config() -> None:
     assert pickle.loads(pickle.dumps(config)) == config
 
 
+@needs_proc
 def test_loop_watchdog_checks_its_arguments() -> None:
     """Proves: the native ``LoopWatchdog`` names the parameter it refuses, before it
     starts any thread.
@@ -102,6 +107,7 @@ def test_loop_watchdog_checks_its_arguments() -> None:
     assert watchdog_threads() == before
 
 
+@needs_proc
 def test_loop_watchdog_thread_starts_when_built_and_stop_joins_it() -> None:
     """Proves: building a ``LoopWatchdog`` starts one native thread, ``stop()`` ends it
     before returning (the thread is gone from the process), and ``stop()`` is
@@ -153,6 +159,7 @@ class Staller(NodeLifecycle):
 
 
 @pytest.mark.asyncio
+@needs_proc
 async def test_a_blocking_call_is_warned_once_with_its_stack_then_its_length(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -272,6 +279,7 @@ def test_interpreter_exit_with_a_running_or_reporting_watchdog_is_clean() -> Non
     assert "service noisy: event loop has not turned" in proc.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_stop_in_a_forked_child_does_not_wait_for_the_parents_thread() -> None:
     """Proves: a watchdog inherited across ``os.fork()`` can be stopped in the child
     (which has no such thread) without hanging, and still works in the parent.

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from ._errors import ShutdownDeadlineExceeded
 
-__all__ = ["join_all", "resolve", "wait_cancelled", "wake_all"]
+__all__ = ["cancel_all", "join_all", "resolve", "wait_cancelled", "wake_all"]
 
 
 class _Parkable(Protocol):
@@ -32,6 +32,13 @@ def wake_all(futs: Iterable[asyncio.Future[None]]) -> None:
     for fut in futs:
         if not fut.done():
             fut.set_result(None)
+
+
+def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel every task in ``tasks`` (the stragglers of a join on this loop: one call per
+    loop, not per task)."""
+    for task in tasks:
+        task.cancel()
 
 
 def resolve(fut: asyncio.Future[Any], value: Any = None) -> None:

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -43,16 +44,46 @@ service runs: a heartbeat loop, simulated peer connections, a maintenance
 task, a native tokio task and an RPC API.
 """
 
-_EPILOG: Final = """\
+_SIGNALS_HELP: Final = """\
 signals:
-  SIGINT, SIGTERM  shut down (ShutdownReason.UserRequested); the shutdown shows
+  {stop:<16} shut down (ShutdownReason.UserRequested); the shutdown shows
                    the tasks still running and the time left, then names any
                    straggler with the stack it is stuck in
   the same again   during the shutdown: stop waiting, exit at once (128 + signal)
-  SIGHUP           shut down with ShutdownReason.ReloadRequested, so that the
-                   supervisor starts the service again
-  SIGUSR1          log the live tasks (name, kind, origin, age)
+{hup}
+{usr1}
+"""
 
+_HUP_HELP: Final = """\
+  SIGHUP           shut down with ShutdownReason.ReloadRequested, so that the
+                   supervisor starts the service again"""
+_USR1_HELP: Final = """\
+  SIGUSR1          log the live tasks (name, kind, origin, age)"""
+_NO_HUP_HELP: Final = """\
+  SIGHUP           not on this platform: reload by signal is off (request a
+                   shutdown with ShutdownReason.ReloadRequested from code)"""
+_NO_USR1_HELP: Final = """\
+  SIGUSR1          not on this platform: the task snapshot by signal is off"""
+
+
+def signals_help() -> str:
+    """The ``signals:`` part of ``run --help``, for the signals this platform has.
+
+    On Windows: Ctrl-C (SIGINT) and Ctrl-Break (SIGBREAK) stop the service;
+    there is no SIGHUP or SIGUSR1, so those two features are said to be off.
+    """
+    if hasattr(signal, "SIGBREAK"):
+        stop_col = "Ctrl-C, Ctrl-Break (SIGINT, SIGBREAK)\n                  "
+    else:
+        stop_col = "SIGINT, SIGTERM"
+    return _SIGNALS_HELP.format(
+        stop=stop_col,
+        hup=_HUP_HELP if hasattr(signal, "SIGHUP") else _NO_HUP_HELP,
+        usr1=_USR1_HELP if hasattr(signal, "SIGUSR1") else _NO_USR1_HELP,
+    )
+
+
+_EPILOG: Final = """\
 exit status:
   0        graceful stop (requested shutdown, or run() returned)
   1        the service failed: a hook raised, a Fatal shutdown, tasks outlived
@@ -63,7 +94,7 @@ exit status:
 
 environment:
   NOTIFY_SOCKET   set by systemd (Type=notify): READY=1 is sent after on_start,
-                  STOPPING=1 when shutdown begins
+                  STOPPING=1 when shutdown begins (Linux only; ignored elsewhere)
   WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period,
                   sent by a timer on the event loop: a stuck loop sends none, so
                   systemd restarts the service
@@ -154,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a service (or the bundled demo) until it is told to stop",
         description=_DESCRIPTION,
-        epilog=_EPILOG,
+        epilog=signals_help() + "\n" + _EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
@@ -451,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import uvloop
         except ImportError:
+            if sys.platform == "win32":
+                return _fail("--uvloop: uvloop does not exist for Windows; run without --uvloop")
             return _fail("--uvloop: uvloop is not installed (pip install 'dig-service[uvloop]')")
         loop_factory = uvloop.new_event_loop
 

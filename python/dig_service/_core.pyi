@@ -1,5 +1,6 @@
 """Type stubs for the native core ``dig_service._core`` (checked by ``mypy.stubtest``)."""
 
+from asyncio import Future
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import timedelta
 from typing import Any, ClassVar, Self, final
@@ -17,11 +18,10 @@ __all__ = [
     "TaskSummary",
     "__version__",
     "_after_fork_in_child",
-    "_after_fork_in_parent",
-    "_before_fork",
     "_bridged_sleep",
     "_emit_tracing_event",
     "_restore_reason",
+    "_shutdown_at_exit",
     "runtime_started",
     "shutdown_runtime",
     "spawn_native_sleeper",
@@ -87,6 +87,10 @@ class ShutdownToken:
     def cancel(self, reason: ShutdownReason) -> None: ...
     def reason(self) -> ShutdownReason | None: ...
     def cancelled(self) -> Coroutine[Any, Any, None]: ...
+    def _park(self) -> Future[None] | None:
+        """Internal: park a future on the running loop until the token fires (the body
+        of ``cancelled()``); ``None`` if it already has."""
+
     def child_token(self) -> ShutdownToken: ...
     def same_as(self, other: ShutdownToken) -> bool: ...
 
@@ -212,6 +216,5 @@ def _bridged_sleep(
     seconds: float | timedelta, on_drop: Callable[[], object]
 ) -> Awaitable[None]: ...
 def _restore_reason(variant: str, message: str) -> ShutdownReason: ...
-def _before_fork() -> None: ...
-def _after_fork_in_parent() -> None: ...
 def _after_fork_in_child() -> None: ...
+def _shutdown_at_exit() -> None: ...

@@ -8,6 +8,9 @@ What an operator gets (SPEC, "Running a service for real"):
   ``128 + signal number`` at once, abandoning whatever was still running.
   SIGUSR1 logs the live task snapshot (name, kind, origin, age). Every
   handler is removed, and the previous one restored, before ``run`` returns.
+  On Windows (no ``loop.add_signal_handler``, no SIGHUP or SIGUSR1), Ctrl-C
+  (SIGINT) and Ctrl-Break (SIGBREAK) are handled through ``signal.signal``
+  and ``call_soon_threadsafe``; reload and snapshot by signal are off.
 - **A shutdown one can watch.** From the moment the token fires until the
   service has stopped, the tasks still running and the time left of the
   current stage's deadline are shown: updated in place on stderr when it is a
@@ -60,9 +63,23 @@ __all__ = ["run"]
 
 logger: Final = logging.getLogger("dig_service.run")
 
-_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
-_RELOAD_SIGNAL: Final = getattr(signal, "SIGHUP", None)
-_SNAPSHOT_SIGNAL: Final = getattr(signal, "SIGUSR1", None)
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that request a shutdown here: SIGINT, SIGTERM and, on Windows,
+    SIGBREAK (Ctrl-Break). Read from ``signal`` at each call (tests simulate platforms)."""
+    brk = getattr(signal, "SIGBREAK", None)
+    return (signal.SIGINT, signal.SIGTERM) + ((brk,) if brk is not None else ())
+
+
+def reload_signal() -> int | None:
+    """SIGHUP, or ``None`` where the platform has none (Windows): reload-by-signal is off."""
+    return getattr(signal, "SIGHUP", None)
+
+
+def snapshot_signal() -> int | None:
+    """SIGUSR1, or ``None`` where the platform has none (Windows): snapshot-by-signal is off."""
+    return getattr(signal, "SIGUSR1", None)
+
 
 _TICK: Final = 0.1
 """Seconds between two looks at a shutting-down service."""
@@ -105,7 +122,10 @@ def run(
     during the shutdown stops waiting and returns ``128 + signal number`` at
     once (the service's remaining work is abandoned: exit the process now);
     SIGUSR1 logs the live task snapshot. The previous handlers are restored
-    before ``run`` returns.
+    before ``run`` returns. Where the loop has no ``add_signal_handler``
+    (Windows), the handlers go through ``signal.signal``; Ctrl-Break
+    (SIGBREAK) then counts as a stop signal, and SIGHUP/SIGUSR1, which
+    Windows lacks, are not handled.
 
     While the service shuts down, the tasks still running and the time left
     are shown on stderr (in place, on a terminal) or logged on
@@ -214,6 +234,7 @@ def _run(
         try:
             code = loop.run_until_complete(runner.main())
         except BaseException:  # KeyboardInterrupt without our handlers, SystemExit: clean up
+            runner.finish_service()
             runner.finish_remaining()
             raise
         if runner.forced:
@@ -282,12 +303,13 @@ class _Runner:
         self.forced = False
         self._force: asyncio.Future[int] = loop.create_future()
         self._stop_signal_seen = False
-        self._saved_handlers: list[tuple[int, Any]] = []
+        self._saved_handlers: list[tuple[int, Any, bool]] = []
         self._notifier = Notifier.from_env()
         self._ready_sent = False
         self._stopping_sent = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
+        self._start: asyncio.Task[Any] | None = None
         self.monitor = _ShutdownMonitor(self, stream)
         self.control_bound: BoundSocket | None = None
         self.stall_warning: float | None = None
@@ -323,6 +345,7 @@ class _Runner:
     async def _main(self) -> int:
         loop = self.loop
         start = loop.create_task(self.service.start(), name=f"dig_service.main[{self.label}]")
+        self._start = start
         self._helpers = [
             loop.create_task(self._on_token_fired(), name="dig_service.run.on_shutdown"),
         ]
@@ -360,6 +383,24 @@ class _Runner:
             logger.error("service %s failed: %s", self.label, err, exc_info=err)
             return 1
         return status.exit_code
+
+    def finish_service(self) -> None:
+        """After a ``KeyboardInterrupt``/``SystemExit`` stopped the loop (raised by a
+        tracked task, which asyncio re-raises out of the loop at once): let the service
+        wind down before the exception propagates.
+
+        The task's end has fired the token (its done callback runs on the loop's next
+        turn), so the lifecycle stops as for any shutdown, every stage bounded by the
+        deadline; a second SIGINT/SIGTERM cuts this short, as it does a shutdown.
+        """
+        start = self._start
+        if start is not None and start.done() and not start.cancelled():
+            start.exception()  # start() raised what is propagating now: retrieved
+        lifecycle = getattr(self.service, "_lifecycle_task", None)
+        if not isinstance(lifecycle, asyncio.Task) or lifecycle.done() or self._force.done():
+            return
+        waited = asyncio.wait((lifecycle, self._force), return_when=asyncio.FIRST_COMPLETED)
+        self.loop.run_until_complete(waited)
 
     def finish_remaining(self) -> None:
         """After a normal exit: end what the registry did not track, like ``asyncio.run``.
@@ -399,11 +440,20 @@ class _Runner:
                         }
                     )
             if stuck:
-                logger.warning(
-                    "%d untracked task(s) did not finish after being cancelled at exit: %s",
-                    len(stuck),
-                    ", ".join(t.get_name() for t in stuck[:_MAX_NAMES]),
-                )
+                # A tracked straggler that swallows cancellation is still in the
+                # registry (join_all cancelled it at the deadline): not "untracked".
+                tracked = {s.name for s in self.registry.snapshot() if s.origin == "python"}
+                for kind, group in (
+                    ("tracked", [t for t in stuck if t.get_name() in tracked]),
+                    ("untracked", [t for t in stuck if t.get_name() not in tracked]),
+                ):
+                    if group:
+                        logger.warning(
+                            "%d %s task(s) did not finish after being cancelled at exit: %s",
+                            len(group),
+                            kind,
+                            ", ".join(t.get_name() for t in group[:_MAX_NAMES]),
+                        )
                 _abandoned.extend(stuck)
                 _quiet_pending_task_noise(loop)
                 return
@@ -422,29 +472,64 @@ class _Runner:
     # ----------------------------------------------------------------- signals
 
     def install_signal_handlers(self) -> None:
+        """Handle the stop signals, and SIGHUP/SIGUSR1 where the platform has them.
+
+        Through ``loop.add_signal_handler`` where the loop has it (POSIX);
+        where it does not (Windows: asyncio's loops raise
+        ``NotImplementedError``), through ``signal.signal`` with a handler
+        that hands the signal to the loop with ``call_soon_threadsafe``
+        (Python runs it on the main thread, and the loop's self-pipe wakes
+        the loop up).
+        """
         handlers: list[tuple[int, Callable[[int], None]]] = [
-            (sig, self._on_stop_signal) for sig in _STOP_SIGNALS
+            (sig, self._on_stop_signal) for sig in stop_signals()
         ]
-        if _RELOAD_SIGNAL is not None:
-            handlers.append((_RELOAD_SIGNAL, self._on_reload_signal))
-        if _SNAPSHOT_SIGNAL is not None:
-            handlers.append((_SNAPSHOT_SIGNAL, self._on_snapshot_signal))
+        reload, snapshot = reload_signal(), snapshot_signal()
+        if reload is not None:
+            handlers.append((reload, self._on_reload_signal))
+        if snapshot is not None:
+            handlers.append((snapshot, self._on_snapshot_signal))
         for sig, callback in handlers:
             previous = signal.getsignal(sig)
             try:
                 self.loop.add_signal_handler(sig, callback, sig)
-            except (NotImplementedError, RuntimeError, ValueError) as exc:
+                on_loop = True
+            except NotImplementedError:
+                try:
+                    signal.signal(sig, self._forwarder(callback))
+                except (OSError, RuntimeError, ValueError) as exc:
+                    logger.debug("cannot handle %s here: %s", _signame(sig), exc)
+                    continue
+                on_loop = False
+            except (RuntimeError, ValueError) as exc:
                 logger.debug("cannot handle %s on this loop: %s", _signame(sig), exc)
                 continue
-            self._saved_handlers.append((sig, previous))
+            self._saved_handlers.append((sig, previous, on_loop))
+
+    def _forwarder(self, callback: Callable[[int], None]) -> Callable[[int, Any], None]:
+        """A ``signal.signal`` handler that runs ``callback(signum)`` on the loop."""
+        loop = self.loop
+
+        def handler(signum: int, frame: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(callback, signum)
+            except RuntimeError:  # the loop closed in the meantime: nothing to stop
+                pass
+
+        return handler
 
     def restore_signal_handlers(self) -> None:
         saved, self._saved_handlers = self._saved_handlers, []
-        for sig, previous in reversed(saved):
-            try:
-                self.loop.remove_signal_handler(sig)
-            except Exception as exc:  # a closed or broken loop: restore below anyway
-                logger.debug("removing the %s handler failed: %s", _signame(sig), exc)
+        for sig, previous, on_loop in reversed(saved):
+            if on_loop:
+                try:
+                    self.loop.remove_signal_handler(sig)
+                except Exception as exc:  # a closed or broken loop: restore below anyway
+                    logger.debug("removing the %s handler failed: %s", _signame(sig), exc)
+            elif previous is None:
+                # The previous handler was not Python's: put back what
+                # remove_signal_handler would (our forwarder must not outlive the loop).
+                previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             if previous is not None:
                 try:
                     signal.signal(sig, previous)
@@ -464,7 +549,9 @@ class _Runner:
                 self._force.set_result(code)
             return
         self._stop_signal_seen = True
-        again = "Ctrl-C" if signum == signal.SIGINT else name
+        again = {signal.SIGINT: "Ctrl-C", getattr(signal, "SIGBREAK", None): "Ctrl-Break"}.get(
+            signum, name
+        )
         if self.token.is_cancelled():
             logger.warning(
                 "%s received: already shutting down (%s); send %s again to exit at once",

@@ -19,7 +19,19 @@ Design notes:
   seen by ``run``, as if the hooks ran in one task.
 - The result of ``start()`` is recorded once in a thread-safe slot shared
   with every ``ServiceHandle``; ``wait_for_exit()`` can be awaited on any
-  event loop, in any thread.
+  event loop, in any thread. Nothing recorded refers to the service: the
+  lifecycle returns its failures instead of raising them (no traceback
+  through its frames), ``start()`` drops ``self`` before it raises one, and
+  the service's finalizer holds the slot weakly. A failed service is freed
+  as soon as its owner drops it.
+- The lifecycle task survives its own cancellation (``asyncio.run`` cancels
+  every task when ``main()`` returns): every wait in it turns a
+  cancellation into a shutdown request and goes on, so the wind-down still
+  runs, within the deadline; the task then ends cancelled.
+- A hook runs inside ``_guarded``, which returns a ``KeyboardInterrupt`` or
+  ``SystemExit`` instead of raising it (raised in a task, asyncio re-raises
+  them out of the loop at once): the service winds down, then ``start()``
+  raises it.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Final, Generic, TypeVar, final, overload
 
@@ -84,7 +96,13 @@ def _seconds(value: object, owner: str, field: str) -> float:
     if isinstance(value, timedelta):
         secs = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        secs = float(value)
+        try:
+            secs = float(value)
+        except OverflowError:  # an int beyond float range: as infinite, refused below
+            raise ValueError(
+                f"{owner}: `{field}` must be a finite number of seconds >= 0, "
+                "got an int too large for a float"
+            ) from None
     else:
         raise TypeError(
             f"{owner}: `{field}` must be a number of seconds (int or float) or a "
@@ -119,8 +137,10 @@ class ServiceConfig:
     Raises:
         TypeError: a field is not a number, a ``timedelta`` (or ``None`` for
             ``hook_timeout`` and ``stall_warning``); the message names the field.
-        ValueError: a field is negative, NaN or infinite, ``hook_timeout``
-            is zero or ``stall_warning`` below 0.01; the message names the field.
+        ValueError: a field is negative, NaN or infinite (an int too large
+            for a float counts as infinite: there is no "no limit" spelling of
+            a deadline), ``hook_timeout`` is zero or ``stall_warning`` below
+            0.01; the message names the field.
     """
 
     __slots__ = ("hook_timeout", "shutdown_deadline", "stall_warning")
@@ -329,6 +349,11 @@ class _ExitSlot:
         """No result will ever come: release the waiters with ``AlreadyStopped``."""
         self.finish(AlreadyStopped(why))
 
+    def outcome(self) -> ExitStatus | BaseException | None:
+        """The recorded outcome, or ``None`` before ``finish``."""
+        with self._lock:
+            return self._outcome
+
     async def wait(self) -> ExitStatus:
         with self._lock:
             waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
@@ -351,8 +376,10 @@ class _ExitSlot:
         return outcome
 
 
-def _abandon_slot(slot: _ExitSlot) -> None:
-    slot.abandon("the Service was garbage-collected before its start() finished")
+def _abandon_slot(slot_ref: weakref.ref[_ExitSlot]) -> None:
+    slot = slot_ref()
+    if slot is not None:  # handles still hold it
+        slot.abandon("the Service was garbage-collected before its start() finished")
 
 
 # --------------------------------------------------------------------------- handle
@@ -363,8 +390,10 @@ class ServiceHandle:
     """A cheap handle to a ``Service``, for signal handlers, admin RPC and tests.
 
     It holds the service's token, its registry and its recorded result, but
-    not the ``Service`` (nor the node): it never keeps them alive, and it
-    stays valid after they are gone. Then ``request_shutdown`` cancels a
+    not the ``Service``: it never keeps it alive, and it stays valid after
+    it is gone. (After a failure, the recorded error keeps its cause's
+    traceback, as any kept exception does, and with it what the failing
+    hook's frames referenced, such as the node.) Then ``request_shutdown`` cancels a
     token nobody runs on any more, ``tasks()`` is empty and
     ``wait_for_exit()`` returns the recorded result (or raises
     ``AlreadyStopped`` if the service was dropped without finishing
@@ -511,7 +540,10 @@ class Service(Generic[N, A, R]):
         self._token = ShutdownToken()
         self._tasks = TaskRegistry(self._token)
         self._slot = _ExitSlot()
-        finalizer = weakref.finalize(self, _abandon_slot, self._slot)
+        # Only a weak reference: the finalizer registry is a global root, and
+        # the slot holds the recorded outcome (a failure's traceback may
+        # reach the node): a strong one kept every failed service alive.
+        finalizer = weakref.finalize(self, _abandon_slot, weakref.ref(self._slot))
         finalizer.atexit = False
 
         # Lifecycle state (owned by the loop that runs start()).
@@ -519,7 +551,8 @@ class Service(Generic[N, A, R]):
         self._phase_listeners: list[Callable[[str], object]] = []
         self._hook_task: asyncio.Task[Any] | None = None
         self._startup_aborted = False
-        self._lifecycle_task: asyncio.Task[ExitStatus] | None = None
+        self._torn_down = False
+        self._lifecycle_task: asyncio.Task[Any] | None = None
         self._hook_context: contextvars.Context | None = None
 
     # ----------------------------------------------------------------- accessors
@@ -628,9 +661,13 @@ class Service(Generic[N, A, R]):
         the token fired, ``shutdown_deadline``)
         ``start`` called twice                          ``AlreadyRunning``
         the task awaiting ``start()`` is cancelled      token fired (``UserRequested``), tasks
-                                                        joined, ``on_stop``/``post_stop`` run, all
-                                                        bounded by the deadline; then
-                                                        ``CancelledError`` propagates
+        (or the lifecycle task itself, as               joined, ``on_stop``/``post_stop`` run, all
+        ``asyncio.run`` does to every task when         bounded by the deadline; then
+        ``main()`` returns while ``start()`` runs)      ``CancelledError`` propagates
+        a hook raises a ``BaseException`` that is not   as if it raised an ``Exception`` (token
+        an ``Exception`` (``SystemExit``,               fired, tasks joined, the later stop hooks
+        ``KeyboardInterrupt``, ...; not                 run, bounded by the budget); then
+        ``CancelledError``)                             ``start()`` re-raises that exception
         ==============================================  ==========================================
 
         When several stages fail, the error raised is the first of
@@ -640,9 +677,16 @@ class Service(Generic[N, A, R]):
         After a failed ``pre_start``/``on_start`` the token is cancelled with
         ``ShutdownReason.Fatal(...)`` and the tasks spawned so far are joined.
 
+        A tracked task that raises ``KeyboardInterrupt`` or ``SystemExit``
+        (critical or not) fires the token (``UserRequested`` /
+        ``Fatal``); asyncio re-raises those out of the event loop at once, and
+        the service winds down while ``asyncio.run`` or ``dig_service.run``
+        tear the loop down (see the README's failure table).
+
         Raises:
             AlreadyRunning: ``start()`` was called before on this service.
             ServiceError: as in the table above.
+            BaseException: what a hook raised that is not an ``Exception``.
         """
         if not self._slot.begin():
             raise AlreadyRunning(
@@ -661,27 +705,45 @@ class Service(Generic[N, A, R]):
         )
         self._lifecycle_task = lifecycle
         lifecycle.add_done_callback(self._record_outcome)
+        service, slot = weakref.ref(self), self._slot
+        # What start() raises is also what every handle's wait_for_exit()
+        # raises: its traceback (this frame included) must not hold the
+        # service, or a kept handle (or a recorded failure) would keep it,
+        # and its node, alive. The lifecycle task holds it while it runs.
+        del self
+        escape: _Escape | None = None
         try:
             try:
                 await asyncio.wait((lifecycle,))
             except asyncio.CancelledError:
-                await self._wind_down_after_cancel(lifecycle)
-                raise
+                me = service()
+                if me is not None:  # always, while the lifecycle runs
+                    await me._wind_down_after_cancel(lifecycle)
+                    del me
+                escape = _escape_of(lifecycle)
+                if escape is None:
+                    raise
         finally:
             if watch is not None:
                 watch.stop()
-        return lifecycle.result()
+        if escape is not None:
+            # A hook's BaseException outranks the cancellation. Raised out of
+            # the handler, so that its context is left as it was.
+            raise escape.exc
+        return _result_of(lifecycle, slot)
 
-    def _record_outcome(self, task: asyncio.Task[ExitStatus]) -> None:
+    def _record_outcome(self, task: asyncio.Task[Any]) -> None:
+        """Done callback of the lifecycle task: record what it did not record itself."""
         if task.cancelled():
             self._slot.abandon(
-                f"the lifecycle task of service {self._label!r} was cancelled before it finished"
+                f"the lifecycle task of service {self._label!r} was cancelled before it began"
             )
             return
         exc = task.exception()
-        self._slot.finish(exc if exc is not None else task.result())
+        if exc is not None:  # not expected: `_lifecycle` returns its failures
+            self._slot.finish(exc)
 
-    async def _wind_down_after_cancel(self, lifecycle: asyncio.Task[ExitStatus]) -> None:
+    async def _wind_down_after_cancel(self, lifecycle: asyncio.Task[Any]) -> None:
         """The caller of ``start()`` was cancelled: stop the service before re-raising.
 
         The token is fired (``UserRequested``; an earlier reason wins), a
@@ -694,26 +756,91 @@ class Service(Generic[N, A, R]):
         logger.info(
             "service %s: the task awaiting start() was cancelled; shutting down", self._label
         )
-        self._token.cancel(ShutdownReason.UserRequested())
-        self._startup_aborted = True
-        if self._phase in ("pre_start", "on_start") and self._hook_task is not None:
-            self._hook_task.cancel()
+        self._abort_startup()
         while not lifecycle.done():
             try:
                 await asyncio.wait((lifecycle,))
             except asyncio.CancelledError:
                 continue
-        if not lifecycle.cancelled() and lifecycle.exception() is not None:
+        if lifecycle.cancelled():
+            return  # the lifecycle was torn down too: it reported its outcome itself
+        outcome = lifecycle.exception() or lifecycle.result()
+        if isinstance(outcome, _Escape):
+            return  # start() raises it instead of CancelledError
+        if isinstance(outcome, BaseException):
             # start() raises CancelledError, not this: make sure it is seen.
             logger.error(
                 "service %s stopped with an error after start() was cancelled",
                 self._label,
-                exc_info=lifecycle.exception(),
+                exc_info=outcome,
             )
+
+    def _abort_startup(self) -> None:
+        """Fire the token (``UserRequested``; an earlier reason wins) and cancel a running
+        ``pre_start``/``on_start`` (it then counts as failed)."""
+        self._token.cancel(ShutdownReason.UserRequested())
+        self._startup_aborted = True
+        if self._phase in ("pre_start", "on_start") and self._hook_task is not None:
+            self._hook_task.cancel()
+
+    def _lifecycle_cancelled(self) -> None:
+        """The lifecycle task itself was cancelled (``asyncio.run`` cancels every task when
+        ``main()`` returns while ``start()`` still runs in another one): wind the service
+        down as for a cancelled ``start()``, and go on waiting where it was."""
+        if not self._torn_down:
+            self._torn_down = True
+            logger.warning(
+                "service %s: its lifecycle task was cancelled (is asyncio.run() ending while "
+                "start() still runs in a task of its own?); shutting down: the tasks are "
+                "joined and on_stop/post_stop run, within the shutdown deadline",
+                self._label,
+            )
+        self._abort_startup()
+
+    async def _wait(
+        self,
+        aws: Iterable[asyncio.Future[Any]],
+        *,
+        within: float | None = None,
+        return_when: str = asyncio.ALL_COMPLETED,
+    ) -> None:
+        """``asyncio.wait`` in the lifecycle task, which a cancellation does not cut short:
+        the service winds down instead (``_lifecycle_cancelled``) and the wait goes on,
+        to the same end (``within`` seconds, like ``asyncio.wait``'s ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        end = None if within is None else loop.time() + within
+        pending = tuple(aws)
+        while True:
+            left = None if end is None else max(0.0, end - loop.time())
+            try:
+                await asyncio.wait(pending, timeout=left, return_when=return_when)
+                return
+            except asyncio.CancelledError:
+                self._lifecycle_cancelled()
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def _lifecycle(self) -> ExitStatus:
+    async def _lifecycle(self) -> ExitStatus | ServiceError | _Escape:
+        """Run the stages; record their outcome for ``wait_for_exit``; return it.
+
+        Failures are returned, not raised (``start()`` raises them), so that no
+        frame of the lifecycle, which holds the service, is in their traceback.
+        """
+        outcome = await self._stages()
+        self._slot.finish(outcome.error if isinstance(outcome, _Escape) else outcome)
+        if self._torn_down:
+            # Nobody may be waiting for start() any more: say how it ended.
+            if isinstance(outcome, ExitStatus):
+                logger.info("service %s: stopped: %s", self._label, outcome)
+            else:
+                err = outcome.error if isinstance(outcome, _Escape) else outcome
+                logger.error("service %s: stopped: %s", self._label, err, exc_info=err)
+            if isinstance(outcome, _Escape):
+                raise outcome.exc
+            raise asyncio.CancelledError
+        return outcome
+
+    async def _stages(self) -> ExitStatus | ServiceError | _Escape:
         token, tasks = self._token, self._tasks
         start_ctx = StartContext(self._name, token, tasks)
         logger.debug("service %s: starting", self._label)
@@ -721,23 +848,31 @@ class Service(Generic[N, A, R]):
         exc = await self._edge_hook("pre_start", start_ctx)
         if exc is not None:
             primary = self._hook_failure(PreStartFailed, "pre_start", exc)
-            self._fire(f"pre_start failed: {_describe_exc(exc)}")
+            self._fire_after("pre_start", exc)
             join_err = await self._join(self._config.shutdown_deadline)
             self._finish_phase()
-            raise self._with_secondary(primary, [("joining tasks", join_err)])
+            failed = self._outcome([("pre_start", exc, primary), ("joining tasks", None, join_err)])
+            assert failed is not None
+            return failed
 
         exc = await self._edge_hook("on_start", start_ctx)
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
-            self._fire(f"on_start failed: {_describe_exc(exc)}")
+            self._fire_after("on_start", exc)
             join_err = await self._join(self._config.shutdown_deadline)
             stop_ctx = StopContext(token, tasks, ExitReason.RunError(exc))
             post_exc = await self._edge_hook("post_stop", stop_ctx)
             self._finish_phase()
             post_err = self._hook_failure(OnStopFailed, "post_stop", post_exc)
-            raise self._with_secondary(
-                primary, [("post_stop", post_err), ("joining tasks", join_err)]
+            failed = self._outcome(
+                [
+                    ("on_start", exc, primary),
+                    ("post_stop", post_exc, post_err),
+                    ("joining tasks", None, join_err),
+                ]
             )
+            assert failed is not None
+            return failed
 
         logger.info("service %s: started", self._label)
         exit_reason, run_exc, run_overran = await self._run()
@@ -756,25 +891,55 @@ class Service(Generic[N, A, R]):
         post_stop_exc = await self._edge_hook("post_stop", stop_ctx)
         self._finish_phase()
 
-        failures: list[tuple[str, ServiceError | None]] = [
-            ("run", self._hook_failure(RunFailed, "run", run_exc)),
-            ("on_stop", self._hook_failure(OnStopFailed, "on_stop", on_stop_exc)),
-            ("post_stop", self._hook_failure(OnStopFailed, "post_stop", post_stop_exc)),
-            ("joining tasks", join_err),
-        ]
-        raised = [(what, err) for what, err in failures if err is not None]
-        if raised:
-            raise self._with_secondary(raised[0][1], raised[1:])
+        failed = self._outcome(
+            [
+                ("run", run_exc, self._hook_failure(RunFailed, "run", run_exc)),
+                ("on_stop", on_stop_exc, self._hook_failure(OnStopFailed, "on_stop", on_stop_exc)),
+                (
+                    "post_stop",
+                    post_stop_exc,
+                    self._hook_failure(OnStopFailed, "post_stop", post_stop_exc),
+                ),
+                ("joining tasks", None, join_err),
+            ]
+        )
+        if failed is not None:
+            return failed
         status = ExitStatus(exit_reason)
         logger.info("service %s: stopped: %s", self._label, status)
         return status
 
+    def _outcome(
+        self, failures: Sequence[tuple[str, BaseException | None, ServiceError | None]]
+    ) -> ServiceError | _Escape | None:
+        """The failure to report, from ``(stage, hook exception, error)`` in priority order.
+
+        A hook's ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+        ``KeyboardInterrupt``, ...) comes first: ``start()`` re-raises it. Otherwise the
+        first error is raised. The others are logged and noted on what is raised.
+        """
+        raised = [(what, exc, err) for what, exc, err in failures if err is not None]
+        if not raised:
+            return None
+        first = next((i for i, (_, exc, _) in enumerate(raised) if _escapes(exc)), 0)
+        _, exc, err = raised.pop(first)
+        assert err is not None
+        self._with_secondary(err, [(w, e) for w, _, e in raised])
+        if exc is not None and _escapes(exc):
+            return _Escape(exc, err)
+        return err
+
     def _finish_phase(self) -> None:
         self._phase = "exited"
 
-    def _fire(self, why: str) -> None:
-        """Cancel the token after a failed start-up hook, so that its tasks wind down."""
-        self._token.cancel(ShutdownReason.Fatal(why))
+    def _fire_after(self, hook: str, exc: BaseException) -> None:
+        """Cancel the token after ``hook`` failed with ``exc``, so that the tasks wind down:
+        ``UserRequested`` for a ``KeyboardInterrupt``, else ``Fatal``."""
+        if isinstance(exc, KeyboardInterrupt):
+            self._token.cancel(ShutdownReason.UserRequested())
+        else:
+            verb = "raised" if _escapes(exc) else "failed:"
+            self._token.cancel(ShutdownReason.Fatal(f"{hook} {verb} {_describe_exc(exc)}"))
 
     @overload
     def _hook_failure(
@@ -791,7 +956,9 @@ class Service(Generic[N, A, R]):
         if exc is None:
             return None
         if isinstance(exc, asyncio.CancelledError) and self._startup_aborted:
-            what = f"{hook} was cancelled (the task awaiting start() was cancelled)"
+            what = f"{hook} was cancelled (start() was cancelled)"
+        elif _escapes(exc):
+            what = f"{hook} raised {_describe_exc(exc)}"
         else:
             what = f"{hook} failed: {_describe_exc(exc)}"
         return _chain(kind(f"service {self._label!r}: {what}"), exc)
@@ -828,13 +995,10 @@ class Service(Generic[N, A, R]):
                 f"{type(target).__name__}.{hook}() returned {type(awaitable).__name__}, "
                 f"not a coroutine; declare it `async def {hook}(...)`"
             )
-        coro: Coroutine[Any, Any, object]
-        if inspect.iscoroutine(awaitable):
-            coro = awaitable
-        else:
-            coro = _await(awaitable)
         return loop.create_task(
-            coro, name=f"dig_service.{hook}[{self._label}]", context=self._hook_context
+            _guarded(awaitable),
+            name=f"dig_service.{hook}[{self._label}]",
+            context=self._hook_context,
         )
 
     async def _edge_hook(self, hook: str, ctx: object) -> BaseException | None:
@@ -856,23 +1020,18 @@ class Service(Generic[N, A, R]):
         token, config = self._token, self._config
         hook_timeout, deadline = config.hook_timeout, config.shutdown_deadline
         started = loop.time()
-        fired: asyncio.Future[None] | None = None
         by_deadline = False
+        fired = token._park()  # a plain future: resolved when the token fires
         try:
-            if not token.is_cancelled():
-                fired = asyncio.ensure_future(token.cancelled())
-                await asyncio.wait((task, fired), timeout=hook_timeout, return_when=_FIRST)
+            if fired is not None:
+                await self._wait((task, fired), within=hook_timeout, return_when=_FIRST)
             if not task.done() and token.is_cancelled():
                 budget = deadline
                 if hook_timeout is not None:
                     budget = min(budget, started + hook_timeout - loop.time())
                 by_deadline = budget == deadline
                 if budget > 0:
-                    await asyncio.wait((task,), timeout=budget)
-        except asyncio.CancelledError:
-            task.cancel()
-            _reap(task, self._label, hook)
-            raise
+                    await self._wait((task,), within=budget)
         finally:
             self._hook_task = None
             if fired is not None and not fired.done():
@@ -880,7 +1039,7 @@ class Service(Generic[N, A, R]):
         if not task.done():
             task.cancel()
             _reap(task, self._label, hook)
-            await asyncio.wait((task,), timeout=0)  # one step to handle the cancellation
+            await self._wait((task,), within=0)  # one step to handle the cancellation
             if by_deadline:
                 limit = (
                     f"the shutdown deadline of {deadline:g}s after the token fired "
@@ -892,12 +1051,7 @@ class Service(Generic[N, A, R]):
                 f"hook `{hook}` of service {self._label!r} did not finish within {limit} "
                 "and was cancelled"
             )
-        if task.cancelled():
-            try:
-                task.result()
-            except asyncio.CancelledError as exc:
-                return exc
-        return task.exception()
+        return _hook_exception(task)
 
     async def _run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by the deadline once the token fired.
@@ -909,28 +1063,27 @@ class Service(Generic[N, A, R]):
         self._phase = "run"
         run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
         if isinstance(run_task, BaseException):
-            self._fire(f"run failed: {_describe_exc(run_task)}")
+            self._fire_after("run", run_task)
             return ExitReason.RunError(run_task), run_task, False
 
-        fired = asyncio.ensure_future(token.cancelled())
         overran = False
-        try:
-            await asyncio.wait((run_task, fired), return_when=_FIRST)
+        while not run_task.done() and not token.is_cancelled():
+            fired = token._park()
+            if fired is None:
+                break
+            try:
+                await self._wait((run_task, fired), return_when=_FIRST)
+            finally:
+                if not fired.done():
+                    fired.cancel()
+        if not run_task.done():
+            # The token fired first: `run` has the shutdown deadline to return.
+            await self._wait((run_task,), within=deadline)
             if not run_task.done():
-                # The token fired first: `run` has the shutdown deadline to return.
-                await asyncio.wait((run_task,), timeout=deadline)
-                if not run_task.done():
-                    overran = True
-                    run_task.cancel()
-                    _reap(run_task, self._label, "run")
-                    await asyncio.wait((run_task,), timeout=0)
-        except asyncio.CancelledError:
-            run_task.cancel()
-            _reap(run_task, self._label, "run")
-            raise
-        finally:
-            if not fired.done():
-                fired.cancel()
+                overran = True
+                run_task.cancel()
+                _reap(run_task, self._label, "run")
+                await self._wait((run_task,), within=0)
 
         if overran:
             logger.error(
@@ -941,16 +1094,11 @@ class Service(Generic[N, A, R]):
             )
             return ExitReason.RequestedShutdown(_reason_of(token)), None, True
 
-        exc: BaseException | None
-        if run_task.cancelled():
-            try:
-                run_task.result()
-            except asyncio.CancelledError as cancelled:
-                exc = cancelled
-        else:
-            exc = run_task.exception()
+        exc = _hook_exception(run_task)
+        if isinstance(exc, asyncio.CancelledError) and self._torn_down:
+            exc = None  # cancelled along with the lifecycle task: run ended by the shutdown
         if exc is not None:
-            self._fire(f"run failed: {_describe_exc(exc)}")
+            self._fire_after("run", exc)
             return ExitReason.RunError(exc), exc, False
         if not token.is_cancelled():
             token.cancel(ShutdownReason.RequestedByRun())
@@ -960,16 +1108,116 @@ class Service(Generic[N, A, R]):
         return ExitReason.RequestedShutdown(_reason_of(token)), None, False
 
     async def _join(self, deadline: float) -> ServiceError | None:
-        """``join_all(deadline)``; return its error instead of raising it."""
+        """``join_all(deadline)``; return its error instead of raising it.
+
+        A cancellation of the lifecycle task does not cut the join short: it
+        goes on with the time left.
+        """
         self._phase = "join"
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        left = deadline
+        while True:
+            try:
+                await self._tasks.join_all(left)
+            except asyncio.CancelledError:
+                self._lifecycle_cancelled()
+                left = max(0.0, end - loop.time())
+                continue
+            except ShutdownDeadlineExceeded as err:
+                # A new one: the deadline as configured (not what was left of
+                # it after a cancellation), and no traceback through our
+                # frames, which hold the service.
+                return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
+            except Exception as exc:  # not expected from the core: report it, keep going
+                what = f"service {self._label!r}: joining tasks failed: {_describe_exc(exc)}"
+                return _chain(ServiceError(what), exc.with_traceback(None))
+            return None
+
+
+class _Escape:
+    """A hook raised ``exc``, a ``BaseException`` that is not an ``Exception``: the service
+    wound down as for an ``Exception`` (``error``, what ``wait_for_exit`` raises), and
+    ``start()`` re-raises ``exc``."""
+
+    __slots__ = ("error", "exc")
+
+    def __init__(self, exc: BaseException, error: ServiceError) -> None:
+        self.exc = exc
+        self.error = error
+
+
+class _Raised:
+    """What a hook task returns instead of raising ``KeyboardInterrupt``/``SystemExit``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _escapes(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a ``BaseException`` that ``start()`` re-raises (after winding
+    down): not an ``Exception``, not a cancellation."""
+    return exc is not None and not isinstance(exc, Exception | asyncio.CancelledError)
+
+
+async def _guarded(awaitable: Awaitable[object]) -> object:
+    """A hook, in its task.
+
+    A ``KeyboardInterrupt`` or ``SystemExit`` raised in a task is re-raised by
+    asyncio out of the event loop at once, stopping the loop in the middle of
+    the lifecycle: the hook's task returns it instead, the lifecycle winds the
+    service down, and ``start()`` raises it then.
+    """
+    try:
+        return await awaitable
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return _Raised(exc)
+
+
+def _hook_exception(task: asyncio.Task[Any]) -> BaseException | None:
+    """What a finished hook task raised (or returned as ``_Raised``), or ``None``."""
+    if task.cancelled():
         try:
-            await self._tasks.join_all(deadline)
-        except ShutdownDeadlineExceeded as err:
-            return err
-        except Exception as exc:  # not expected from the core: report it, keep going
-            what = f"service {self._label!r}: joining tasks failed: {_describe_exc(exc)}"
-            return _chain(ServiceError(what), exc)
-        return None
+            task.result()
+        except asyncio.CancelledError as cancelled:
+            # Raised here: its traceback is this frame's, nothing of the hook's
+            # (the hook's own CancelledError is its context).
+            return cancelled.with_traceback(None)
+    exc = task.exception()
+    if exc is not None:
+        return exc
+    result = task.result()
+    return result.exc if isinstance(result, _Raised) else None
+
+
+def _escape_of(lifecycle: asyncio.Task[Any]) -> _Escape | None:
+    if lifecycle.done() and not lifecycle.cancelled() and lifecycle.exception() is None:
+        result = lifecycle.result()
+        if isinstance(result, _Escape):
+            return result
+    return None
+
+
+def _result_of(lifecycle: asyncio.Task[Any], slot: _ExitSlot) -> ExitStatus:
+    """What ``start()`` returns (or raises) once its lifecycle task is done."""
+    if lifecycle.cancelled():
+        # Torn down (asyncio.run's clean-up cancels every task), with start()'s
+        # caller still waiting: what it recorded, if it got that far.
+        outcome = slot.outcome()
+        if isinstance(outcome, ExitStatus):
+            return outcome
+        if outcome is None or isinstance(outcome, AlreadyStopped):
+            raise asyncio.CancelledError
+        raise outcome
+    result = lifecycle.result()
+    if isinstance(result, _Escape):
+        raise result.exc
+    if isinstance(result, ServiceError):
+        raise result
+    assert isinstance(result, ExitStatus)
+    return result
 
 
 def _reason_of(token: ShutdownToken) -> ShutdownReason:
@@ -979,10 +1227,6 @@ def _reason_of(token: ShutdownToken) -> ShutdownReason:
     return reason
 
 
-async def _await(awaitable: Awaitable[object]) -> object:
-    return await awaitable
-
-
 def _reap(task: asyncio.Task[Any], label: str, hook: str) -> None:
     """Log what an abandoned hook task does once it finally ends (never lose an error)."""
 
@@ -990,6 +1234,8 @@ def _reap(task: asyncio.Task[Any], label: str, hook: str) -> None:
         if t.cancelled():
             return
         exc = t.exception()
+        if exc is None and isinstance(t.result(), _Raised):
+            exc = t.result().exc
         if exc is not None:
             logger.error("service %s: %s raised after it was abandoned", label, hook, exc_info=exc)
 

@@ -13,6 +13,9 @@ report. This module implements the three reports a service runner needs:
 
 Every send is best effort: a supervisor that went away must not take the
 service down with it, so errors are logged at debug level and swallowed.
+
+systemd exists only on Linux: elsewhere (macOS, Windows) ``$NOTIFY_SOCKET``
+is ignored, ``Notifier.from_env()`` is ``None`` and ``notify`` a no-op.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from typing import Final
 
@@ -31,10 +35,12 @@ logger: Final = logging.getLogger("dig_service.systemd")
 def notify_address(environ: Mapping[str, str] | None = None) -> str | bytes | None:
     """The address ``$NOTIFY_SOCKET`` names, ready for ``socket.sendto``, or ``None``.
 
-    ``@name`` becomes the abstract-namespace address ``b"\\0name"``; an
+    Always ``None`` off Linux. ``@name`` becomes the abstract-namespace address ``b"\\0name"``; an
     absolute path is returned as is. Anything else (unset, empty, a
     relative path, a ``vsock:`` address) is ``None``: not for us.
     """
+    if not sys.platform.startswith("linux"):
+        return None  # no systemd here (and no AF_UNIX datagrams with SOCK_CLOEXEC)
     env = os.environ if environ is None else environ
     raw = env.get("NOTIFY_SOCKET", "")
     if raw.startswith("@") and len(raw) > 1:
@@ -45,11 +51,13 @@ def notify_address(environ: Mapping[str, str] | None = None) -> str | bytes | No
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between ``WATCHDOG=1`` pings, or ``None`` if systemd wants none.
+    """Seconds between ``WATCHDOG=1`` pings, or ``None`` if systemd wants none (or off Linux).
 
     Half of ``$WATCHDOG_USEC`` (as ``sd_watchdog_enabled`` advises), when it is
     a positive integer and ``$WATCHDOG_PID`` is unset or names this process.
     """
+    if not sys.platform.startswith("linux"):
+        return None
     env = os.environ if environ is None else environ
     pid = env.get("WATCHDOG_PID")
     if pid is not None and pid.strip() != str(os.getpid()):

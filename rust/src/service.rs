@@ -426,12 +426,13 @@ impl<N: NodeLifecycle> Lifecycle<N> {
         let deadline = self.config.shutdown_deadline;
         let (exit_reason, run_error, join_deadline) = match outcome {
             RunOutcome::Returned(Ok(())) => {
+                // `run` returned: wind the tasks down. Another thread may
+                // fire the token at the same moment; the reason that won is
+                // the one reported (first reason wins, so re-read it).
+                self.shutdown.cancel(ShutdownReason::RequestedByRun);
                 let reason = match self.shutdown.reason() {
+                    Some(ShutdownReason::RequestedByRun) | None => ExitReason::RunCompleted,
                     Some(reason) => ExitReason::RequestedShutdown(reason),
-                    None => {
-                        self.shutdown.cancel(ShutdownReason::RequestedByRun);
-                        ExitReason::RunCompleted
-                    }
                 };
                 (reason, None, deadline)
             }

@@ -1,14 +1,21 @@
 //! `os.fork()` safety for the bindings.
 //!
-//! A fork copies the process with only the forking thread: a lock that a
-//! tokio worker held at that instant stays locked forever in the child.
-//! Guarantees:
-//! - The runtime's own lock is taken around every fork (`os.register_at_fork`
-//!   hooks), so the child finds it free and builds a fresh runtime on first
-//!   use: native tasks work in the child.
+//! A fork copies the process with only the forking thread: a lock that
+//! another thread held at that instant (or was parked on, waiting to be
+//! handed it) stays that way forever in the child. Guarantees:
+//! - The child gets a fresh runtime slot (see `runtime.rs`) from the
+//!   `after_in_child` hook of `os.register_at_fork`, before any other code
+//!   of the child runs: it never touches the parent's runtime lock, and
+//!   builds its own runtime on first use, so native tasks work in the
+//!   child. Nothing is held across the fork in the parent (an earlier
+//!   design held the runtime lock there; a worker parked on it at the fork
+//!   could be handed it by the child's unlock, and that worker does not
+//!   exist in the child: the child hung).
 //! - Registries and tokens remember the fork generation they were made in.
 //!   One inherited from the parent raises a clear `RuntimeError` in the child
 //!   instead of touching its (possibly held) locks and hanging.
+//! - Where there is no `fork()` (Windows: `os` has no `register_at_fork`),
+//!   nothing is registered and the generation stays 0.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +26,8 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// The fork generation of this process (0 in the original process).
 pub(crate) fn generation() -> u64 {
+    // Relaxed: written only by the child's hook, while the child has one
+    // thread; every thread the child starts later is started after it.
     GENERATION.load(Ordering::Relaxed)
 }
 
@@ -36,29 +45,20 @@ pub(crate) fn check(made_in: u64, what: &str) -> PyResult<()> {
 }
 
 #[pyfunction]
-pub(crate) fn _before_fork(py: Python<'_>) {
-    super::runtime::hold_for_fork(py);
-}
-
-#[pyfunction]
-pub(crate) fn _after_fork_in_parent() {
-    super::runtime::release_after_fork();
-}
-
-#[pyfunction]
 pub(crate) fn _after_fork_in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
-    super::runtime::release_after_fork();
+    super::runtime::reset_in_child();
 }
 
-/// Register the hooks with `os.register_at_fork`.
+/// Register the hook with `os.register_at_fork`, where the platform forks.
 pub(crate) fn install(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let os = m.py().import("os")?;
+    if !os.hasattr("register_at_fork")? {
+        // No `fork()` here (Windows): no child can inherit a held lock.
+        return Ok(());
+    }
     let kwargs = pyo3::types::PyDict::new(m.py());
-    kwargs.set_item("before", m.getattr("_before_fork")?)?;
-    kwargs.set_item("after_in_parent", m.getattr("_after_fork_in_parent")?)?;
     kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
-    m.py()
-        .import("os")?
-        .call_method("register_at_fork", (), Some(&kwargs))?;
+    os.call_method("register_at_fork", (), Some(&kwargs))?;
     Ok(())
 }

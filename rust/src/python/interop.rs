@@ -37,6 +37,7 @@ cached!(aio_wait_cancelled, "dig_service._aio", "wait_cancelled");
 cached!(aio_wake_all, "dig_service._aio", "wake_all");
 cached!(aio_resolve, "dig_service._aio", "resolve");
 cached!(aio_join_all, "dig_service._aio", "join_all");
+cached!(aio_cancel_all, "dig_service._aio", "cancel_all");
 cached!(err_already_stopped, "dig_service._errors", "AlreadyStopped");
 cached!(
     err_deadline_exceeded,
@@ -250,13 +251,43 @@ pub(crate) fn str_arg<'a, 'py>(
     })
 }
 
+/// A `str` argument that is valid Unicode text (no lone surrogates, so it
+/// has a UTF-8 form): the object and its text.
+pub(crate) fn text_arg<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    func: &str,
+    param: &str,
+) -> PyResult<(&'a Bound<'py, PyString>, &'a str)> {
+    let s = str_arg(obj, func, param)?;
+    let text = s.to_str().map_err(|cause| {
+        let err = PyValueError::new_err(format!(
+            "{func}: `{param}` must be valid Unicode text, got a str with a lone surrogate \
+             (not encodable as UTF-8): {}",
+            s.repr().map(|r| r.to_string()).unwrap_or_default()
+        ));
+        err.set_cause(s.py(), Some(cause));
+        err
+    })?;
+    Ok((s, text))
+}
+
 /// A duration in seconds: int, float or `datetime.timedelta`; finite and >= 0.
+///
+/// An int too large for a float is refused like infinity (a `ValueError`
+/// naming the parameter): there is no "no limit" spelling of a duration.
 pub(crate) fn seconds_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyResult<f64> {
     let py = obj.py();
     let secs = if obj.is_instance_of::<PyFloat>()
         || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<pyo3::types::PyBool>())
     {
-        obj.extract::<f64>()?
+        obj.extract::<f64>().map_err(|cause| {
+            let err = PyValueError::new_err(format!(
+                "{func}: `{param}` must be a finite number of seconds >= 0, \
+                 got an int too large for a float"
+            ));
+            err.set_cause(py, Some(cause));
+            err
+        })?
     } else if obj.is_instance(timedelta_type(py)?)? {
         obj.call_method0(pyo3::intern!(py, "total_seconds"))?
             .extract::<f64>()?

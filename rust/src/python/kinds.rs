@@ -4,8 +4,9 @@
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyString;
 
-use super::interop::type_name;
+use super::interop::{text_arg, type_name};
 use crate::shutdown::ShutdownReason;
 use crate::tasks::TaskKind;
 
@@ -102,8 +103,62 @@ pub enum PyShutdownReason {
     /// An unrecoverable error, with a message.
     Fatal {
         /// What went wrong.
-        message: String,
+        message: FatalMessage,
     },
+}
+
+/// The text of `ShutdownReason.Fatal(message)`: a `str` that is valid
+/// Unicode text. Anything else is refused with an error naming `message`
+/// (PyO3's own extraction names neither the class nor the parameter).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FatalMessage(String);
+
+impl FatalMessage {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for FatalMessage {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+impl From<FatalMessage> for String {
+    fn from(message: FatalMessage) -> Self {
+        message.0
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for FatalMessage {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let (_, text) = text_arg(&obj, "ShutdownReason.Fatal()", "message")?;
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl<'py> IntoPyObject<'py> for FatalMessage {
+    type Target = PyString;
+    type Output = Bound<'py, PyString>;
+    type Error = std::convert::Infallible;
+
+    fn into_pyobject(self, py: Python<'py>) -> Result<Self::Output, Self::Error> {
+        Ok(PyString::new(py, &self.0))
+    }
+}
+
+impl<'py> IntoPyObject<'py> for &FatalMessage {
+    type Target = PyString;
+    type Output = Bound<'py, PyString>;
+    type Error = std::convert::Infallible;
+
+    fn into_pyobject(self, py: Python<'py>) -> Result<Self::Output, Self::Error> {
+        Ok(PyString::new(py, &self.0))
+    }
 }
 
 #[pymethods]
@@ -125,7 +180,7 @@ impl PyShutdownReason {
             Self::RpcRequested() => ("RpcRequested", String::new()),
             Self::ReloadRequested() => ("ReloadRequested", String::new()),
             Self::RequestedByRun() => ("RequestedByRun", String::new()),
-            Self::Fatal { message } => ("Fatal", message.clone()),
+            Self::Fatal { message } => ("Fatal", message.0.clone()),
         };
         Ok((restore, (variant.to_owned(), message)))
     }
@@ -139,7 +194,9 @@ pub(crate) fn _restore_reason(variant: &str, message: String) -> PyResult<PyShut
         "RpcRequested" => PyShutdownReason::RpcRequested(),
         "ReloadRequested" => PyShutdownReason::ReloadRequested(),
         "RequestedByRun" => PyShutdownReason::RequestedByRun(),
-        "Fatal" => PyShutdownReason::Fatal { message },
+        "Fatal" => PyShutdownReason::Fatal {
+            message: FatalMessage(message),
+        },
         other => {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "_restore_reason(): unknown ShutdownReason variant `variant` {other:?}"
@@ -155,7 +212,7 @@ impl PyShutdownReason {
             Self::RpcRequested() => "ShutdownReason.RpcRequested()".into(),
             Self::ReloadRequested() => "ShutdownReason.ReloadRequested()".into(),
             Self::RequestedByRun() => "ShutdownReason.RequestedByRun()".into(),
-            Self::Fatal { message } => format!("ShutdownReason.Fatal(message={message:?})"),
+            Self::Fatal { message } => format!("ShutdownReason.Fatal(message={:?})", message.0),
         }
     }
 
@@ -183,7 +240,7 @@ impl From<PyShutdownReason> for ShutdownReason {
             PyShutdownReason::RpcRequested() => ShutdownReason::RpcRequested,
             PyShutdownReason::ReloadRequested() => ShutdownReason::ReloadRequested,
             PyShutdownReason::RequestedByRun() => ShutdownReason::RequestedByRun,
-            PyShutdownReason::Fatal { message } => ShutdownReason::Fatal(message),
+            PyShutdownReason::Fatal { message } => ShutdownReason::Fatal(message.0),
         }
     }
 }
@@ -195,7 +252,9 @@ impl From<ShutdownReason> for PyShutdownReason {
             ShutdownReason::RpcRequested => PyShutdownReason::RpcRequested(),
             ShutdownReason::ReloadRequested => PyShutdownReason::ReloadRequested(),
             ShutdownReason::RequestedByRun => PyShutdownReason::RequestedByRun(),
-            ShutdownReason::Fatal(message) => PyShutdownReason::Fatal { message },
+            ShutdownReason::Fatal(message) => PyShutdownReason::Fatal {
+                message: FatalMessage(message),
+            },
         }
     }
 }

@@ -95,9 +95,9 @@ impl Subscriber for LoggingBridge {
         event.record(&mut msg);
         let line = format!("{}{}", msg.text, msg.fields);
         let name = logger_name(meta.target());
-        // `try_attach` refuses during interpreter finalisation: the event is
-        // dropped rather than blocking a tokio worker forever.
-        let _ = Python::try_attach(|py| -> PyResult<()> {
+        // Dropped, never blocked on, once the interpreter exits (see
+        // `attach_unless_exiting`; `try_attach` alone refuses only on 3.13+).
+        let _ = super::attach_unless_exiting(|py| -> PyResult<()> {
             let logger = get_logger(py)?.call1((name,))?;
             if logger
                 .call_method1(pyo3::intern!(py, "isEnabledFor"), (level,))?
@@ -117,6 +117,7 @@ impl Subscriber for LoggingBridge {
 /// Emit a `tracing` event from Rust at `level` (for tests of the bridge).
 #[pyfunction]
 pub(crate) fn _emit_tracing_event(level: &str, message: &str) -> PyResult<()> {
+    let _inside = super::exit::enter()?;
     match level {
         "error" => tracing::error!(target: "dig_service::bridge", "{message}"),
         "warn" => tracing::warn!(target: "dig_service::bridge", "{message}"),

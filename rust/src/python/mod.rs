@@ -6,10 +6,12 @@
 //! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
 //! tokio tasks seen from Python), [`pyfuture`] (a Python coroutine awaited
 //! from Rust, cancelled when Rust gives up), [`logbridge`] (Rust `tracing` → Python
-//! `logging`), [`watchdog`] (a native thread that notices a stalled event loop).
-//! [`fork`] keeps `os.fork()` from hanging a child; [`interop`] holds the cached Python
-//! objects and argument checks they share.
+//! `logging`), [`watchdog`] (a native thread that notices a stalled event
+//! loop). [`fork`] keeps `os.fork()` from hanging a child; [`exit`] keeps
+//! interpreter exit from aborting with threads still running; [`interop`]
+//! holds the cached Python objects and argument checks they share.
 
+mod exit;
 mod fork;
 mod interop;
 mod kinds;
@@ -23,7 +25,8 @@ mod watchdog;
 
 use pyo3::prelude::*;
 
-pub use kinds::{PyShutdownReason, PyTaskKind};
+pub(crate) use exit::attach_unless_exiting;
+pub use kinds::{FatalMessage, PyShutdownReason, PyTaskKind};
 pub use pyfuture::{run_coroutine, PyCoroutineFuture};
 pub use registry::PyTaskRegistry;
 pub use token::PyShutdownToken;
@@ -48,13 +51,12 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
     m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
     m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
-    m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
-    m.add_function(wrap_pyfunction!(fork::_after_fork_in_parent, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(exit::_shutdown_at_exit, m)?)?;
     fork::install(m)?;
     // Take the runtime down deliberately (GIL released) before the
     // interpreter finalises, not when the process tears its threads down.
-    let shutdown = m.getattr("shutdown_runtime")?;
+    let shutdown = m.getattr("_shutdown_at_exit")?;
     m.py()
         .import("atexit")?
         .call_method1("register", (shutdown,))?;

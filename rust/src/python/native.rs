@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 use tokio::sync::watch;
 
-use super::interop::{duration, seconds_arg, service_err, str_arg};
+use super::interop::{duration, seconds_arg, service_err, text_arg};
 use super::kinds::PyTaskKind;
 use super::registry::{PyTaskHandle, PyTaskRegistry};
 use super::runtime;
@@ -22,17 +22,17 @@ use crate::tasks::TaskKind;
 pub(crate) fn spawn_native<F>(
     py: Python<'_>,
     registry: &PyTaskRegistry,
-    name: &Bound<'_, PyString>,
+    (name, text): (&Bound<'_, PyString>, &str),
     kind: TaskKind,
     fut: F,
 ) -> PyResult<PyTaskHandle>
 where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
+    let core = registry.core()?;
     let rt = runtime::handle(py)?;
-    let handle = registry
-        .core()?
-        .spawn_on(&rt, name.to_str()?, kind, fut)
+    let handle = core
+        .spawn_on(&rt, text, kind, fut)
         .map_err(|e| service_err(py, &e))?;
     let abort = handle.abort_handle();
     let (tx, rx) = watch::channel(None);
@@ -58,13 +58,14 @@ pub(crate) fn spawn_native_sleeper(
     kind: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyTaskHandle> {
     const FUNC: &str = "spawn_native_sleeper()";
+    let _inside = super::exit::enter()?;
     let registry = registry.cast::<PyTaskRegistry>().map_err(|_| {
         pyo3::exceptions::PyTypeError::new_err(format!(
             "{FUNC}: `registry` must be a dig_service.TaskRegistry, got {}",
             super::interop::type_name(registry)
         ))
     })?;
-    let name = str_arg(name, FUNC, "name")?;
+    let name = text_arg(name, FUNC, "name")?;
     let secs = seconds_arg(seconds, FUNC, "seconds")?;
     let kind = match kind {
         Some(k) => PyTaskKind::from_arg(k, FUNC, "kind")?,
@@ -91,7 +92,7 @@ struct OnDrop(Option<Py<PyAny>>);
 impl Drop for OnDrop {
     fn drop(&mut self) {
         if let Some(cb) = self.0.take() {
-            let _ = Python::try_attach(|py| {
+            let _ = super::attach_unless_exiting(|py| {
                 let _ = cb.bind(py).call0();
             });
         }
@@ -108,6 +109,7 @@ pub(crate) fn _bridged_sleep<'py>(
     seconds: &Bound<'py, PyAny>,
     on_drop: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let _inside = super::exit::enter()?;
     let secs = seconds_arg(seconds, "_bridged_sleep()", "seconds")?;
     let guard = OnDrop(Some(on_drop.unbind()));
     runtime::into_awaitable(py, async move {

@@ -30,11 +30,18 @@ struct SendOutcome {
 #[pymethods]
 impl SendOutcome {
     fn __call__(&self, fut: &Bound<'_, PyAny>) {
+        let Ok(_inside) = super::exit::enter() else {
+            return; // a daemon thread at interpreter exit: nobody awaits this
+        };
         let py = fut.py();
         let outcome = fut
             .call_method0(pyo3::intern!(py, "result"))
             .map(Bound::unbind);
-        if let Some(tx) = self.tx.lock().take() {
+        // Taken out first: the lock is released before the send, whose
+        // refusal (the Rust side gave up) releases the outcome, a Python
+        // object, which may run Python code.
+        let tx = self.tx.lock().take();
+        if let Some(tx) = tx {
             let _ = tx.send(outcome);
         }
     }
@@ -100,7 +107,7 @@ impl Drop for PyCoroutineFuture {
         if let Some(handle) = self.handle.take() {
             // `concurrent.futures.Future.cancel` is thread-safe and cancels
             // the asyncio task behind it on its own loop.
-            let _ = Python::try_attach(|py| {
+            let _ = super::attach_unless_exiting(|py| {
                 let _ = handle.bind(py).call_method0(pyo3::intern!(py, "cancel"));
             });
         }

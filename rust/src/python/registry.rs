@@ -6,22 +6,26 @@
 //! deadline join runs on the event loop (`dig_service._aio.join_all`) and is
 //! woken once, when the registry empties, by whichever thread empties it.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
 use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyRuntimeError, PySystemExit, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::exit::{self, attach_unless_exiting};
 use super::fork;
 use super::interop::{
-    aio_join_all, aio_resolve, call_on_loop, coroutine_type, iscoroutine, log_task_exception,
-    log_task_warning, monotonic_of, running_loop, seconds_arg, service_err, str_arg, task_creation,
-    task_type, type_name, TaskCreation,
+    aio_cancel_all, aio_join_all, aio_resolve, call_on_loop, coroutine_type, iscoroutine,
+    log_task_exception, log_task_warning, monotonic_of, running_loop, seconds_arg, service_err,
+    task_creation, task_type, text_arg, type_name, TaskCreation,
 };
 use super::kinds::PyTaskKind;
 use super::token::PyShutdownToken;
@@ -40,21 +44,112 @@ pub(crate) struct PyForeign {
 
 impl ForeignTask for PyForeign {
     fn is_finished(&self) -> bool {
-        Python::attach(|py| {
+        attach_unless_exiting(|py| {
             self.task
                 .bind(py)
                 .call_method0(pyo3::intern!(py, "done"))
                 .and_then(|d| d.is_truthy())
                 .unwrap_or(false)
         })
+        .unwrap_or(false)
     }
 
     fn cancel(&self) {
-        Python::attach(|py| {
-            if let Ok(cancel) = self.task.bind(py).getattr(pyo3::intern!(py, "cancel")) {
-                call_on_loop(self.event_loop.bind(py), self.thread, &cancel, &[]);
+        attach_unless_exiting(|py| {
+            if !StopBatch::add(py, self) {
+                if let Ok(cancel) = self.task.bind(py).getattr(pyo3::intern!(py, "cancel")) {
+                    call_on_loop(self.event_loop.bind(py), self.thread, &cancel, &[]);
+                }
             }
         });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Stopping stragglers: one call per event loop, not one per task.
+
+/// The tasks to cancel on one event loop.
+struct LoopBatch {
+    event_loop: Py<PyAny>,
+    thread: ThreadId,
+    tasks: Vec<Py<PyAny>>,
+}
+
+thread_local! {
+    /// While [`StopBatch::run`] runs on this thread: the cancellations the
+    /// core asks for, gathered per loop.
+    static GATHERING: RefCell<Option<Vec<LoopBatch>>> = const { RefCell::new(None) };
+}
+
+/// Cancels the stragglers found by `close_and_stop_all` with one call per
+/// event loop: on this thread's own loop, one call; on another thread's, one
+/// `call_soon_threadsafe` (not one each: 40k stragglers on another thread's
+/// loop cost it 40k wake-ups, and overshot a 0.2 s deadline by most of a
+/// second). The token's wake-ups are batched the same way.
+struct StopBatch {
+    outer: Option<Vec<LoopBatch>>,
+}
+
+impl StopBatch {
+    /// Run `stop` (which calls [`ForeignTask::cancel`] on each straggler),
+    /// then cancel the gathered tasks, loop by loop.
+    fn run<R>(py: Python<'_>, stop: impl FnOnce() -> R) -> PyResult<R> {
+        let guard = StopBatch {
+            // A nested run (from a Python `done()`, say) keeps its own batch.
+            outer: GATHERING.with(|g| g.replace(Some(Vec::new()))),
+        };
+        let out = stop();
+        let batches = guard.finish();
+        if !batches.is_empty() {
+            let cancel_all = aio_cancel_all(py)?;
+            for batch in batches {
+                let tasks = PyList::new(py, batch.tasks)?;
+                call_on_loop(
+                    batch.event_loop.bind(py),
+                    batch.thread,
+                    cancel_all,
+                    &[tasks.into_any()],
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gather `task` if a batch is open on this thread. No Python code runs
+    /// here: references are counted up, nothing else.
+    fn add(py: Python<'_>, task: &PyForeign) -> bool {
+        GATHERING.with(|g| {
+            let mut g = g.borrow_mut();
+            let Some(batches) = g.as_mut() else {
+                return false;
+            };
+            let event_loop = task.event_loop.bind(py);
+            match batches.iter_mut().find(|b| b.event_loop.is(event_loop)) {
+                Some(batch) => batch.tasks.push(task.task.clone_ref(py)),
+                None => batches.push(LoopBatch {
+                    event_loop: event_loop.clone().unbind(),
+                    thread: task.thread,
+                    tasks: vec![task.task.clone_ref(py)],
+                }),
+            }
+            true
+        })
+    }
+
+    fn finish(mut self) -> Vec<LoopBatch> {
+        let outer = self.outer.take();
+        let mine = GATHERING.with(|g| g.replace(outer));
+        std::mem::forget(self);
+        mine.unwrap_or_default()
+    }
+}
+
+impl Drop for StopBatch {
+    /// Only on a panic out of `stop`: restore the outer batch (the gathered
+    /// tasks are dropped, not cancelled: the registry is broken anyway).
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        let _ = GATHERING.with(|g| g.replace(outer));
     }
 }
 
@@ -90,6 +185,53 @@ pub struct PyTaskHandle {
 }
 
 impl PyTaskHandle {
+    /// The name as Python shows it (`'peer-1'`).
+    fn quoted_name(&self, py: Python<'_>) -> String {
+        self.name
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "<unprintable name>".to_owned())
+    }
+
+    /// A tracked task raised `exc`: log it, and fire the token if the task
+    /// is critical, or if `exc` is `KeyboardInterrupt` or `SystemExit`.
+    ///
+    /// Those two (critical task or not) have already stopped the event loop
+    /// (asyncio re-raises them out of the loop); `asyncio.run` and
+    /// `dig_service.run` then run it again to tear it down, and the fired
+    /// token makes the service wind down in that time: `run` returns, the
+    /// tasks are joined, `on_stop` and `post_stop` run, within the budget.
+    fn report_failure(&self, py: Python<'_>, tracked: &PyTracked, exc: &Bound<'_, PyAny>) {
+        let name = self.quoted_name(py);
+        let what = format!("task {name} ({}) failed", self.kind.name());
+        let _ = log_task_exception(py, &what, exc);
+        let interrupt = exc.is_instance_of::<PyKeyboardInterrupt>();
+        let exit = exc.is_instance_of::<PySystemExit>();
+        if !(tracked.critical || interrupt || exit) {
+            return;
+        }
+        let reason = if interrupt {
+            ShutdownReason::UserRequested
+        } else {
+            let text = exc
+                .str()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| "<unprintable>".to_owned());
+            let described = if text.is_empty() {
+                type_name(exc)
+            } else {
+                format!("{}: {text}", type_name(exc))
+            };
+            ShutdownReason::Fatal(if tracked.critical {
+                format!("critical task {name} failed: {described}")
+            } else {
+                format!("task {name} raised {described}")
+            })
+        };
+        tracked.registry.shutdown().cancel(reason);
+    }
+
     pub(crate) fn native(
         name: Py<PyString>,
         kind: TaskKind,
@@ -128,15 +270,18 @@ impl PyTaskHandle {
     }
 
     /// Cancel (Python task) or abort (native task). Safe from any thread.
-    fn abort(&self) {
+    fn abort(&self) -> PyResult<()> {
+        let _inside = exit::enter()?;
         match &self.inner {
             HandleInner::Python(t) => t.foreign.cancel(),
             HandleInner::Native { abort, .. } => abort.abort(),
         }
+        Ok(())
     }
 
     /// Whether the task has finished, however it finished.
     fn is_finished(&self, py: Python<'_>) -> PyResult<bool> {
+        let _inside = exit::enter()?;
         match &self.inner {
             HandleInner::Python(t) => t
                 .foreign
@@ -149,6 +294,7 @@ impl PyTaskHandle {
     }
 
     fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _inside = exit::enter()?;
         let awaitable = match &self.inner {
             HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
             HandleInner::Native { done, .. } => {
@@ -181,6 +327,9 @@ impl PyTaskHandle {
     /// handle) or changes nothing (the task is not done yet, or already
     /// reported).
     fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(_inside) = exit::enter() else {
+            return Ok(()); // a daemon thread's loop at interpreter exit
+        };
         let py = task.py();
         let tracked = match &self.inner {
             HandleInner::Python(t) if t.foreign.task.bind(py).is(task) => t,
@@ -201,50 +350,31 @@ impl PyTaskHandle {
         if tracked.reported.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let outcome = match exception {
+        // From here on the entry leaves the registry whatever happens
+        // (a logging handler that raises, an exception whose `__str__`
+        // raises): a task reported once is never left live.
+        let (outcome, err) = match exception {
             Ok(exc) if exc.is_none() => {
                 let token = tracked.registry.shutdown();
                 if tracked.critical && !token.is_cancelled() {
                     let msg = format!(
                         "critical task {} returned while the service was running",
-                        self.name.bind(py).repr()?
+                        self.quoted_name(py)
                     );
                     let _ = log_task_warning(py, &msg);
                     token.cancel(ShutdownReason::Fatal(msg));
                 }
-                TaskOutcome::Completed
+                (TaskOutcome::Completed, None)
             }
             Ok(exc) => {
-                let what = format!(
-                    "task {} ({}) failed",
-                    self.name.bind(py).repr()?,
-                    self.kind.name()
-                );
-                log_task_exception(py, &what, &exc)?;
-                if tracked.critical {
-                    let msg = format!(
-                        "critical task {} failed: {}: {}",
-                        self.name.bind(py).repr()?,
-                        type_name(&exc),
-                        exc.str()?
-                    );
-                    tracked
-                        .registry
-                        .shutdown()
-                        .cancel(ShutdownReason::Fatal(msg));
-                }
-                TaskOutcome::Failed
+                self.report_failure(py, tracked, &exc);
+                (TaskOutcome::Failed, None)
             }
-            Err(e) if e.is_instance_of::<CancelledError>(py) => TaskOutcome::Cancelled,
-            Err(e) => {
-                tracked
-                    .registry
-                    .finish_foreign(tracked.id, TaskOutcome::Failed);
-                return Err(e);
-            }
+            Err(e) if e.is_instance_of::<CancelledError>(py) => (TaskOutcome::Cancelled, None),
+            Err(e) => (TaskOutcome::Failed, Some(e)),
         };
         tracked.registry.finish_foreign(tracked.id, outcome);
-        Ok(())
+        err.map_or(Ok(()), Err)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -274,12 +404,18 @@ impl PyTaskHandle {
 /// either way: asyncio's `create_task` trims its own frame, and here there
 /// is no such frame. A task factory or an overriding subclass is honoured
 /// by calling `create_task` as before.
+///
+/// Returns the task and whether it may already have run: a task factory
+/// (`asyncio.eager_task_factory`) can run the coroutine's first step, or
+/// all of it, inside `create_task`; the direct `asyncio.Task(...)` never
+/// starts it. If `create_task` raises (a factory that refuses), the
+/// coroutine is closed, as for every other refusal.
 fn create_task<'py>(
     event_loop: &Bound<'py, PyAny>,
     coro: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
     refuse: impl Fn(PyErr) -> PyErr,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<(Bound<'py, PyAny>, bool)> {
     let py = event_loop.py();
     let direct = match task_creation(event_loop)? {
         TaskCreation::AsyncioStock => {
@@ -302,9 +438,12 @@ fn create_task<'py>(
     kwargs.set_item(pyo3::intern!(py, "name"), name)?;
     if direct {
         kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
-        task_type(py)?.call((coro,), Some(&kwargs))
+        Ok((task_type(py)?.call((coro,), Some(&kwargs))?, false))
     } else {
-        event_loop.call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
+        let task = event_loop
+            .call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
+            .map_err(refuse)?;
+        Ok((task, true))
     }
 }
 
@@ -320,6 +459,54 @@ fn untrack(handle: &Bound<'_, PyTaskHandle>) {
     // is); untracking is allowed at any time, and `tp_dealloc` untracks
     // again harmlessly.
     unsafe { pyo3::ffi::PyObject_GC_UnTrack(handle.as_ptr().cast()) };
+}
+
+/// A `bool` keyword argument, or what was passed instead: extraction never
+/// fails, so that the function can refuse it itself (and close the
+/// coroutine it was given) instead of PyO3 refusing it before the call.
+struct Flag<'py>(Result<bool, Bound<'py, PyAny>>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Flag<'py> {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Flag(match obj.cast::<PyBool>() {
+            Ok(flag) => Ok(flag.is_true()),
+            Err(_) => Err(obj.to_owned()),
+        }))
+    }
+}
+
+/// Refuse a coroutine that a new task cannot own: one that is running, was
+/// started elsewhere (suspended in someone's `await`), or has finished (it
+/// was awaited before). Such a coroutine is not closed: it is not ours.
+///
+/// `spawn` asks only about a coroutine that something else references too
+/// (a variable, a list): a finished one that nothing else references (a
+/// function returned it finished) is not caught here; its task then fails
+/// at its first step with asyncio's "cannot reuse already awaited
+/// coroutine", logged and counted like any task failure.
+fn check_coroutine_state(coro: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = coro.py();
+    let why = if coro.getattr(pyo3::intern!(py, "cr_running"))?.is_truthy()? {
+        "is running (a coroutine cannot spawn itself)"
+    } else if coro
+        .getattr(pyo3::intern!(py, "cr_suspended"))?
+        .is_truthy()?
+    {
+        "was already started and is suspended in an `await` (it belongs to whoever started it)"
+    } else if coro.getattr(pyo3::intern!(py, "cr_frame"))?.is_none() {
+        "has already finished (it was awaited, or closed, before): pass a new coroutine, \
+         spawn(name, kind, work())"
+    } else {
+        return Ok(());
+    };
+    Err(PyValueError::new_err(format!(
+        "TaskRegistry.spawn(): `coro` {why}; got {}",
+        coro.repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| type_name(coro))
+    )))
 }
 
 /// Named, tracked tasks (asyncio and tokio) joined under one deadline.
@@ -375,27 +562,44 @@ impl PyTaskRegistry {
     }
 
     /// Schedule `coro` on the running loop and track it.
-    #[pyo3(signature = (name, kind, coro, *, critical = false))]
+    ///
+    /// Every argument is checked before the task is made, so a spawn that
+    /// raises has not scheduled anything; a refused coroutine is closed
+    /// (no "never awaited" warning), unless it is someone else's (already
+    /// started or running), which is left alone.
+    #[pyo3(
+        signature = (name, kind, coro, *, critical = Flag(Ok(false))),
+        text_signature = "($self, name, kind, coro, *, critical=False)"
+    )]
     fn spawn<'py>(
         slf: &Bound<'py, Self>,
         name: &Bound<'py, PyAny>,
         kind: &Bound<'py, PyAny>,
         coro: &Bound<'py, PyAny>,
-        critical: bool,
+        critical: Flag<'py>,
     ) -> PyResult<Bound<'py, PyTaskHandle>> {
+        const FUNC: &str = "TaskRegistry.spawn()";
+        let _inside = exit::enter()?;
         let py = slf.py();
         let this = slf.get();
         let core = this.core()?;
-        let is_coroutine = coro.get_type().is(coroutine_type(py)?)
-            || iscoroutine(py)?.call1((coro,))?.is_truthy()?;
-        if !is_coroutine {
+        if coro.get_type().is(coroutine_type(py)?) {
+            // A coroutine that only this call references (the usual
+            // `spawn(name, kind, work())`) cannot be running or suspended in
+            // someone's `await`: only one held elsewhere is asked its state
+            // (`cr_frame` makes a frame object, ~1.5k instructions: P1).
+            // SAFETY: `coro` is a live object; reading its count is a load.
+            if unsafe { pyo3::ffi::Py_REFCNT(coro.as_ptr()) } > 1 {
+                check_coroutine_state(coro)?;
+            }
+        } else if !iscoroutine(py)?.call1((coro,))?.is_truthy()? {
             let hint = if coro.is_callable() {
                 " (call the async function: spawn(name, kind, work()), not spawn(name, kind, work))"
             } else {
                 ""
             };
             return Err(PyTypeError::new_err(format!(
-                "TaskRegistry.spawn(): `coro` must be a coroutine object{hint}, got {}",
+                "{FUNC}: `coro` must be a coroutine object{hint}, got {}",
                 type_name(coro)
             )));
         }
@@ -405,19 +609,30 @@ impl PyTaskRegistry {
             let _ = coro.call_method0(pyo3::intern!(py, "close"));
             err
         };
-        let name_str = str_arg(name, "TaskRegistry.spawn()", "name").map_err(refuse)?;
-        let kind = PyTaskKind::from_arg(kind, "TaskRegistry.spawn()", "kind").map_err(refuse)?;
+        let (name_str, name_text) = text_arg(name, FUNC, "name").map_err(refuse)?;
+        let kind = PyTaskKind::from_arg(kind, FUNC, "kind").map_err(refuse)?;
+        let critical = match critical.0 {
+            Ok(flag) => flag,
+            Err(other) => {
+                return Err(refuse(PyTypeError::new_err(format!(
+                    "{FUNC}: `critical` must be bool (True or False), got {}",
+                    type_name(&other)
+                ))))
+            }
+        };
         if core.is_closed() {
             return Err(refuse(service_err(py, &ServiceError::AlreadyStopped)));
         }
-        let event_loop = running_loop(py, "TaskRegistry.spawn()").map_err(refuse)?;
-        let task = create_task(&event_loop, coro, name_str, refuse)?;
+        let event_loop = running_loop(py, FUNC).map_err(refuse)?;
+        let (task, may_have_run) = create_task(&event_loop, coro, name_str, refuse)?;
+        // The task exists: from here on a failure cancels it before its
+        // first step (so its coroutine never runs) and leaves nothing live.
         let foreign = Arc::new(PyForeign {
             task: task.clone().unbind(),
-            event_loop: event_loop.unbind(),
+            event_loop: event_loop.clone().unbind(),
             thread: thread::current().id(),
         });
-        let id = match core.track_foreign(name_str.to_str()?, kind, foreign.clone()) {
+        let id = match core.track_foreign(name_text, kind, foreign.clone()) {
             Ok(id) => id,
             Err(e) => {
                 // Closed by another thread between the check and now.
@@ -438,10 +653,38 @@ impl PyTaskRegistry {
                     reported: AtomicBool::new(false),
                 }),
             },
-        )?;
-        untrack(&handle);
-        task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
-        Ok(handle)
+        )
+        .and_then(|handle| {
+            untrack(&handle);
+            if may_have_run && task.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+                // An eager task factory ran the task to its end inside
+                // `create_task`. A done callback would run only on the next
+                // loop turn, after `await handle` had already returned:
+                // report the end now, so that, as for any other task, an
+                // awaiter that resumes finds it logged, counted and out of
+                // the registry. A report that fails goes where a failing
+                // done callback's would.
+                if let Err(err) = handle.get().__call__(&task) {
+                    let context = PyDict::new(py);
+                    context.set_item(
+                        "message",
+                        "TaskRegistry.spawn(): reporting the end of an eagerly finished task failed",
+                    )?;
+                    context.set_item("exception", err.value(py))?;
+                    context.set_item("task", &task)?;
+                    event_loop
+                        .call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
+                }
+            } else {
+                task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
+            }
+            Ok(handle)
+        });
+        if handle.is_err() {
+            let _ = task.call_method0(pyo3::intern!(py, "cancel"));
+            core.finish_foreign(id, TaskOutcome::Cancelled);
+        }
+        handle
     }
 
     /// Wait for every tracked task up to `deadline` seconds, then stop the
@@ -450,32 +693,37 @@ impl PyTaskRegistry {
         slf: &Bound<'py, Self>,
         deadline: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _inside = exit::enter()?;
         let secs = seconds_arg(deadline, "TaskRegistry.join_all()", "deadline")?;
         aio_join_all(slf.py())?.call1((slf, secs))
     }
 
     /// Close the registry if it is empty; else resolve `fut` once it empties.
     fn _try_close(&self, fut: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let _inside = exit::enter()?;
         let py = fut.py();
         let event_loop = fut.call_method0(pyo3::intern!(py, "get_loop"))?.unbind();
         let fut = fut.clone().unbind();
         let thread = thread::current().id();
         Ok(self.core()?.try_close(move || {
-            Python::attach(|py| {
+            attach_unless_exiting(|py| {
                 if let Ok(resolve) = aio_resolve(py) {
                     call_on_loop(event_loop.bind(py), thread, resolve, &[fut.into_bound(py)]);
                 }
-            })
+            });
         }))
     }
 
     /// Close the registry, stop every live task, return their names.
-    fn _close_and_stop_all(&self) -> PyResult<Vec<String>> {
-        Ok(self.core()?.close_and_stop_all().names)
+    fn _close_and_stop_all(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let _inside = exit::enter()?;
+        let core = self.core()?;
+        Ok(StopBatch::run(py, || core.close_and_stop_all())?.names)
     }
 
     /// The live tasks.
     fn snapshot(&self, py: Python<'_>) -> PyResult<Vec<PyTaskSummary>> {
+        let _inside = exit::enter()?;
         self.core()?
             .snapshot()
             .into_iter()

@@ -4,24 +4,36 @@
 //! Guarantees:
 //! - **Lazy.** `import dig_service` starts no thread; the runtime is built
 //!   on first use (a native task, a native await), with the GIL released.
-//! - **Deliberate shutdown.** [`shutdown`] (registered with `atexit` by the
-//!   Python package) takes the runtime down with the GIL released, so native
+//! - **Deliberate shutdown, once, at exit.** The `atexit` hook (see
+//!   `exit.rs`) takes the runtime down with the GIL released, so native
 //!   tasks still running at interpreter exit are dropped, not left to touch
-//!   a finalising interpreter.
-//! - **Fork-safe.** A forked child does not inherit the parent's worker
-//!   threads; the first use in the child notices the new pid, forgets the
-//!   parent's runtime without running its destructor, and builds its own.
+//!   a finalising interpreter, and no runtime thread is left to wait for the
+//!   GIL during finalisation. From then on no runtime is ever built again:
+//!   a native call from a thread that outlives the hook gets a
+//!   `RuntimeError`, and a spawn finds no runtime and drops its task. (An
+//!   earlier version rebuilt the runtime for a daemon thread that used it
+//!   after the hook, and never shut that one down.)
+//! - **Fork-safe.** The slot that holds the runtime is replaced in a forked
+//!   child (`os.register_at_fork`, see `fork.rs`): the child never touches a
+//!   lock the parent's threads may have held (or been parked on) at the
+//!   fork, forgets the parent's runtime without running its destructor (its
+//!   worker threads do not exist in the child), and builds its own on first
+//!   use. The runtime's own threads never take that lock: a spawn from one
+//!   of them goes to its own runtime.
 //! - **Quiet after loop close.** A completion that arrives after its event
 //!   loop closed is dropped without "Event loop is closed" noise.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple};
 use pyo3_async_runtimes::generic::{ContextExt, JoinError, Runtime as GenericRuntime};
 use pyo3_async_runtimes::TaskLocals;
 use tokio::runtime::{Builder, Handle, Runtime};
@@ -31,80 +43,182 @@ struct Owned {
     rt: Runtime,
 }
 
-static RUNTIME: Mutex<Option<Owned>> = Mutex::new(None);
+enum State {
+    /// Not built yet (or shut down by an explicit `shutdown_runtime()`).
+    Idle,
+    Running(Owned),
+    /// Shut down by the `atexit` hook: never built again in this process.
+    Exited,
+}
 
-fn current() -> Option<Handle> {
-    let g = RUNTIME.lock();
-    match g.as_ref() {
-        Some(o) if o.pid == std::process::id() => Some(o.rt.handle().clone()),
-        _ => None,
+/// The runtime of this process, behind a lock that only Python threads
+/// take (tokio threads use [`Handle::current`]).
+struct Slot {
+    state: Mutex<State>,
+}
+
+impl Slot {
+    fn new() -> &'static Slot {
+        Box::leak(Box::new(Slot {
+            state: Mutex::new(State::Idle),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it leaves a consistent `State` behind.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn build() -> std::io::Result<Handle> {
-    let mut g = RUNTIME.lock();
-    let pid = std::process::id();
-    if let Some(o) = g.as_ref() {
-        if o.pid == pid {
-            return Ok(o.rt.handle().clone());
-        }
+/// The current [`Slot`]. Replaced (never freed: a thread of the parent may
+/// have held its lock at the fork) in a forked child by [`reset_in_child`].
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+
+fn slot() -> &'static Slot {
+    // Acquire pairs with the Release of the store that published the slot,
+    // so its initialised contents are visible.
+    let current = SLOT.load(Ordering::Acquire);
+    if !current.is_null() {
+        // SAFETY: every pointer stored in SLOT comes from `Slot::new`
+        // (leaked, never freed).
+        return unsafe { &*current };
     }
-    if let Some(stale) = g.take() {
-        // Inherited across fork(): its worker threads exist only in the
-        // parent. Dropping it would wait for them forever.
+    let fresh: *mut Slot = (Slot::new() as *const Slot).cast_mut();
+    match SLOT.compare_exchange(
+        std::ptr::null_mut(),
+        fresh,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        // SAFETY: as above.
+        Ok(_) => unsafe { &*fresh },
+        // Another thread published one first; ours stays leaked (once).
+        Err(theirs) => unsafe { &*theirs },
+    }
+}
+
+/// In a forked child: start from a fresh slot. Runs in the child's only
+/// thread (the `after_in_child` hook), before any other code of the child.
+pub(crate) fn reset_in_child() {
+    // Release: publishes the fresh slot's contents to the threads the child
+    // starts later. The parent's slot is leaked: its lock may be held by a
+    // thread that does not exist here, and its runtime must not be dropped.
+    SLOT.store((Slot::new() as *const Slot).cast_mut(), Ordering::Release);
+}
+
+thread_local! {
+    /// Whether this thread is one of the runtime's own (worker or blocking).
+    static RUNTIME_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is one of the runtime's (worker or blocking).
+pub(crate) fn on_runtime_thread() -> bool {
+    RUNTIME_THREAD.with(Cell::get)
+}
+
+fn current() -> PyResult<Option<Handle>> {
+    match &*slot().lock() {
+        State::Running(o) if o.pid == std::process::id() => Ok(Some(o.rt.handle().clone())),
+        State::Exited => Err(super::exit::exiting_error()),
+        _ => Ok(None),
+    }
+}
+
+fn build() -> PyResult<Handle> {
+    let mut g = slot().lock();
+    let pid = std::process::id();
+    match &*g {
+        State::Running(o) if o.pid == pid => return Ok(o.rt.handle().clone()),
+        State::Exited => return Err(super::exit::exiting_error()),
+        _ => {}
+    }
+    if let State::Running(stale) = std::mem::replace(&mut *g, State::Idle) {
+        // A runtime from another process (a fork without our hook): its
+        // worker threads exist only there. Dropping it would wait for them
+        // forever.
         std::mem::forget(stale);
     }
     let rt = Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("dig-service-rt")
+        .on_thread_start(|| RUNTIME_THREAD.with(|t| t.set(true)))
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|e| {
+            PyRuntimeError::new_err(format!("dig_service: cannot start the tokio runtime: {e}"))
+        })?;
     let handle = rt.handle().clone();
-    *g = Some(Owned { pid, rt });
+    *g = State::Running(Owned { pid, rt });
     Ok(handle)
 }
 
+/// Run `f` with the GIL released, on a Python thread; refused once the
+/// interpreter is exiting. (Re-taking the GIL afterwards is where CPython
+/// ends a daemon thread during finalisation: the `atexit` hook waits for
+/// every thread inside an entry point, so for every detached section, to
+/// finish before finalisation can begin; see `exit.rs`.)
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<T> + Send) -> PyResult<T> {
+    if super::exit::exiting() {
+        return Err(super::exit::exiting_error());
+    }
+    py.detach(f)
+}
+
 /// The runtime's handle, building the runtime (GIL released) on first use.
+/// Fails once the interpreter has started to exit.
 pub(crate) fn handle(py: Python<'_>) -> PyResult<Handle> {
-    if let Some(h) = current() {
+    if let Some(h) = current()? {
         return Ok(h);
     }
-    py.detach(build).map_err(|e| {
-        PyRuntimeError::new_err(format!("dig_service: cannot start the tokio runtime: {e}"))
-    })
-}
-
-/// Take the runtime lock across `fork()` (see `fork.rs`), so no worker can
-/// hold it at the instant of the fork. Waits with the GIL released.
-pub(crate) fn hold_for_fork(py: Python<'_>) {
-    py.detach(|| std::mem::forget(RUNTIME.lock()));
-}
-
-/// Release the lock taken by [`hold_for_fork`] (in the parent and the child).
-pub(crate) fn release_after_fork() {
-    // SAFETY: called only by the `after_in_parent` / `after_in_child` hooks,
-    // which run exactly once after the `before` hook that locked RUNTIME and
-    // forgot its guard; nothing else holds it.
-    unsafe { RUNTIME.force_unlock() };
+    detached(py, build)
 }
 
 /// Whether the runtime of this process is running.
 #[pyfunction]
 pub(crate) fn runtime_started() -> bool {
-    current().is_some()
+    matches!(current(), Ok(Some(_)))
+}
+
+fn stop(py: Python<'_>, owned: Owned) {
+    if owned.pid == std::process::id() {
+        // Workers finishing a poll may need the GIL: release it while waiting.
+        py.detach(move || owned.rt.shutdown_timeout(Duration::from_secs(1)));
+    } else {
+        std::mem::forget(owned);
+    }
 }
 
 /// Shut the runtime down (GIL released): running native tasks are dropped.
-/// The next use builds a fresh runtime. Registered with `atexit`.
+/// The next use builds a fresh runtime.
 #[pyfunction]
-pub(crate) fn shutdown_runtime(py: Python<'_>) {
-    let owned = RUNTIME.lock().take();
-    if let Some(o) = owned {
-        if o.pid == std::process::id() {
-            py.detach(move || o.rt.shutdown_timeout(Duration::from_secs(1)));
-        } else {
-            std::mem::forget(o);
+pub(crate) fn shutdown_runtime(py: Python<'_>) -> PyResult<()> {
+    let _inside = super::exit::enter()?;
+    let taken = {
+        let mut g = slot().lock();
+        match std::mem::replace(&mut *g, State::Idle) {
+            State::Running(o) => Some(o),
+            other => {
+                // Idle stays Idle; Exited stays Exited.
+                *g = other;
+                None
+            }
         }
+    };
+    if let Some(o) = taken {
+        stop(py, o);
+    }
+    Ok(())
+}
+
+/// For the `atexit` hook: shut the runtime down (GIL released) and never
+/// build one again in this process.
+pub(crate) fn shut_down_for_good(py: Python<'_>) {
+    let taken = match std::mem::replace(&mut *slot().lock(), State::Exited) {
+        State::Running(o) => Some(o),
+        _ => None,
+    };
+    if let Some(o) = taken {
+        stop(py, o);
     }
 }
 
@@ -114,24 +228,49 @@ pub(crate) fn shutdown_runtime(py: Python<'_>) {
 pub(crate) struct DigRuntime;
 
 /// Why a bridged future did not produce a value.
-pub(crate) struct BridgeJoinError(tokio::task::JoinError);
+pub(crate) enum BridgeJoinError {
+    Join(tokio::task::JoinError),
+    /// There was no runtime to run it on (the interpreter is exiting): the
+    /// future was dropped unpolled.
+    NoRuntime,
+}
 
 impl JoinError for BridgeJoinError {
     fn is_panic(&self) -> bool {
-        self.0.is_panic()
+        matches!(self, Self::Join(e) if e.is_panic())
     }
     fn into_panic(self) -> Box<dyn std::any::Any + Send + 'static> {
-        self.0.into_panic()
+        match self {
+            Self::Join(e) => e.into_panic(),
+            Self::NoRuntime => Box::new("dig_service: no tokio runtime"),
+        }
     }
 }
 
 type BoxJoin = Pin<Box<dyn Future<Output = Result<(), BridgeJoinError>> + Send>>;
 
-fn spawn_handle() -> Handle {
-    // The bridge is only entered after `handle(py)` built the runtime; if it
-    // was shut down in between (interpreter exit), build a fresh one rather
-    // than panic.
-    current().unwrap_or_else(|| build().expect("dig_service: cannot start the tokio runtime"))
+/// Where the bridge spawns: a runtime thread's own runtime (no lock: the
+/// thread may be the one that shuts it down, or be inherited across a
+/// fork by nobody), else this process's runtime. `None` once the runtime is
+/// gone for good (interpreter exit): the caller drops the work.
+fn spawn_handle() -> Option<Handle> {
+    if on_runtime_thread() {
+        if let Ok(h) = Handle::try_current() {
+            return Some(h);
+        }
+    }
+    // A Python thread: `into_awaitable` checked the runtime just before
+    // (`handle`), so it is running unless an explicit `shutdown_runtime()`
+    // or the exit hook took it down in between.
+    match current() {
+        Ok(Some(h)) => Some(h),
+        Ok(None) => build().ok(),
+        Err(_) => None,
+    }
+}
+
+fn dropped() -> BoxJoin {
+    Box::pin(std::future::ready(Err(BridgeJoinError::NoRuntime)))
 }
 
 impl GenericRuntime for DigRuntime {
@@ -142,16 +281,38 @@ impl GenericRuntime for DigRuntime {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let join = spawn_handle().spawn(fut);
-        Box::pin(async move { join.await.map_err(BridgeJoinError) })
+        match spawn_handle() {
+            Some(h) => {
+                let join = h.spawn(fut);
+                Box::pin(async move { join.await.map_err(BridgeJoinError::Join) })
+            }
+            None => {
+                drop(fut);
+                dropped()
+            }
+        }
     }
 
     fn spawn_blocking<F>(f: F) -> Self::JoinHandle
     where
         F: FnOnce() + Send + 'static,
     {
-        let join = spawn_handle().spawn_blocking(f);
-        Box::pin(async move { join.await.map_err(BridgeJoinError) })
+        match spawn_handle() {
+            Some(h) => {
+                // pyo3-async-runtimes attaches in `f` (to set a result): not
+                // on a thread that outlived the exit hook's shutdown.
+                let join = h.spawn_blocking(move || {
+                    if !super::exit::runtime_gone() {
+                        f();
+                    }
+                });
+                Box::pin(async move { join.await.map_err(BridgeJoinError::Join) })
+            }
+            None => {
+                drop(f);
+                dropped()
+            }
+        }
     }
 }
 
@@ -172,43 +333,102 @@ impl ContextExt for DigRuntime {
     }
 }
 
+/// The event loop as pyo3-async-runtimes sees it: the real loop, except
+/// that every callback posted to it with `call_soon_threadsafe` (the
+/// bridge's completions) runs inside the exit gate (see `exit.rs`), and a
+/// post to a loop that has closed is dropped quietly.
+///
+/// A completion (`set_result` on the Python future) schedules the
+/// future's callbacks, which on asyncio's loop runs Python code, and in
+/// debug mode reads source files: the loop's thread can lose the GIL there.
+/// Inside the gate, the `atexit` hook waits for it; after the hook, a
+/// daemon thread's loop drops the completion instead (nobody will see it).
+#[pyclass(module = "dig_service._core", frozen)]
+pub(crate) struct BridgeLoop {
+    event_loop: Py<PyAny>,
+}
+
+#[pymethods]
+impl BridgeLoop {
+    fn create_future<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.event_loop
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "create_future"))
+    }
+
+    #[pyo3(signature = (callback, *args, context = None))]
+    fn call_soon_threadsafe(
+        &self,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = callback.py();
+        let event_loop = self.event_loop.bind(py);
+        let gated = std::iter::once(run_gated(py)?.clone())
+            .chain(std::iter::once(callback.clone()))
+            .chain(args.iter())
+            .collect::<Vec<_>>();
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(pyo3::intern!(py, "context"), context)?;
+        match event_loop.call_method(
+            pyo3::intern!(py, "call_soon_threadsafe"),
+            PyTuple::new(py, gated)?,
+            Some(&kwargs),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let closed = event_loop
+                    .call_method0(pyo3::intern!(py, "is_closed"))
+                    .and_then(|c| c.is_truthy())
+                    .unwrap_or(false);
+                if closed {
+                    Ok(()) // nobody is waiting on a closed loop
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// `callback(*args)` inside the exit gate; nothing once the interpreter is
+/// exiting (see [`BridgeLoop`]).
+#[pyfunction(signature = (callback, *args))]
+pub(crate) fn _run_gated(callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> PyResult<()> {
+    let Ok(_inside) = super::exit::enter() else {
+        return Ok(());
+    };
+    callback.call1(args)?;
+    Ok(())
+}
+
+fn run_gated(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static CELL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    CELL.get_or_try_init(py, || {
+        Ok::<_, PyErr>(wrap_pyfunction!(_run_gated, py)?.into_any().unbind())
+    })
+    .map(|f| f.bind(py))
+}
+
 /// Turn `fut` into an asyncio awaitable on the running loop.
 ///
 /// Cancelling the awaitable drops `fut` (pyo3-async-runtimes does this). If
 /// the loop is closed by the time `fut` completes, the completion is
-/// dropped quietly: the Python future is marked cancelled first, which the
-/// bridge treats as "nobody is waiting".
+/// dropped quietly ([`BridgeLoop`]).
 pub(crate) fn into_awaitable<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
 where
     F: Future<Output = PyResult<T>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
     handle(py)?;
-    let locals = TaskLocals::with_running_loop(py)?.copy_context(py)?;
-    let event_loop = locals.event_loop(py).unbind();
-    let slot: Arc<OnceLock<Py<PyAny>>> = Arc::new(OnceLock::new());
-    let slot2 = slot.clone();
-    let guarded = async move {
-        let out = fut.await;
-        if let Some(py_fut) = slot2.get() {
-            Python::attach(|py| {
-                let closed = event_loop
-                    .bind(py)
-                    .call_method0(pyo3::intern!(py, "is_closed"))
-                    .and_then(|v| v.is_truthy())
-                    .unwrap_or(true);
-                if closed {
-                    // Sets the state to cancelled before it fails to schedule
-                    // callbacks on the closed loop; the error is expected.
-                    let _ = py_fut.bind(py).call_method0(pyo3::intern!(py, "cancel"));
-                }
-            });
-        }
-        out
-    };
-    let py_fut = pyo3_async_runtimes::generic::future_into_py_with_locals::<DigRuntime, _, T>(
-        py, locals, guarded,
+    let event_loop = super::interop::running_loop(py, "a native await")?;
+    let view = Bound::new(
+        py,
+        BridgeLoop {
+            event_loop: event_loop.unbind(),
+        },
     )?;
-    let _ = slot.set(py_fut.clone().unbind());
-    Ok(py_fut)
+    let locals = TaskLocals::new(view.into_any()).copy_context(py)?;
+    pyo3_async_runtimes::generic::future_into_py_with_locals::<DigRuntime, _, T>(py, locals, fut)
 }

@@ -6,6 +6,12 @@
 //! `call_soon_threadsafe` from any other thread. No waiter costs a tokio
 //! round trip. The list is pruned of abandoned (cancelled) waiters as it
 //! grows, so a loop that keeps timing out on `cancelled()` stays small.
+//!
+//! No Python code runs while the waiter lock is held: not the prune's
+//! `done()` calls (a loop's futures may be a Python class), not a Python
+//! object's destructor. Python code can release the GIL, and a signal
+//! handler or another thread calling `cancel()` would then block on the
+//! lock, holding the GIL the lock's owner needs to go on.
 
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
@@ -14,6 +20,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use super::exit;
 use super::fork;
 use super::interop::{aio_wait_cancelled, aio_wake_all, call_on_loop, running_loop};
 use super::kinds::PyShutdownReason;
@@ -50,6 +57,80 @@ impl PyShutdownToken {
             made_in: fork::generation(),
         }
     }
+
+    /// Add `fut` to the waiters of `event_loop` (hooking the wake-up on
+    /// the token the first time). If that loop's list has grown past its
+    /// prune mark, take the list out and return it, to be pruned with the
+    /// lock released and then [put back](Self::put_back).
+    ///
+    /// Under the lock: reference counting only (never a decrement to zero)
+    /// and the token's `on_cancel` (which runs no callback itself).
+    fn push(
+        &self,
+        event_loop: &Bound<'_, PyAny>,
+        fut: &Bound<'_, PyAny>,
+    ) -> Option<Vec<Py<PyAny>>> {
+        let mut w = self.waiters.lock();
+        let lw = loop_entry(&mut w.loops, event_loop);
+        let to_prune = if lw.futures.len() >= lw.prune_at {
+            // Until they are put back, a larger mark keeps a nested park
+            // (from a `done()` that parks, say) from pruning again.
+            lw.prune_at = usize::MAX;
+            Some(std::mem::take(&mut lw.futures))
+        } else {
+            None
+        };
+        lw.futures.push(fut.clone().unbind());
+        if !w.hooked {
+            w.hooked = true;
+            let shared = self.waiters.clone();
+            if !self.core.on_cancel(move |_| wake(&shared)) {
+                // Already fired: the caller wakes what it parked. (The
+                // refused callback is dropped inside `on_cancel`, which
+                // releases one `Arc` reference, never the last.)
+                w.hooked = false;
+            }
+        }
+        to_prune
+    }
+
+    /// Return the pruned waiters of `event_loop` to its list, after a
+    /// [`push`](Self::push) took them out.
+    fn put_back(&self, event_loop: &Bound<'_, PyAny>, live: Vec<Py<PyAny>>) {
+        let mut w = self.waiters.lock();
+        let lw = loop_entry(&mut w.loops, event_loop);
+        let total = lw.futures.len() + live.len();
+        lw.futures.extend(live);
+        lw.prune_at = (total * 2).max(PRUNE_AT_LEAST);
+    }
+}
+
+/// A loop's list is pruned once it holds this many waiters (and then at
+/// twice the live count after each prune).
+const PRUNE_AT_LEAST: usize = 64;
+
+/// The waiters of `event_loop`, added to `loops` if it has none yet (or
+/// if a wake-up took them all meanwhile).
+fn loop_entry<'a>(
+    loops: &'a mut Vec<LoopWaiters>,
+    event_loop: &Bound<'_, PyAny>,
+) -> &'a mut LoopWaiters {
+    let idx = match loops
+        .iter()
+        .position(|lw| lw.event_loop.as_ptr() == event_loop.as_ptr())
+    {
+        Some(i) => i,
+        None => {
+            loops.push(LoopWaiters {
+                event_loop: event_loop.clone().unbind(),
+                thread: thread::current().id(),
+                futures: Vec::new(),
+                prune_at: PRUNE_AT_LEAST,
+            });
+            loops.len() - 1
+        }
+    };
+    &mut loops[idx]
 }
 
 /// Hand every parked future to its loop: one call per loop.
@@ -58,7 +139,7 @@ fn wake(waiters: &SharedWaiters) {
     if loops.is_empty() {
         return;
     }
-    Python::attach(|py| {
+    super::attach_unless_exiting(|py| {
         let Ok(wake_all) = aio_wake_all(py) else {
             return;
         };
@@ -90,6 +171,7 @@ impl PyShutdownToken {
     /// Fire the token; only the first reason is kept.
     fn cancel(&self, reason: &Bound<'_, PyAny>) -> PyResult<()> {
         fork::check(self.made_in, "ShutdownToken")?;
+        let _inside = exit::enter()?;
         let reason = PyShutdownReason::from_arg(reason, "ShutdownToken.cancel()", "reason")?;
         self.core.cancel(reason);
         Ok(())
@@ -107,6 +189,7 @@ impl PyShutdownToken {
     /// is created, so a coroutine that is never awaited (or is cancelled
     /// before it starts) leaves nothing behind.
     fn cancelled<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let _inside = exit::enter()?;
         aio_wait_cancelled(slf.py())?.call1((slf,))
     }
 
@@ -114,55 +197,33 @@ impl PyShutdownToken {
     /// it already has. The body of `cancelled()`.
     fn _park<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         fork::check(self.made_in, "ShutdownToken")?;
+        let _inside = exit::enter()?;
         if self.core.is_cancelled() {
             return Ok(None);
         }
         let event_loop = running_loop(py, "ShutdownToken.cancelled()")?;
         let fut = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
-        let fire_now = {
-            let mut w = self.waiters.lock();
-            let idx = match w
-                .loops
-                .iter()
-                .position(|lw| lw.event_loop.as_ptr() == event_loop.as_ptr())
-            {
-                Some(i) => i,
-                None => {
-                    w.loops.push(LoopWaiters {
-                        event_loop: event_loop.clone().unbind(),
-                        thread: thread::current().id(),
-                        futures: Vec::new(),
-                        prune_at: 64,
-                    });
-                    w.loops.len() - 1
-                }
-            };
-            let lw = &mut w.loops[idx];
-            if lw.futures.len() >= lw.prune_at {
-                // Waiters whose task was cancelled (timeouts) are done
-                // already; drop them so the list tracks live waiters.
-                lw.futures.retain(|f| {
+        let to_prune = self.push(&event_loop, &fut);
+        if let Some(parked) = to_prune {
+            // Waiters whose task was cancelled (timeouts) are done already;
+            // drop them so the list tracks live waiters. `done()` may be
+            // Python code: asked with no lock held, and the done futures
+            // are released here, with no lock held either.
+            let live: Vec<Py<PyAny>> = parked
+                .into_iter()
+                .filter(|f| {
                     !f.bind(py)
                         .call_method0(pyo3::intern!(py, "done"))
                         .and_then(|d| d.is_truthy())
                         .unwrap_or(true)
-                });
-                lw.prune_at = (lw.futures.len() * 2).max(64);
-            }
-            lw.futures.push(fut.clone().unbind());
-            if !w.hooked {
-                w.hooked = true;
-                let shared = self.waiters.clone();
-                if !self.core.on_cancel(move |_| wake(&shared)) {
-                    w.hooked = false;
-                }
-            }
-            // The token may have fired after the check above and before the
-            // push: then the callback already ran (or was refused) and this
-            // future is ours to wake.
-            self.core.is_cancelled()
-        };
-        if fire_now {
+                })
+                .collect();
+            self.put_back(&event_loop, live);
+        }
+        // The token may have fired after the check above: then its callback
+        // already ran (or was refused), and the futures added since (this
+        // one, the pruned ones put back) are ours to wake.
+        if self.core.is_cancelled() {
             wake(&self.waiters);
         }
         Ok(Some(fut))

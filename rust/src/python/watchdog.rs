@@ -16,13 +16,18 @@
 //!   due time to the first beat after it). The two lines come from the
 //!   watchdog thread, in that order.
 //! - **No Rust lock is held while Python runs**; the thread takes the GIL
-//!   only to report a stall (never while the loop turns), with
-//!   `Python::try_attach`, so it never blocks on a finalising interpreter.
+//!   only to report a stall (never while the loop turns).
 //! - **Started only when asked** (a `LoopWatchdog` is built), **stopped
 //!   deterministically**: `stop()` joins the thread with the GIL released.
 //!   Dropping a watchdog that was not stopped tells the thread to end
 //!   without waiting for it. A watchdog inherited across `os.fork()` does
 //!   not join its parent's thread (the child has none).
+//! - **Interpreter exit.** A thread that waits for the GIL once the
+//!   interpreter finalises is ended with a forced unwind, which aborts the
+//!   process if it meets Rust frames (see [`super::exit`]). So an `atexit`
+//!   hook, registered when the first watchdog is built (it runs before the
+//!   runtime's), stops every watchdog thread of this process and waits for
+//!   them (GIL released, up to 2 s); from then on none attaches again.
 //!
 //! The GIL orders `beat` (a Python method, called with the GIL) against the
 //! thread's decision to report: the thread re-reads the last beat and sets
@@ -38,6 +43,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
 use super::fork;
@@ -47,6 +53,26 @@ use super::interop::{get_logger, seconds_arg, str_arg};
 const MAX_FRAMES: usize = 64;
 /// The smallest `stall_warning` accepted (the beat then runs every 2.5 ms).
 const MIN_STALL: f64 = 0.01;
+/// How long the exit hook waits for the watchdog threads to end.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Set for good by the exit hook: no watchdog thread attaches any more.
+/// SeqCst with the thread's check before it attaches: either the thread
+/// sees it (and does not attach), or the hook, which sets it first, then
+/// waits for that thread to end with the GIL released (so the thread can
+/// attach, report and leave before the interpreter finalises).
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Every watchdog thread started in this process (and in the one it was
+/// forked from), for the exit hook. Locked only to add and to take entries:
+/// no Python code runs under it.
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+struct Live {
+    shared: Arc<Shared>,
+    thread: Thread,
+    generation: u64,
+}
 
 /// State shared by the loop (through `beat`) and the watchdog thread.
 struct Shared {
@@ -70,6 +96,9 @@ struct Shared {
     /// Stalls reported so far (for tests and, later, metrics); `Relaxed`:
     /// a counter.
     stalls: AtomicU64,
+    /// Set by the thread as it ends (Release; the exit hook reads it with
+    /// Acquire and then relies on nothing the thread did).
+    ended: AtomicBool,
     interval: Duration,
     stall: Duration,
     /// `threading.get_ident()` of the loop's thread.
@@ -133,21 +162,43 @@ impl PyLoopWatchdog {
             resumed_at: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stalls: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
             interval: stall / 4,
             stall,
             loop_thread: thread_id,
             label,
             logger,
         });
+        install_exit_hook(stall_warning.py())?;
+        if EXITING.load(Ordering::SeqCst) {
+            return Err(PyRuntimeError::new_err(
+                "LoopWatchdog(): the interpreter is exiting (its atexit hooks have run)",
+            ));
+        }
         let for_thread = shared.clone();
         let join = thread::Builder::new()
             .name("dig-service-watchdog".to_owned())
-            .spawn(move || watch(&for_thread))
+            .spawn(move || {
+                watch(&for_thread);
+                for_thread.ended.store(true, Ordering::Release);
+            })
             .map_err(|e| {
                 PyRuntimeError::new_err(format!(
                     "LoopWatchdog(): cannot start the watchdog thread: {e}"
                 ))
             })?;
+        {
+            let mut live = LIVE.lock();
+            // Drop the ended threads, and those of the process this one was
+            // forked from (they do not exist here).
+            let generation = fork::generation();
+            live.retain(|l| l.generation == generation && !l.shared.ended.load(Ordering::Acquire));
+            live.push(Live {
+                shared: shared.clone(),
+                thread: join.thread().clone(),
+                generation: fork::generation(),
+            });
+        }
         Ok(Self {
             shared,
             thread: join.thread().clone(),
@@ -298,7 +349,7 @@ fn watch(shared: &Shared) {
 /// mark the stall and log the warning with the loop thread's stack.
 fn look(shared: &Shared, due: u64) -> Look {
     let interval = nanos(shared.interval);
-    let outcome = Python::try_attach(|py| {
+    let outcome = attach(|py| {
         if shared.stop.load(Ordering::Acquire) {
             return Look::Gone;
         }
@@ -345,9 +396,53 @@ fn look(shared: &Shared, due: u64) -> Look {
 
 /// Log `msg` as a warning, attaching to the interpreter; `None` if it is gone.
 fn log_warning(shared: &Shared, msg: &str) -> Option<()> {
-    Python::try_attach(|py| {
+    attach(|py| {
         let _ = warn(py, shared, msg);
     })
+}
+
+/// Attach to the interpreter, unless it is exiting (`None`: the thread ends).
+fn attach<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Option<R> {
+    if EXITING.load(Ordering::SeqCst) {
+        return None;
+    }
+    Python::try_attach(f)
+}
+
+/// Register [`_stop_watchdogs_at_exit`] with `atexit`, once per process.
+fn install_exit_hook(py: Python<'_>) -> PyResult<()> {
+    static HOOK: PyOnceLock<()> = PyOnceLock::new();
+    HOOK.get_or_try_init(py, || {
+        let hook = pyo3::wrap_pyfunction!(_stop_watchdogs_at_exit, py)?;
+        py.import("atexit")?.call_method1("register", (hook,))?;
+        Ok::<_, PyErr>(())
+    })?;
+    Ok(())
+}
+
+/// The `atexit` hook: stop every watchdog thread of this process and wait
+/// for them (GIL released, up to [`EXIT_GRACE`]), so that none waits for
+/// the GIL while the interpreter finalises.
+#[pyfunction]
+fn _stop_watchdogs_at_exit(py: Python<'_>) {
+    EXITING.store(true, Ordering::SeqCst);
+    let generation = fork::generation();
+    let live: Vec<Live> = std::mem::take(&mut *LIVE.lock());
+    let ours: Vec<Live> = live
+        .into_iter()
+        .filter(|l| l.generation == generation)
+        .collect();
+    for l in &ours {
+        l.shared.stop.store(true, Ordering::Release);
+        l.thread.unpark();
+    }
+    py.detach(|| {
+        let until = Instant::now() + EXIT_GRACE;
+        while ours.iter().any(|l| !l.shared.ended.load(Ordering::Acquire)) && Instant::now() < until
+        {
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
 }
 
 fn warn(py: Python<'_>, shared: &Shared, msg: &str) -> PyResult<()> {
