@@ -279,6 +279,43 @@ def test_interpreter_exit_with_a_running_or_reporting_watchdog_is_clean() -> Non
     assert "service noisy: event loop has not turned" in proc.stderr
 
 
+def test_interpreter_exit_waits_for_a_report_in_progress() -> None:
+    """Proves: when the interpreter exits while the watchdog thread is in the middle of a
+    report (a logging filter that takes 0.3 s, the GIL released meanwhile), the exit
+    waits for the report to finish (its atexit hook) and the process exits 0.
+
+    Catches: a watchdog thread left waiting for the GIL while the interpreter
+    finalises, which CPython ends with a forced unwind through Rust frames: the report
+    cut off (without the hook, "report written" never comes), or an abort ("FATAL:
+    exception not rethrown") where the unwind meets a frame that catches panics."""
+    proc = run_script(
+        """
+        import logging, sys, threading, time
+        started = threading.Event()
+
+        def slow(record):  # a filter runs outside the handler's lock, which logging's
+            started.set()  # own atexit hook would otherwise wait for
+            time.sleep(0.3)  # the GIL is released: the main thread goes on exiting
+            return True
+
+        class Printer(logging.Handler):
+            def emit(self, record):
+                print("report written", flush=True)
+
+        handler = Printer()
+        handler.addFilter(slow)
+        logging.getLogger("dig_service.watchdog").addHandler(handler)
+        from dig_service._core import LoopWatchdog
+        dog = LoopWatchdog(0.01, threading.get_ident(), "exiting")  # never beaten
+        assert started.wait(10)
+        print("exiting", flush=True)
+        """
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.splitlines()[:2] == ["exiting", "report written"], proc.stdout
+    assert "FATAL" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_stop_in_a_forked_child_does_not_wait_for_the_parents_thread() -> None:
     """Proves: a watchdog inherited across ``os.fork()`` can be stopped in the child
