@@ -49,13 +49,15 @@ step "install the wheel into $VENV, with the test extras (for the linters, stubt
 "$VENV/bin/python" -m pip install -q "$WHEEL[test]"
 
 step "ruff"
-LINT=(python tests rust/examples)
+LINT=(python tests examples rust/src/python)
 [ -d bench ] && LINT+=(bench)
 "$VENV/bin/ruff" check "${LINT[@]}"
 "$VENV/bin/ruff" format --check "${LINT[@]}"
 
 step "mypy --strict"
 "$VENV/bin/mypy" --strict python/
+# The Python source compiled into the native module (its errors, its asyncio glue).
+"$VENV/bin/mypy" --strict rust/src/python/errors.py rust/src/python/aio.py
 "$VENV/bin/python" -m mypy.stubtest dig_service._core
 
 step "benchmark smoke check (bench/run.py --quick; ratios not asserted: CI machines are noisy)"

@@ -67,7 +67,8 @@ class ContractNode(NodeLifecycle):
         # outlives the test.
         self.release = asyncio.Event()
         self.handle: ServiceHandle | None = None
-        self.race_reason: ShutdownReason = ShutdownReason.UserRequested()
+        # The row's `shutdown.reason`, for the `run` acts that fire the token themselves.
+        self.reason: ShutdownReason = ShutdownReason.UserRequested()
 
     def _enter(self, hook: str, ctx: StartContext | RunContext | StopContext) -> None:
         self.calls.append(hook)
@@ -141,8 +142,10 @@ class ContractNode(NodeLifecycle):
         elif act == "race":
             assert self.handle is not None
             threading.Thread(
-                target=self.handle.request_shutdown, args=(self.race_reason,), daemon=True
+                target=self.handle.request_shutdown, args=(self.reason,), daemon=True
             ).start()
+        elif act == "request_shutdown":
+            ctx.shutdown.cancel(self.reason)
         elif act != "return":
             raise AssertionError(f"unknown run act {act!r}")
 
@@ -175,7 +178,7 @@ async def play(row: dict[str, Any]) -> None:
     service = Service(node, config=ServiceConfig(**config))
     handle = node.handle = service.handle()
     reason = make_reason(shutdown.get("reason", "UserRequested"))
-    node.race_reason = reason
+    node.reason = reason
     at: str | None = shutdown.get("at")
     via: str = shutdown.get("via", "request")
     origin: str = shutdown.get("from", "loop")

@@ -44,7 +44,7 @@ from dig_service._control import (
     final_outcome,
 )
 from dig_service._ctl import CtlError, call
-from dig_service._run import run
+from dig_service._runner import run
 from dig_service.testing import spawn_native_sleeper
 
 WAIT = 10.0

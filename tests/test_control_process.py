@@ -366,13 +366,13 @@ def test_another_uid_is_refused(spawn: type[Service], sock_dir: Path) -> None:
     os.chmod(sock_dir, 0o755)  # the directory is searchable: the socket's own mode decides
     child, path = start_with_socket(spawn, sock_dir, "Tasks")
     child.wait_for("^run started$")
-    # The client needs the package's Python files only; wherever it is installed
-    # (a private venv, say), nobody can read this copy.
+    # Wherever the package is installed (a private venv, say), nobody can read this
+    # copy of it (the abi3 native module included: the CLI imports it).
     package_root = sock_dir / "pkg"
     shutil.copytree(
         Path(dig_service.__file__).resolve().parent,
         package_root / "dig_service",
-        ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"),
+        ignore=shutil.ignore_patterns("__pycache__"),
     )
     for copied in (package_root, *package_root.rglob("*")):
         copied.chmod(0o755 if copied.is_dir() else 0o644)

@@ -116,3 +116,46 @@ def test_each_mistake_raises_the_message_the_guide_shows(code: str, message: str
     with pytest.raises(Exception) as info:
         exec(compile(code, "<guide>", "exec"), namespace)
     assert f"{type(info.value).__name__}: {info.value}" == message.strip()
+
+
+def layout_paths() -> list[str]:
+    """Every file or directory the README's ``Layout`` block names, relative to the root.
+
+    A line names one path, or several (``a, b``; ``a + b``; ``x/{a,b}.rs``) before its
+    description; an indented line is relative to the last unindented directory.
+    """
+    block = re.search(r"## Layout\n\n```\n(.*?)```", GUIDE.read_text(), re.S)
+    assert block is not None, "the README has no Layout block"
+    paths: list[str] = []
+    parent = ""
+    for line in block[1].splitlines():
+        indented = line.startswith("  ")
+        field = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        names: list[str] = []
+        for part in re.findall(r"[^\s,{]*\{[^}]*\}[^\s,]*|[^\s,+]+", field):
+            if not part or part == "...":
+                continue
+            brace = re.fullmatch(r"(.*)\{(.+)\}(.*)", part)
+            if brace:
+                names += [brace[1] + alt + brace[3] for alt in brace[2].split(",")]
+            else:
+                names.append(part)
+        if indented:
+            paths += [parent + name for name in names]
+        else:
+            paths += names
+            if names and names[0].endswith("/"):
+                parent = names[0]
+    return paths
+
+
+def test_the_layout_names_the_real_files() -> None:
+    """Proves: every file and directory the README's ``Layout`` section names exists.
+
+    Catches: a layout that names files that were split, moved or renamed (it named
+    ``tasks.rs`` long after ``rust/src/tasks/`` replaced it).
+    """
+    paths = layout_paths()
+    assert "rust/src/tasks/reap.rs" in paths and "python/dig_service/_runner.py" in paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"the README's Layout names files that do not exist: {missing}"

@@ -65,8 +65,11 @@ def test_exit_reason_variants_match_compare_and_pickle() -> None:
     assert matched
     assert reason == ExitReason.RequestedShutdown(ShutdownReason.RpcRequested())
     assert reason != ExitReason.RunCompleted()
-    # (ShutdownReason from the core does not pickle yet, so pickle the other variants.)
-    for picklable in (ExitReason.RunCompleted(), ExitReason.RunError(ValueError("x"))):
+    for picklable in (
+        reason,
+        ExitReason.RunCompleted(),
+        ExitReason.RunError(ValueError("x")),
+    ):
         back = pickle.loads(pickle.dumps(ExitStatus(picklable)))
         assert type(back.reason) is type(picklable)
     assert repr(ExitStatus(ExitReason.RunCompleted())) == (

@@ -47,7 +47,7 @@ from dig_service import (
     StartContext,
     TaskKind,
 )
-from dig_service._run import _run
+from dig_service._runner import run_service
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -457,7 +457,7 @@ def test_runner_winds_down_before_a_system_exit_propagates(
     node = node_class()
     svc = Service(node)
     with pytest.raises(SystemExit) as info:
-        _run(svc, install_signal_handlers=False, loop_factory=loop_factory)
+        run_service(svc, install_signal_handlers=False, loop_factory=loop_factory)
     assert info.value.code == code
     assert node.calls == ["run", "on_stop", "post_stop"]
     assert svc.tasks.is_closed()
@@ -493,7 +493,7 @@ def test_runner_names_tracked_stragglers_as_tracked(
         asyncio.get_running_loop().call_later(0.5, release.set)
 
     svc = Service(ScriptedNode(on_start=on_start, on_stop=on_stop), config=ServiceConfig(0.1))
-    _run(svc, install_signal_handlers=False, loop_factory=loop_factory)
+    run_service(svc, install_signal_handlers=False, loop_factory=loop_factory)
     warnings = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
     assert any("1 tracked task(s)" in w and "stubborn" in w for w in warnings), warnings
     assert not any("untracked" in w for w in warnings), warnings

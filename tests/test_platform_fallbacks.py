@@ -32,7 +32,7 @@ from dig_service import (
     TaskKind,
 )
 from dig_service._cli import build_parser
-from dig_service._run import run
+from dig_service._runner import run
 from dig_service._systemd import Notifier, notify, notify_address, watchdog_interval
 from dig_service.testing import TestNode
 

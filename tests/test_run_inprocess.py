@@ -30,7 +30,7 @@ from dig_service import (
 )
 from dig_service._cli import TargetError, resolve_target
 from dig_service._demo import make_demo_service
-from dig_service._run import run
+from dig_service._runner import run
 from dig_service._systemd import Notifier, notify, notify_address, watchdog_interval
 from dig_service.testing import TestNode
 
@@ -321,35 +321,16 @@ async def test_demo_rpc_get_tasks_and_stop_node() -> None:
 # --------------------------------------------------------------------------- READY=1 hook
 
 
-class PhaseService(Service[Any, Any, Any]):
-    """A ``Service`` announcing its phases through ``_add_phase_listener`` (the hook the
-    runner prefers over reading ``Service._phase``)."""
-
-    def _add_phase_listener(self, callback: Callable[[str], None]) -> None:
-        self.__dict__.setdefault("_listeners", []).append(callback)
-
-    @property
-    def _phase(self) -> str:
-        return str(self.__dict__.get("_phase_value", "created"))
-
-    @_phase.setter
-    def _phase(self, value: str) -> None:
-        self.__dict__["_phase_value"] = value
-        for callback in self.__dict__.get("_listeners", []):
-            callback(value)
-
-
 @LINUX_ONLY
-@pytest.mark.parametrize("service_class", [Service, PhaseService], ids=["polled", "listener"])
 def test_ready_is_sent_only_after_on_start_returned(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service_class: type[Service[Any, Any, Any]]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``READY=1`` has not arrived while ``on_start`` is still running and arrives soon
-    after it returned; ``STOPPING=1`` follows the shutdown. Both ways of learning the
-    phase (a phase listener, or reading the service's phase) behave the same.
+    after it returned (the runner learns the phase from the service's phase listener);
+    ``STOPPING=1`` follows the shutdown.
 
     Catches: READY sent at start (systemd would start dependent units too early), or
-    never sent when the service offers the listener hook."""
+    never sent."""
     address = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(address))
@@ -380,7 +361,7 @@ def test_ready_is_sent_only_after_on_start_returned(
             ctx.shutdown.cancel(ShutdownReason.UserRequested())
 
     try:
-        assert run(service_class(Node()), install_signal_handlers=False) == 0
+        assert run(Service(Node()), install_signal_handlers=False) == 0
         drain()
     finally:
         sock.close()

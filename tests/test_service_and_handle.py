@@ -35,6 +35,7 @@ from dig_service import (
     TaskKind,
     TaskRegistry,
 )
+from dig_service._phase import Phase
 
 
 class MyRpc(RpcApi):
@@ -301,9 +302,10 @@ async def test_phase_listener_sees_every_stage_in_order() -> None:
     """Proves: the private phase hook used by ``dig_service.run`` (READY=1 after
     ``on_start``, the shutdown display) reports every stage once, in lifecycle order.
 
-    Catches: a renamed or skipped phase breaking systemd readiness in the runner.
+    Catches: a renamed or skipped phase breaking systemd readiness in the runner, or a
+    bare string where the ``Phase`` enum is promised (its ``.value`` is the stage's name).
     """
-    phases: list[str] = []
+    phases: list[Phase] = []
     node = ScriptedNode()
     service = Service(node)
     service._add_phase_listener(phases.append)
@@ -311,4 +313,8 @@ async def test_phase_listener_sees_every_stage_in_order() -> None:
     await node.run_started.wait()
     service.request_shutdown(ShutdownReason.UserRequested())
     await starting
-    assert phases == ["pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"]
+    assert all(isinstance(phase, Phase) for phase in phases), phases
+    assert [phase.value for phase in phases] == [
+        "pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"
+    ]  # fmt: skip
+    assert service._phase is Phase.EXITED

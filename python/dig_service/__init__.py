@@ -25,6 +25,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from ._config import ServiceConfig
     from ._core import (
         ShutdownReason,
         ShutdownToken,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
         ShutdownDeadlineExceeded,
     )
     from ._exit import ExitReason, ExitStatus
+    from ._handle import ServiceHandle
     from ._lifecycle import (
         NodeLifecycle,
         PeerApi,
@@ -53,8 +55,8 @@ if TYPE_CHECKING:
         StartContext,
         StopContext,
     )
-    from ._run import run
-    from ._service import Service, ServiceConfig, ServiceHandle
+    from ._runner import run
+    from ._service import Service
     from ._wire import DisconnectReason, InboundMessage, JsonRpcError, PeerInfo
 
 __all__ = [
@@ -117,13 +119,13 @@ _LAZY: dict[str, str] = {
     "StartContext": "_lifecycle",
     "StopContext": "_lifecycle",
     "Service": "_service",
-    "ServiceConfig": "_service",
-    "ServiceHandle": "_service",
+    "ServiceConfig": "_config",
+    "ServiceHandle": "_handle",
     "DisconnectReason": "_wire",
     "InboundMessage": "_wire",
     "JsonRpcError": "_wire",
     "PeerInfo": "_wire",
-    "run": "_run",
+    "run": "_runner",
 }
 
 if not TYPE_CHECKING:

@@ -21,12 +21,13 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, Final, NoReturn
 
+from ._errors import describe_exc
+from ._lifecycle import NODE_HOOKS
+
 __all__ = ["TargetError", "main", "resolve_target"]
 
 PROG: Final = "python -m dig_service"
 EXIT_USAGE: Final = 2
-
-_NODE_HOOKS: Final = ("pre_start", "on_start", "run", "on_stop", "post_stop")
 
 _DESCRIPTION: Final = """\
 Run a dig-service Service in the foreground until it is told to stop.
@@ -256,7 +257,7 @@ def _version() -> str:
 
 
 def _is_node(obj: object) -> bool:
-    return all(callable(getattr(obj, hook, None)) for hook in _NODE_HOOKS)
+    return all(callable(getattr(obj, hook, None)) for hook in NODE_HOOKS)
 
 
 def _service_class() -> type:
@@ -274,11 +275,6 @@ def _where(exc: BaseException) -> str:
         return ""
     last = frames[-1]
     return f" ({last.filename}, line {last.lineno})"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _import_target(target: str) -> tuple[object, str]:
@@ -300,14 +296,14 @@ def _import_target(target: str) -> tuple[object, str]:
             ) from None
         raise TargetError(
             f"importing module {module_name!r} of target {target!r} failed: "
-            f"{_describe(exc)}{_where(exc)}"
+            f"{describe_exc(exc)}{_where(exc)}"
         ) from None
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise TargetError(
             f"importing module {module_name!r} of target {target!r} failed: "
-            f"{_describe(exc)}{_where(exc)}"
+            f"{describe_exc(exc)}{_where(exc)}"
         ) from None
     obj: object = module
     walked = module_name
@@ -370,13 +366,13 @@ def _to_service(
         if not _is_node(obj):
             raise TargetError(
                 f"target {target!r} is the class {obj.__qualname__}, which is not a node "
-                f"(it lacks the hooks {', '.join(h for h in _NODE_HOOKS if not hasattr(obj, h))})"
+                f"(it lacks the hooks {', '.join(h for h in NODE_HOOKS if not hasattr(obj, h))})"
             )
         try:
             node = obj()
         except Exception as exc:
             raise TargetError(
-                f"target {target!r}: {obj.__qualname__}() failed: {_describe(exc)}{_where(exc)} "
+                f"target {target!r}: {obj.__qualname__}() failed: {describe_exc(exc)}{_where(exc)} "
                 "(a node class must be constructible with no arguments; otherwise name a "
                 "factory)"
             ) from None
@@ -393,7 +389,7 @@ def _to_service(
             result = obj()
         except Exception as exc:
             raise TargetError(
-                f"target {target!r}: calling the factory failed: {_describe(exc)}{_where(exc)}"
+                f"target {target!r}: calling the factory failed: {describe_exc(exc)}{_where(exc)}"
             ) from None
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
@@ -415,7 +411,7 @@ def _a(name: str) -> str:
 
 
 def _config(shutdown_deadline: float | None, hook_timeout: float | None) -> Any:
-    from ._service import ServiceConfig
+    from ._config import ServiceConfig
 
     if shutdown_deadline is None:
         return ServiceConfig(hook_timeout=hook_timeout)
@@ -513,10 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.log_level)
 
     from ._control import ControlSocketError
-    from ._run import _run
+    from ._runner import run_service
 
     try:
-        outcome = _run(
+        outcome = run_service(
             service,
             loop_factory=loop_factory,
             control_socket=args.control_socket,

@@ -1,14 +1,22 @@
 """Type stubs for the native core ``dig_service._core`` (checked by ``mypy.stubtest``)."""
 
 from asyncio import Future
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from datetime import timedelta
 from typing import Any, ClassVar, Self, final
 
 from typing_extensions import disjoint_base
 
 __all__ = [
+    "AlreadyRunning",
+    "AlreadyStopped",
     "LoopWatchdog",
+    "OnStartFailed",
+    "OnStopFailed",
+    "PreStartFailed",
+    "RunFailed",
+    "ServiceError",
+    "ShutdownDeadlineExceeded",
     "ShutdownReason",
     "ShutdownToken",
     "TaskHandle",
@@ -28,6 +36,47 @@ __all__ = [
 ]
 
 __version__: str
+
+# The ServiceError family: defined by _core itself (compiled from
+# rust/src/python/errors.py), re-exported by dig_service._errors.
+
+class ServiceError(Exception):
+    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``."""
+
+class PreStartFailed(ServiceError):
+    """``pre_start`` raised (or timed out); no later hook ran."""
+
+class OnStartFailed(ServiceError):
+    """``on_start`` raised (or timed out); ``post_stop`` ran, ``run`` and ``on_stop`` did not."""
+
+class RunFailed(ServiceError):
+    """``run`` raised; tasks were joined and ``on_stop`` and ``post_stop`` still ran."""
+
+class OnStopFailed(ServiceError):
+    """``on_stop`` or ``post_stop`` raised (or timed out); the later hook still ran."""
+
+class AlreadyRunning(ServiceError):
+    """``start()`` was called on a service that was already started."""
+
+class AlreadyStopped(ServiceError):
+    """The task registry is closed (``join_all`` has finished): nothing more can be spawned."""
+
+class ShutdownDeadlineExceeded(ServiceError):
+    """Tracked tasks were still running when the shutdown deadline passed.
+
+    Attributes:
+        deadline: the deadline, in seconds.
+        pending: how many tasks were still running when it passed.
+        pending_names: their names.
+    """
+
+    deadline: float
+    pending: int
+    pending_names: list[str]
+    def __init__(self, deadline: float, pending: int, pending_names: Sequence[str]) -> None: ...
+    def __reduce__(
+        self,
+    ) -> tuple[type[ShutdownDeadlineExceeded], tuple[float, int, list[str]]]: ...
 
 @final
 class TaskKind:
@@ -165,6 +214,14 @@ class TaskRegistry:
         critical: bool = False,
     ) -> TaskHandle: ...
     def join_all(self, deadline: float | timedelta) -> Coroutine[Any, Any, None]: ...
+    def _try_close(self, fut: Future[None]) -> bool:
+        """Internal (the body of ``join_all``): close the registry and return ``True`` if
+        no task is live; else return ``False`` and resolve ``fut`` once none is."""
+
+    def _stop_stragglers(self, deadline: float) -> None:
+        """Internal (the end of ``join_all``): close the registry, cancel or abort every
+        live task, and raise ``ShutdownDeadlineExceeded(deadline, ...)`` naming them."""
+
     def snapshot(self) -> list[TaskSummary]: ...
     def stats(self) -> TaskStats: ...
     def is_empty(self) -> bool: ...

@@ -2,7 +2,7 @@
 
 Both commands speak JSON-RPC 2.0 over the Unix socket a service opened
 with ``--control-socket`` (see ``_control``), with plain blocking sockets:
-no event loop, no native core, nothing started in this process.
+no event loop and no thread is started in this process.
 
 Exit status: 0 when the service answered; 1 with a one-line message on
 stderr when it could not be asked (no socket, not a socket, nothing

@@ -24,9 +24,11 @@ import os
 import time
 from typing import Any, ClassVar, Final
 
+from ._config import ServiceConfig
 from ._core import ShutdownReason, ShutdownToken, TaskKind, spawn_native_sleeper
+from ._handle import ServiceHandle
 from ._lifecycle import NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext
-from ._service import Service, ServiceConfig, ServiceHandle
+from ._service import Service
 from ._wire import DisconnectReason, InboundMessage, JsonRpcError, PeerInfo
 
 __all__ = ["DemoNode", "DemoPeerApi", "DemoRpcApi", "make_demo_service"]

@@ -1,4 +1,8 @@
-"""The ``ServiceError`` family.
+"""The ``ServiceError`` family, and how errors are described in messages.
+
+The classes are defined by the native core (``dig_service._core``, which
+raises them itself without importing this package) and re-exported here:
+``dig_service.ServiceError`` is ``dig_service._core.ServiceError``.
 
 Every error a ``Service`` raises is a ``ServiceError``. When a hook or task
 failed, the original exception is chained as ``__cause__`` (with its
@@ -7,7 +11,16 @@ traceback), never re-formatted into a new message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from ._core import (
+    AlreadyRunning,
+    AlreadyStopped,
+    OnStartFailed,
+    OnStopFailed,
+    PreStartFailed,
+    RunFailed,
+    ServiceError,
+    ShutdownDeadlineExceeded,
+)
 
 __all__ = [
     "AlreadyRunning",
@@ -18,66 +31,12 @@ __all__ = [
     "RunFailed",
     "ServiceError",
     "ShutdownDeadlineExceeded",
+    "describe_exc",
 ]
 
 
-class ServiceError(Exception):
-    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``."""
-
-
-class PreStartFailed(ServiceError):
-    """``pre_start`` raised (or timed out); no later hook ran."""
-
-
-class OnStartFailed(ServiceError):
-    """``on_start`` raised (or timed out); ``post_stop`` ran, ``run`` and ``on_stop`` did not."""
-
-
-class RunFailed(ServiceError):
-    """``run`` raised; tasks were joined and ``on_stop`` and ``post_stop`` still ran."""
-
-
-class OnStopFailed(ServiceError):
-    """``on_stop`` or ``post_stop`` raised (or timed out); the later hook still ran."""
-
-
-class AlreadyRunning(ServiceError):
-    """``start()`` was called on a service that was already started.
-
-    A ``Service`` is single-shot: build a new one to start again.
-    """
-
-
-class AlreadyStopped(ServiceError):
-    """The task registry is closed (``join_all`` has finished): nothing more can be spawned."""
-
-
-class ShutdownDeadlineExceeded(ServiceError):
-    """Tracked tasks were still running when the shutdown deadline passed.
-
-    They were cancelled (Python tasks) or aborted (native tasks).
-
-    Attributes:
-        deadline: the deadline, in seconds.
-        pending: how many tasks were still running when it passed.
-        pending_names: their names.
-    """
-
-    deadline: float
-    pending: int
-    pending_names: list[str]
-
-    def __init__(self, deadline: float, pending: int, pending_names: Sequence[str]) -> None:
-        names = list(pending_names)
-        shown = ", ".join(names[:20]) + (
-            f", ... ({len(names) - 20} more)" if len(names) > 20 else ""
-        )
-        super().__init__(
-            f"shutdown deadline of {deadline:g}s exceeded; {pending} task(s) still running: {shown}"
-        )
-        self.deadline = deadline
-        self.pending = pending
-        self.pending_names = names
-
-    def __reduce__(self) -> tuple[type[ShutdownDeadlineExceeded], tuple[float, int, list[str]]]:
-        return (type(self), (self.deadline, self.pending, self.pending_names))
+def describe_exc(exc: BaseException) -> str:
+    """``"TypeName: message"`` (or just ``"TypeName"`` when the message is empty), as
+    every message of the package that names a failure writes it."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, TypeAlias, final
 from ._core import ShutdownReason
 from ._variant import Variant, publish_variants
 
-__all__ = ["ExitReason", "ExitStatus"]
+__all__ = ["ExitReason", "ExitStatus", "check_reason"]
+
+
+def check_reason(reason: object, owner: str) -> ShutdownReason:
+    """``reason`` if it is a ``ShutdownReason``, else a ``TypeError`` naming ``owner``'s
+    ``reason`` parameter (the one check of the Python layer; the core checks its own)."""
+    if not isinstance(reason, ShutdownReason):
+        raise TypeError(
+            f"{owner}: `reason` must be a dig_service.ShutdownReason "
+            f"(e.g. ShutdownReason.UserRequested()), got {type(reason).__name__}"
+        )
+    return reason
 
 
 class ExitReason:
@@ -64,12 +75,7 @@ class _RequestedShutdown(Variant, ExitReason):
     reason: ShutdownReason
 
     def __init__(self, reason: ShutdownReason) -> None:
-        if not isinstance(reason, ShutdownReason):
-            raise TypeError(
-                "ExitReason.RequestedShutdown: `reason` must be a dig_service.ShutdownReason "
-                f"(e.g. ShutdownReason.UserRequested()), got {type(reason).__name__}"
-            )
-        self._init_fields(reason)
+        self._init_fields(check_reason(reason, "ExitReason.RequestedShutdown"))
 
     def __str__(self) -> str:
         return f"shutdown requested ({self.reason})"

@@ -15,6 +15,7 @@ registry. *When* each hook runs is the contract of ``Service.start``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Final, Protocol, final
 
 from ._core import ShutdownToken, TaskRegistry
@@ -54,7 +55,12 @@ def _check(value: object, expected: type, owner: str, field: str) -> None:
         )
 
 
+# The contexts are immutable records; they compare by identity (eq=False),
+# as the service hands each hook its own.
+
+
 @final
+@dataclass(frozen=True, slots=True, eq=False)
 class StartContext:
     """What ``pre_start`` and ``on_start`` receive.
 
@@ -65,28 +71,19 @@ class StartContext:
             that they are joined at shutdown.
     """
 
-    __slots__ = ("name", "shutdown", "tasks")
     name: str
     shutdown: ShutdownToken
     tasks: TaskRegistry
 
-    def __init__(self, name: str, shutdown: ShutdownToken, tasks: TaskRegistry) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"StartContext: `name` must be str, got {type(name).__name__}")
-        _check(shutdown, ShutdownToken, "StartContext", "shutdown")
-        _check(tasks, TaskRegistry, "StartContext", "tasks")
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "shutdown", shutdown)
-        object.__setattr__(self, "tasks", tasks)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("StartContext is immutable")
-
-    def __repr__(self) -> str:
-        return f"StartContext(name={self.name!r}, shutdown={self.shutdown!r}, tasks={self.tasks!r})"
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"StartContext: `name` must be str, got {type(self.name).__name__}")
+        _check(self.shutdown, ShutdownToken, "StartContext", "shutdown")
+        _check(self.tasks, TaskRegistry, "StartContext", "tasks")
 
 
 @final
+@dataclass(frozen=True, slots=True, eq=False)
 class RunContext:
     """What ``run`` receives.
 
@@ -95,24 +92,16 @@ class RunContext:
         tasks: the service's task registry.
     """
 
-    __slots__ = ("shutdown", "tasks")
     shutdown: ShutdownToken
     tasks: TaskRegistry
 
-    def __init__(self, shutdown: ShutdownToken, tasks: TaskRegistry) -> None:
-        _check(shutdown, ShutdownToken, "RunContext", "shutdown")
-        _check(tasks, TaskRegistry, "RunContext", "tasks")
-        object.__setattr__(self, "shutdown", shutdown)
-        object.__setattr__(self, "tasks", tasks)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("RunContext is immutable")
-
-    def __repr__(self) -> str:
-        return f"RunContext(shutdown={self.shutdown!r}, tasks={self.tasks!r})"
+    def __post_init__(self) -> None:
+        _check(self.shutdown, ShutdownToken, "RunContext", "shutdown")
+        _check(self.tasks, TaskRegistry, "RunContext", "tasks")
 
 
 @final
+@dataclass(frozen=True, slots=True, eq=False)
 class StopContext:
     """What ``on_stop`` and ``post_stop`` receive.
 
@@ -123,29 +112,14 @@ class StopContext:
             the ``run`` error, or the ``on_start`` error when ``on_start`` failed).
     """
 
-    __slots__ = ("exit_reason", "shutdown", "tasks")
     shutdown: ShutdownToken
     tasks: TaskRegistry
     exit_reason: ExitReason
 
-    def __init__(
-        self, shutdown: ShutdownToken, tasks: TaskRegistry, exit_reason: ExitReason
-    ) -> None:
-        _check(shutdown, ShutdownToken, "StopContext", "shutdown")
-        _check(tasks, TaskRegistry, "StopContext", "tasks")
-        _check(exit_reason, ExitReason, "StopContext", "exit_reason")
-        object.__setattr__(self, "shutdown", shutdown)
-        object.__setattr__(self, "tasks", tasks)
-        object.__setattr__(self, "exit_reason", exit_reason)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("StopContext is immutable")
-
-    def __repr__(self) -> str:
-        return (
-            f"StopContext(shutdown={self.shutdown!r}, tasks={self.tasks!r}, "
-            f"exit_reason={self.exit_reason!r})"
-        )
+    def __post_init__(self) -> None:
+        _check(self.shutdown, ShutdownToken, "StopContext", "shutdown")
+        _check(self.tasks, TaskRegistry, "StopContext", "tasks")
+        _check(self.exit_reason, ExitReason, "StopContext", "exit_reason")
 
 
 class NodeLifecycle:

@@ -1,8 +1,10 @@
 """``Service``: ordered start-up and shut-down of a node around a task registry.
 
-The contract of :meth:`Service.start` (SPEC section 3) is implemented here;
-the tracking, the deadline join and the shutdown token are the Rust core's
-(``dig_service._core``).
+The contract of :meth:`Service.start` (SPEC section 3, written as data in
+``contract/start.toml``) is implemented here; the tracking, the deadline join
+and the shutdown token are the Rust core's (``dig_service._core``). The
+service moves through the phases of ``_phase.Phase`` and tells its
+listeners (the runner) each time.
 
 Design notes:
 
@@ -18,7 +20,7 @@ Design notes:
   when ``start()`` begins), so a context variable set in ``pre_start`` is
   seen by ``run``, as if the hooks ran in one task.
 - The result of ``start()`` is recorded once in a thread-safe slot shared
-  with every ``ServiceHandle``; ``wait_for_exit()`` can be awaited on any
+  with every ``ServiceHandle`` (``_handle.ExitSlot``); ``wait_for_exit()`` can be awaited on any
   event loop, in any thread. Nothing recorded refers to the service: the
   lifecycle returns its failures instead of raising them (no traceback
   through its frames), ``start()`` drops ``self`` before it raises one, and
@@ -40,14 +42,12 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import math
-import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import timedelta
-from typing import Any, Final, Generic, TypeVar, final, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
-from ._core import ShutdownReason, ShutdownToken, TaskRegistry, TaskSummary
+from ._config import ServiceConfig
+from ._core import ShutdownReason, ShutdownToken, TaskRegistry
 from ._errors import (
     AlreadyRunning,
     AlreadyStopped,
@@ -57,12 +57,11 @@ from ._errors import (
     RunFailed,
     ServiceError,
     ShutdownDeadlineExceeded,
+    describe_exc,
 )
-from ._exit import ExitReason, ExitStatus
+from ._exit import ExitReason, ExitStatus, check_reason
+from ._handle import ExitSlot, ServiceHandle, abandon_slot
 from ._lifecycle import (
-    NODE_HOOKS,
-    PEER_API_METHODS,
-    RPC_API_METHODS,
     NodeLike,
     PeerApi,
     PeerApiLike,
@@ -72,9 +71,11 @@ from ._lifecycle import (
     StartContext,
     StopContext,
 )
+from ._phase import Phase, hook_task_name
+from ._validation import check_node, check_peer_api, check_rpc_api
 from ._watchdog import watch_running_loop
 
-__all__ = ["Service", "ServiceConfig", "ServiceHandle"]
+__all__ = ["Service"]
 
 logger: Final = logging.getLogger("dig_service.service")
 
@@ -88,370 +89,11 @@ RUN_TASK_NAME: Final = "run"
 """How ``run`` is named in ``ShutdownDeadlineExceeded.pending_names`` when it overruns."""
 
 
-# --------------------------------------------------------------------------- config
-
-
-def _seconds(value: object, owner: str, field: str) -> float:
-    """``value`` as finite, non-negative float seconds, or an error naming ``field``."""
-    if isinstance(value, timedelta):
-        secs = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            secs = float(value)
-        except OverflowError:  # an int beyond float range: as infinite, refused below
-            raise ValueError(
-                f"{owner}: `{field}` must be a finite number of seconds >= 0, "
-                "got an int too large for a float"
-            ) from None
-    else:
-        raise TypeError(
-            f"{owner}: `{field}` must be a number of seconds (int or float) or a "
-            f"datetime.timedelta, got {type(value).__name__}"
-        )
-    if math.isnan(secs) or math.isinf(secs) or secs < 0:
-        raise ValueError(f"{owner}: `{field}` must be a finite number of seconds >= 0, got {secs}")
-    return secs
-
-
-@final
-class ServiceConfig:
-    """Timing limits of a ``Service``.
-
-    Args:
-        shutdown_deadline: seconds (or a ``timedelta``) each stage of the
-            shutdown may take once the token fired: ``run`` returning, the
-            tracked tasks finishing (``join_all``), and each edge hook still to
-            run. Stragglers are cancelled/aborted and ``start()`` raises
-            ``ShutdownDeadlineExceeded``; a hook past it fails with a
-            ``TimeoutError`` cause. Default 30.
-        hook_timeout: seconds (or a ``timedelta``) each edge hook
-            (``pre_start``, ``on_start``, ``on_stop``, ``post_stop``) may take;
-            a hook that outlives it is cancelled and counts as failed, with a
-            ``TimeoutError`` as cause. ``None`` (the default): no limit.
-        stall_warning: seconds (or a ``timedelta``) the event loop may go
-            without turning while ``start()`` runs before a native watchdog
-            thread logs a warning on ``dig_service.watchdog`` with the loop
-            thread's Python stack (once per stall, then the stall's length
-            when it ends). At least 0.01. ``None`` (the default): no watchdog.
-
-    Raises:
-        TypeError: a field is not a number, a ``timedelta`` (or ``None`` for
-            ``hook_timeout`` and ``stall_warning``); the message names the field.
-        ValueError: a field is negative, NaN or infinite (an int too large
-            for a float counts as infinite: there is no "no limit" spelling of
-            a deadline), ``hook_timeout`` is zero or ``stall_warning`` below
-            0.01; the message names the field.
-    """
-
-    __slots__ = ("hook_timeout", "shutdown_deadline", "stall_warning")
-    shutdown_deadline: float
-    hook_timeout: float | None
-    stall_warning: float | None
-
-    def __init__(
-        self,
-        shutdown_deadline: float | timedelta = 30.0,
-        hook_timeout: float | timedelta | None = None,
-        stall_warning: float | timedelta | None = None,
-    ) -> None:
-        deadline = _seconds(shutdown_deadline, "ServiceConfig", "shutdown_deadline")
-        timeout: float | None = None
-        if hook_timeout is not None:
-            timeout = _seconds(hook_timeout, "ServiceConfig", "hook_timeout")
-            if timeout == 0:
-                raise ValueError(
-                    "ServiceConfig: `hook_timeout` must be > 0 seconds "
-                    "(every hook would time out at once); use None for no limit"
-                )
-        stall: float | None = None
-        if stall_warning is not None:
-            stall = _seconds(stall_warning, "ServiceConfig", "stall_warning")
-            if stall < 0.01:
-                raise ValueError(
-                    "ServiceConfig: `stall_warning` must be at least 0.01 seconds, "
-                    f"got {stall}; use None for no loop-stall watchdog"
-                )
-        object.__setattr__(self, "shutdown_deadline", deadline)
-        object.__setattr__(self, "hook_timeout", timeout)
-        object.__setattr__(self, "stall_warning", stall)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("ServiceConfig is immutable; build a new one instead")
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ServiceConfig):
-            return (self.shutdown_deadline, self.hook_timeout, self.stall_warning) == (
-                other.shutdown_deadline,
-                other.hook_timeout,
-                other.stall_warning,
-            )
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.shutdown_deadline, self.hook_timeout, self.stall_warning))
-
-    def __repr__(self) -> str:
-        return (
-            f"ServiceConfig(shutdown_deadline={self.shutdown_deadline!r}, "
-            f"hook_timeout={self.hook_timeout!r}, stall_warning={self.stall_warning!r})"
-        )
-
-    def __reduce__(
-        self,
-    ) -> tuple[type[ServiceConfig], tuple[float, float | None, float | None]]:
-        return (ServiceConfig, (self.shutdown_deadline, self.hook_timeout, self.stall_warning))
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _is_async_callable(fn: object) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    # An object whose class defines `async def __call__`.
-    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn)):
-        return inspect.iscoroutinefunction(inspect.getattr_static(type(fn), "__call__", None))
-    return False
-
-
-def _describe(fn: object) -> str:
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        return "a generator function"
-    if inspect.isfunction(fn) or inspect.ismethod(fn):
-        return "a plain (synchronous) function"
-    if callable(fn):
-        return f"a non-async callable ({type(fn).__name__})"
-    return f"{type(fn).__name__}, which is not callable"
-
-
-def _check_async_methods(
-    obj: object, methods: tuple[str, ...], slot: str, base: str, signature: dict[str, str]
-) -> None:
-    owner = type(obj).__name__
-    if isinstance(obj, type):
-        raise TypeError(
-            f"Service(): `{slot}` must be an instance, got the class {obj.__name__}; "
-            f"write Service(..., {obj.__name__}(), ...)"
-        )
-    for name in methods:
-        fn = getattr(obj, name, None)
-        if fn is None:
-            raise TypeError(
-                f"Service(): `{slot}` ({owner}) has no `{name}` method; subclass "
-                f"dig_service.{base} to inherit the default, or define "
-                f"`async def {name}({signature[name]})`"
-            )
-        if not _is_async_callable(fn):
-            raise TypeError(
-                f"Service(): hook `{owner}.{name}` of `{slot}` must be an `async def` "
-                f"coroutine function, got {_describe(fn)}; declare it as "
-                f"`async def {name}({signature[name]}): ...`"
-            )
-
-
-_NODE_SIGNATURES: Final = {
-    "pre_start": "self, ctx: StartContext",
-    "on_start": "self, ctx: StartContext",
-    "run": "self, ctx: RunContext",
-    "on_stop": "self, ctx: StopContext",
-    "post_stop": "self, ctx: StopContext",
-}
-_PEER_SIGNATURES: Final = {
-    "on_message": "self, peer: bytes, msg: InboundMessage",
-    "on_peer_connected": "self, peer: bytes, info: PeerInfo",
-    "on_peer_disconnected": "self, peer: bytes, reason: DisconnectReason",
-}
-_RPC_SIGNATURES: Final = {
-    "dispatch": "self, method: str, params: object",
-    "healthz": "self",
-}
-
-
-def _check_reason(reason: object, owner: str) -> ShutdownReason:
-    if not isinstance(reason, ShutdownReason):
-        raise TypeError(
-            f"{owner}: `reason` must be a dig_service.ShutdownReason "
-            f"(e.g. ShutdownReason.UserRequested()), got {type(reason).__name__}"
-        )
-    return reason
-
-
 def _chain(err: ServiceError, cause: BaseException | None) -> ServiceError:
     """``raise err from cause``, without raising."""
     err.__cause__ = cause
     err.__suppress_context__ = True
     return err
-
-
-def _describe_exc(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- exit slot
-
-_CREATED: Final = 0
-_RUNNING: Final = 1
-_EXITED: Final = 2
-
-
-def _release(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class _ExitSlot:
-    """The one recorded result of ``start()``, shared by a service and its handles.
-
-    Thread-safe: ``finish`` may run on any thread and wakes every waiter on
-    its own loop (``call_soon_threadsafe``); a waiter whose loop has closed
-    is dropped quietly.
-    """
-
-    __slots__ = ("__weakref__", "_lock", "_outcome", "_state", "_waiters")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = _CREATED
-        self._outcome: ExitStatus | BaseException | None = None
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def begin(self) -> bool:
-        """``CREATED → RUNNING``; ``False`` if ``start()`` was called before."""
-        with self._lock:
-            if self._state != _CREATED:
-                return False
-            self._state = _RUNNING
-            return True
-
-    def is_running(self) -> bool:
-        return self._state == _RUNNING
-
-    def is_exited(self) -> bool:
-        return self._state == _EXITED
-
-    def finish(self, outcome: ExitStatus | BaseException) -> bool:
-        """Record ``outcome`` (first record wins) and wake every waiter."""
-        with self._lock:
-            if self._state == _EXITED:
-                return False
-            self._state = _EXITED
-            self._outcome = outcome
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_release, fut)
-            except RuntimeError:  # that loop is closed: its waiter is gone with it
-                pass
-        return True
-
-    def abandon(self, why: str) -> None:
-        """No result will ever come: release the waiters with ``AlreadyStopped``."""
-        self.finish(AlreadyStopped(why))
-
-    def outcome(self) -> ExitStatus | BaseException | None:
-        """The recorded outcome, or ``None`` before ``finish``."""
-        with self._lock:
-            return self._outcome
-
-    async def wait(self) -> ExitStatus:
-        with self._lock:
-            waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-            if self._state != _EXITED:
-                loop = asyncio.get_running_loop()
-                waiter = (loop, loop.create_future())
-                self._waiters.append(waiter)
-        if waiter is not None:
-            try:
-                await waiter[1]
-            except asyncio.CancelledError:
-                with self._lock:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                raise
-        outcome = self._outcome
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert outcome is not None
-        return outcome
-
-
-def _abandon_slot(slot_ref: weakref.ref[_ExitSlot]) -> None:
-    slot = slot_ref()
-    if slot is not None:  # handles still hold it
-        slot.abandon("the Service was garbage-collected before its start() finished")
-
-
-# --------------------------------------------------------------------------- handle
-
-
-@final
-class ServiceHandle:
-    """A cheap handle to a ``Service``, for signal handlers, admin RPC and tests.
-
-    It holds the service's token, its registry and its recorded result, but
-    not the ``Service``: it never keeps it alive, and it stays valid after
-    it is gone. (After a failure, the recorded error keeps its cause's
-    traceback, as any kept exception does, and with it what the failing
-    hook's frames referenced, such as the node.) Then ``request_shutdown`` cancels a
-    token nobody runs on any more, ``tasks()`` is empty and
-    ``wait_for_exit()`` returns the recorded result (or raises
-    ``AlreadyStopped`` if the service was dropped without finishing
-    ``start()``). Every method is safe from any thread; ``wait_for_exit()``
-    may be awaited on any event loop.
-    """
-
-    __slots__ = ("_name", "_slot", "_tasks", "_token")
-
-    def __init__(self, name: str, token: ShutdownToken, tasks: TaskRegistry, slot: _ExitSlot):
-        self._name = name
-        self._token = token
-        self._tasks = tasks
-        self._slot = slot
-
-    def name(self) -> str:
-        """The node's ``NAME`` (``""`` if it declares none)."""
-        return self._name
-
-    def request_shutdown(self, reason: ShutdownReason) -> None:
-        """Ask the service to shut down. Only the first reason (from anyone) is kept.
-
-        Raises:
-            TypeError: ``reason`` is not a ``ShutdownReason``.
-        """
-        self._token.cancel(_check_reason(reason, "ServiceHandle.request_shutdown()"))
-
-    def is_running(self) -> bool:
-        """Whether ``start()`` has been called and has not returned yet.
-
-        Stays ``True`` while the service is *stopping* (token fired, tasks
-        joining, ``on_stop``/``post_stop`` running); use
-        ``shutdown_token().is_cancelled()`` to tell stopping from serving.
-        """
-        return self._slot.is_running()
-
-    def shutdown_token(self) -> ShutdownToken:
-        """The service's shutdown token."""
-        return self._token
-
-    def tasks(self) -> list[TaskSummary]:
-        """The live tracked tasks (empty once the service has exited)."""
-        return self._tasks.snapshot()
-
-    async def wait_for_exit(self) -> ExitStatus:
-        """Wait until ``start()`` has finished and return what it returned (or raise what
-        it raised). Returns at once if it already has. Usable from any event loop.
-
-        Raises:
-            ServiceError: the error ``start()`` raised; ``AlreadyStopped`` if the
-                service was dropped (or its lifecycle task was cancelled) before
-                ``start()`` could finish.
-        """
-        return await self._slot.wait()
-
-    def __repr__(self) -> str:
-        state = ("created", "running", "exited")[self._slot._state]
-        return f"<ServiceHandle {self._name!r} {state}>"
 
 
 # --------------------------------------------------------------------------- service
@@ -508,19 +150,11 @@ class Service(Generic[N, A, R]):
         *,
         config: ServiceConfig | None = None,
     ) -> None:
-        _check_async_methods(node, NODE_HOOKS, "node", "NodeLifecycle", _NODE_SIGNATURES)
-        name = getattr(node, "NAME", None)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(
-                f"Service(): `{type(node).__name__}.NAME` must be str or None, "
-                f"got {type(name).__name__}"
-            )
+        name = check_node(node)
         if peer_api is not None:
-            _check_async_methods(
-                peer_api, PEER_API_METHODS, "peer_api", "PeerApi", _PEER_SIGNATURES
-            )
+            check_peer_api(peer_api)
         if rpc_api is not None:
-            _check_async_methods(rpc_api, RPC_API_METHODS, "rpc_api", "RpcApi", _RPC_SIGNATURES)
+            check_rpc_api(rpc_api)
         if config is None:
             config = ServiceConfig()
         elif not isinstance(config, ServiceConfig):
@@ -539,16 +173,16 @@ class Service(Generic[N, A, R]):
         self._label: str = name or type(node).__name__
         self._token = ShutdownToken()
         self._tasks = TaskRegistry(self._token)
-        self._slot = _ExitSlot()
+        self._slot = ExitSlot()
         # Only a weak reference: the finalizer registry is a global root, and
         # the slot holds the recorded outcome (a failure's traceback may
         # reach the node): a strong one kept every failed service alive.
-        finalizer = weakref.finalize(self, _abandon_slot, weakref.ref(self._slot))
+        finalizer = weakref.finalize(self, abandon_slot, weakref.ref(self._slot))
         finalizer.atexit = False
 
         # Lifecycle state (owned by the loop that runs start()).
-        self._phase_value = "created"
-        self._phase_listeners: list[Callable[[str], object]] = []
+        self._phase_value = Phase.CREATED
+        self._phase_listeners: list[Callable[[Phase], object]] = []
         self._hook_task: asyncio.Task[Any] | None = None
         self._startup_aborted = False
         self._torn_down = False
@@ -597,7 +231,7 @@ class Service(Generic[N, A, R]):
         Raises:
             TypeError: ``reason`` is not a ``ShutdownReason``.
         """
-        self._token.cancel(_check_reason(reason, "Service.request_shutdown()"))
+        self._token.cancel(check_reason(reason, "Service.request_shutdown()"))
 
     async def wait_for_exit(self) -> ExitStatus:
         """Wait until ``start()`` has finished; return its result or raise its error.
@@ -607,19 +241,17 @@ class Service(Generic[N, A, R]):
         return await self._slot.wait()
 
     def __repr__(self) -> str:
-        state = ("created", "running", "exited")[self._slot._state]
-        return f"<Service {self._label!r} {state}>"
+        return f"<Service {self._label!r} {self._slot.state_name()}>"
 
     # ----------------------------------------------------------------- phases (for the runner)
 
     @property
-    def _phase(self) -> str:
-        """The lifecycle stage: ``created``, ``pre_start``, ``on_start``, ``run``, ``join``,
-        ``on_stop``, ``post_stop``, ``exited`` (private; read by ``dig_service.run``)."""
+    def _phase(self) -> Phase:
+        """The lifecycle stage (private; read by ``dig_service.run``)."""
         return self._phase_value
 
     @_phase.setter
-    def _phase(self, phase: str) -> None:
+    def _phase(self, phase: Phase) -> None:
         if phase == self._phase_value:
             return
         self._phase_value = phase
@@ -629,7 +261,7 @@ class Service(Generic[N, A, R]):
             except Exception:
                 logger.exception("service %s: a phase listener failed", self._label)
 
-    def _add_phase_listener(self, callback: Callable[[str], object]) -> None:
+    def _add_phase_listener(self, callback: Callable[[Phase], object]) -> None:
         """Call ``callback(phase)`` on the loop's thread each time the lifecycle enters a
         stage (private; used by ``dig_service.run`` for READY=1 and its shutdown display)."""
         self._phase_listeners.append(callback)
@@ -780,7 +412,7 @@ class Service(Generic[N, A, R]):
         ``pre_start``/``on_start`` (it then counts as failed)."""
         self._token.cancel(ShutdownReason.UserRequested())
         self._startup_aborted = True
-        if self._phase in ("pre_start", "on_start") and self._hook_task is not None:
+        if self._phase in (Phase.PRE_START, Phase.ON_START) and self._hook_task is not None:
             self._hook_task.cancel()
 
     def _lifecycle_cancelled(self) -> None:
@@ -845,7 +477,7 @@ class Service(Generic[N, A, R]):
         start_ctx = StartContext(self._name, token, tasks)
         logger.debug("service %s: starting", self._label)
 
-        exc = await self._edge_hook("pre_start", start_ctx)
+        exc = await self._edge_hook(Phase.PRE_START, start_ctx)
         if exc is not None:
             primary = self._hook_failure(PreStartFailed, "pre_start", exc)
             self._fire_after("pre_start", exc)
@@ -855,13 +487,13 @@ class Service(Generic[N, A, R]):
             assert failed is not None
             return failed
 
-        exc = await self._edge_hook("on_start", start_ctx)
+        exc = await self._edge_hook(Phase.ON_START, start_ctx)
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
             join_err = await self._join(self._config.shutdown_deadline)
             stop_ctx = StopContext(token, tasks, ExitReason.RunError(exc))
-            post_exc = await self._edge_hook("post_stop", stop_ctx)
+            post_exc = await self._edge_hook(Phase.POST_STOP, stop_ctx)
             self._finish_phase()
             post_err = self._hook_failure(OnStopFailed, "post_stop", post_exc)
             failed = self._outcome(
@@ -875,7 +507,7 @@ class Service(Generic[N, A, R]):
             return failed
 
         logger.info("service %s: started", self._label)
-        exit_reason, run_exc, run_overran = await self._run()
+        exit_reason, run_exc, run_overran = await self._drive_run()
 
         join_err = await self._join(0.0 if run_overran else self._config.shutdown_deadline)
         if run_overran:
@@ -887,8 +519,8 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_ctx = StopContext(token, tasks, exit_reason)
-        on_stop_exc = await self._edge_hook("on_stop", stop_ctx)
-        post_stop_exc = await self._edge_hook("post_stop", stop_ctx)
+        on_stop_exc = await self._edge_hook(Phase.ON_STOP, stop_ctx)
+        post_stop_exc = await self._edge_hook(Phase.POST_STOP, stop_ctx)
         self._finish_phase()
 
         failed = self._outcome(
@@ -930,7 +562,7 @@ class Service(Generic[N, A, R]):
         return err
 
     def _finish_phase(self) -> None:
-        self._phase = "exited"
+        self._phase = Phase.EXITED
 
     def _fire_after(self, hook: str, exc: BaseException) -> None:
         """Cancel the token after ``hook`` failed with ``exc``, so that the tasks wind down:
@@ -939,7 +571,7 @@ class Service(Generic[N, A, R]):
             self._token.cancel(ShutdownReason.UserRequested())
         else:
             verb = "raised" if _escapes(exc) else "failed:"
-            self._token.cancel(ShutdownReason.Fatal(f"{hook} {verb} {_describe_exc(exc)}"))
+            self._token.cancel(ShutdownReason.Fatal(f"{hook} {verb} {describe_exc(exc)}"))
 
     @overload
     def _hook_failure(
@@ -958,9 +590,9 @@ class Service(Generic[N, A, R]):
         if isinstance(exc, asyncio.CancelledError) and self._startup_aborted:
             what = f"{hook} was cancelled (start() was cancelled)"
         elif _escapes(exc):
-            what = f"{hook} raised {_describe_exc(exc)}"
+            what = f"{hook} raised {describe_exc(exc)}"
         else:
-            what = f"{hook} failed: {_describe_exc(exc)}"
+            what = f"{hook} failed: {describe_exc(exc)}"
         return _chain(kind(f"service {self._label!r}: {what}"), exc)
 
     def _with_secondary(
@@ -997,11 +629,11 @@ class Service(Generic[N, A, R]):
             )
         return loop.create_task(
             _guarded(awaitable),
-            name=f"dig_service.{hook}[{self._label}]",
+            name=hook_task_name(hook, self._label),
             context=self._hook_context,
         )
 
-    async def _edge_hook(self, hook: str, ctx: object) -> BaseException | None:
+    async def _edge_hook(self, hook: Phase, ctx: object) -> BaseException | None:
         """Run one edge hook; return its exception, or ``None`` if it succeeded.
 
         The hook is bounded by ``hook_timeout`` from its start and, once the
@@ -1010,9 +642,9 @@ class Service(Generic[N, A, R]):
         ``TimeoutError`` saying which limit it hit.
         """
         self._phase = hook
-        if hook in ("pre_start", "on_start") and self._startup_aborted:
+        if hook in (Phase.PRE_START, Phase.ON_START) and self._startup_aborted:
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
-        task = self._call_hook(hook, self._node, ctx)
+        task = self._call_hook(hook.value, self._node, ctx)
         if isinstance(task, BaseException):
             return task
         self._hook_task = task
@@ -1053,14 +685,14 @@ class Service(Generic[N, A, R]):
             )
         return _hook_exception(task)
 
-    async def _run(self) -> tuple[ExitReason, BaseException | None, bool]:
+    async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by the deadline once the token fired.
 
         Returns ``(exit_reason, run_exception, run_overran)``. Whatever the
         outcome, the token has fired when this returns.
         """
         token, deadline = self._token, self._config.shutdown_deadline
-        self._phase = "run"
+        self._phase = Phase.RUN
         run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
         if isinstance(run_task, BaseException):
             self._fire_after("run", run_task)
@@ -1113,7 +745,7 @@ class Service(Generic[N, A, R]):
         A cancellation of the lifecycle task does not cut the join short: it
         goes on with the time left.
         """
-        self._phase = "join"
+        self._phase = Phase.JOIN
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         left = deadline
@@ -1130,7 +762,7 @@ class Service(Generic[N, A, R]):
                 # frames, which hold the service.
                 return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
             except Exception as exc:  # not expected from the core: report it, keep going
-                what = f"service {self._label!r}: joining tasks failed: {_describe_exc(exc)}"
+                what = f"service {self._label!r}: joining tasks failed: {describe_exc(exc)}"
                 return _chain(ServiceError(what), exc.with_traceback(None))
             return None
 
@@ -1200,7 +832,7 @@ def _escape_of(lifecycle: asyncio.Task[Any]) -> _Escape | None:
     return None
 
 
-def _result_of(lifecycle: asyncio.Task[Any], slot: _ExitSlot) -> ExitStatus:
+def _result_of(lifecycle: asyncio.Task[Any], slot: ExitSlot) -> ExitStatus:
     """What ``start()`` returns (or raises) once its lifecycle task is done."""
     if lifecycle.cancelled():
         # Torn down (asyncio.run's clean-up cancels every task), with start()'s

@@ -12,9 +12,9 @@ import asyncio
 from datetime import timedelta
 from typing import ClassVar
 
+from ._config import seconds
 from ._core import spawn_native_sleeper
 from ._lifecycle import NodeLifecycle, RunContext, StartContext, StopContext
-from ._service import _seconds
 
 __all__ = ["TestNode", "spawn_native_sleeper"]
 
@@ -60,7 +60,7 @@ class TestNode(NodeLifecycle):
         self.fail_on_start = _flag(fail_on_start, "fail_on_start")
         self.fail_run = _flag(fail_run, "fail_run")
         self.fail_on_stop = _flag(fail_on_stop, "fail_on_stop")
-        self.run_delay = _seconds(run_delay, "TestNode", "run_delay")
+        self.run_delay = seconds(run_delay, "TestNode", "run_delay")
         self.calls: list[str] = []
 
     def __repr__(self) -> str:

@@ -6,7 +6,7 @@
 //! - spawns native tokio tasks into `ctx.tasks` (`rust-heartbeat`,
 //!   `rust-compactor`), and
 //! - starts an asyncio event loop on a thread of its own, where the Python
-//!   module `mixed_tasks` (in `rust/examples/mixed_py/`) spawns its
+//!   module `mixed_tasks` (in `examples/mixed_py/`) spawns its
 //!   coroutines (`py-ticker`, `py-flusher`) into the **same** registry,
 //!   through `dig_service::python::registry_to_py`.
 //!
@@ -86,7 +86,7 @@ pub const PYTHON_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// real binary would ship these next to itself, or in a virtualenv.
 pub fn python_dirs() -> [PathBuf; 2] {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [root.join("python"), root.join("rust/examples/mixed_py")]
+    [root.join("python"), root.join("examples/mixed_py")]
 }
 
 /// Start the embedded interpreter (once per process) and make

@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod error;
 mod exit;
 mod handle;
@@ -35,6 +36,7 @@ mod service;
 mod shutdown;
 mod tasks;
 mod traits;
+mod wire;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -45,16 +47,15 @@ pub mod python;
 pub use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 
+pub use config::ServiceConfig;
 pub use error::{HookTimeout, Result, ServiceError, NAMES_SHOWN};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
-pub use service::{Service, ServiceConfig};
+pub use service::Service;
 pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
     ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
     TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,
 };
-pub use traits::{
-    DisconnectReason, InboundMessage, JsonRpcError, NodeLifecycle, PeerApi, PeerId, PeerInfo,
-    RpcApi, RunContext, StartContext, StopContext,
-};
+pub use traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
+pub use wire::{DisconnectReason, InboundMessage, JsonRpcError, PeerId, PeerInfo};

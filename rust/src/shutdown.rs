@@ -150,6 +150,28 @@ impl ShutdownToken {
 
     /// Fire the token. Only the first call records its reason; the others
     /// are no-ops. Children are cancelled with the same reason.
+    ///
+    /// Safe from any thread; every waiter is woken once, and sees the
+    /// reason when it wakes.
+    ///
+    /// ```
+    /// use dig_service::{ShutdownReason, ShutdownToken};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let token = ShutdownToken::new();
+    /// let waiter = {
+    ///     let token = token.clone();
+    ///     tokio::spawn(async move {
+    ///         token.cancelled().await;
+    ///         token.reason() // set before any waiter wakes
+    ///     })
+    /// };
+    /// token.cancel(ShutdownReason::RpcRequested);
+    /// token.cancel(ShutdownReason::UserRequested); // first reason wins: a no-op
+    /// assert_eq!(waiter.await.unwrap(), Some(ShutdownReason::RpcRequested));
+    /// assert_eq!(token.reason(), Some(ShutdownReason::RpcRequested));
+    /// # });
+    /// ```
     pub fn cancel(&self, reason: ShutdownReason) {
         cancel_inner(&self.inner, reason);
     }
@@ -161,6 +183,26 @@ impl ShutdownToken {
 
     /// A token that fires when `self` does; cancelling it leaves `self`
     /// untouched.
+    ///
+    /// A child's `reason()` is its own if it was cancelled first, else its
+    /// parent's; a child made from a token that has fired is born fired.
+    ///
+    /// ```
+    /// use dig_service::{ShutdownReason, ShutdownToken};
+    ///
+    /// let service = ShutdownToken::new();
+    /// let connection = service.child_token();
+    /// connection.cancel(ShutdownReason::Fatal("peer misbehaved".into()));
+    /// assert!(connection.is_cancelled());
+    /// assert!(!service.is_cancelled(), "a child's cancel stays in the child");
+    /// assert_eq!(service.reason(), None);
+    ///
+    /// let other = service.child_token();
+    /// service.cancel(ShutdownReason::UserRequested);
+    /// assert_eq!(other.reason(), Some(ShutdownReason::UserRequested));
+    /// assert!(matches!(connection.reason(), Some(ShutdownReason::Fatal(_))));
+    /// assert!(service.child_token().is_cancelled());
+    /// ```
     pub fn child_token(&self) -> ShutdownToken {
         let child = ShutdownToken::with_parent(Some(self.inner.clone()));
         let mut st = self.inner.state.lock();

@@ -164,7 +164,9 @@ struct ContractNode {
     /// The hooks entered, in order; a `watch` so the driver can wait for one.
     calls: watch::Sender<Vec<String>>,
     handle: OnceLock<ServiceHandle>,
-    race_reason: ShutdownReason,
+    /// The row's `shutdown.reason`, for the `run` acts that fire the token
+    /// themselves.
+    reason: ShutdownReason,
 }
 
 impl ContractNode {
@@ -254,9 +256,10 @@ impl NodeLifecycle for ContractNode {
             "ignore_shutdown" | "ignore_shutdown_shielded" => pending::<()>().await,
             "race" => {
                 let handle = self.handle.get().expect("handle set").clone();
-                let reason = self.race_reason.clone();
+                let reason = self.reason.clone();
                 std::thread::spawn(move || handle.request_shutdown(reason));
             }
+            "request_shutdown" => ctx.shutdown.cancel(self.reason.clone()),
             other => panic!("unknown run act {other:?}"),
         }
         Ok(())
@@ -314,7 +317,7 @@ async fn play(row: &Row) -> Result<(), String> {
         spec: row.node.clone(),
         calls: watch::Sender::new(Vec::new()),
         handle: OnceLock::new(),
-        race_reason: reason.clone(),
+        reason: reason.clone(),
     };
     let mut calls = node.calls.subscribe();
     let svc = Service::with_config(node, (), (), config);

@@ -1,6 +1,9 @@
-//! Lifecycle tests: hook order, failure handling, timeouts, panics, the
-//! single-shot rule and the recorded exit result — one test (at least) per
-//! row of the `Service::start` contract table.
+//! Lifecycle tests of the Rust `Service` that say more than a row of the
+//! contract table (`contract/start.toml`, run by `contract.rs`) can: the
+//! order tasks end in relative to the stop hooks, the very error object the
+//! stop hooks are handed, panics, exact timeout and deadline instants (on a
+//! paused clock), the single-shot rule while running, the recorded result,
+//! the handle after the service is gone, and a dropped `start()` future.
 
 mod common;
 
@@ -52,42 +55,6 @@ fn hook_timeout_of(err: &ServiceError) -> HookTimeout {
 // ---------------------------------------------------------------------------
 // Happy paths.
 
-/// **Proves:** on the happy path the hooks run in the exact order
-/// `pre_start → on_start → run → (run returns) → on_stop → post_stop`,
-/// and an outside shutdown request is reported as
-/// `RequestedShutdown(that reason)`.
-///
-/// **Why it matters:** the ordering *is* the product: stores opened in
-/// `pre_start` must exist in `on_start`, and must still be open in
-/// `on_stop` to be flushed.
-///
-/// **Catches:** a refactor that reorders or skips a hook, or that reports
-/// an outside request as `RunCompleted`.
-#[tokio::test]
-async fn happy_path_hook_order() {
-    let (svc, probe) = service(Script::default());
-    let status = start_then_request(&svc, &probe, ShutdownReason::UserRequested)
-        .await
-        .expect("graceful exit");
-    assert_eq!(
-        probe.log(),
-        strs(&[
-            "pre_start",
-            "on_start",
-            "run",
-            "run_exit",
-            "on_stop",
-            "post_stop"
-        ])
-    );
-    assert!(matches!(
-        status.reason,
-        ExitReason::RequestedShutdown(ShutdownReason::UserRequested)
-    ));
-    assert!(status.is_graceful());
-    assert_eq!(status.exit_code(), 0);
-}
-
 /// **Proves:** when `run` returns by itself the status is `RunCompleted`,
 /// the token is then cancelled with `RequestedByRun`, and the background
 /// tasks see it and finish *before* `on_stop` runs.
@@ -126,62 +93,8 @@ async fn run_returning_by_itself_is_run_completed() {
     assert!(svc.tasks().is_empty());
 }
 
-/// **Proves:** a requested `Fatal` shutdown exits "successfully" from
-/// `start()`'s point of view but is classified non-graceful (exit code 1).
-///
-/// **Why it matters:** a critical task cancels the token with `Fatal`;
-/// the process must then exit non-zero so the supervisor notices.
-///
-/// **Catches:** `Fatal` being folded into a graceful exit.
-#[tokio::test]
-async fn fatal_shutdown_is_not_graceful() {
-    let (svc, probe) = service(Script::default());
-    let status = start_then_request(&svc, &probe, ShutdownReason::Fatal("disk gone".into()))
-        .await
-        .expect("lifecycle ran to the end");
-    assert!(matches!(
-        &status.reason,
-        ExitReason::RequestedShutdown(ShutdownReason::Fatal(m)) if m == "disk gone"
-    ));
-    assert!(!status.is_graceful());
-    assert_eq!(status.exit_code(), 1);
-}
-
 // ---------------------------------------------------------------------------
 // Failures of each hook.
-
-/// **Proves:** a failing `pre_start` returns `PreStartFailed` and no later
-/// hook runs; tasks it had already spawned are still told to stop (token
-/// cancelled with `Fatal`) and joined before `start()` returns.
-///
-/// **Why it matters:** `pre_start` opens stores; running `on_start`
-/// against half-opened stores does strictly worse. But its loops must not
-/// be left running behind the caller's back.
-///
-/// **Catches:** running `on_start` anyway, or returning with live tasks.
-#[tokio::test]
-async fn pre_start_failure_short_circuits() {
-    let (svc, probe) = service(Script {
-        pre_start: Act::Fail,
-        workers: 2,
-        ..Script::default()
-    });
-    let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::PreStartFailed(_)), "{err:?}");
-    assert!(chain_has_hook_error(&err, "pre_start"));
-    assert_eq!(probe.hooks(), strs(&["pre_start"]));
-    assert_eq!(
-        probe.log().len(),
-        3,
-        "both workers exited: {:?}",
-        probe.log()
-    );
-    assert!(svc.tasks().is_empty());
-    assert!(matches!(
-        svc.shutdown_token().reason(),
-        Some(ShutdownReason::Fatal(m)) if m.starts_with("pre_start failed")
-    ));
-}
 
 /// **Proves:** a failing `on_start` returns `OnStartFailed`; tasks are
 /// joined, then `post_stop` runs; `run` and `on_stop` do not. `post_stop`
@@ -307,102 +220,6 @@ async fn edge_hook_panics_are_hook_failures() {
         matches!(&err, ServiceError::OnStopFailed(e) if e.to_string().contains("on_stop exploded"))
     );
     assert_eq!(probe.hooks().last().map(String::as_str), Some("post_stop"));
-}
-
-/// **Proves:** a failing `on_stop` returns `OnStopFailed` and `post_stop`
-/// still runs; a failing `post_stop` alone is also `OnStopFailed`.
-///
-/// **Why it matters:** `post_stop` releases file locks; skipping it after
-/// a flush error would wedge the next start.
-///
-/// **Catches:** short-circuiting between the two stop hooks.
-#[tokio::test]
-async fn stop_hook_failures() {
-    let (svc, probe) = service(Script {
-        run: RunAct::Return,
-        on_stop: Act::Fail,
-        ..Script::default()
-    });
-    let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::OnStopFailed(_)), "{err:?}");
-    assert!(chain_has_hook_error(&err, "on_stop"));
-    assert_eq!(probe.hooks().last().map(String::as_str), Some("post_stop"));
-
-    let (svc, _probe) = service(Script {
-        run: RunAct::Return,
-        post_stop: Act::Fail,
-        ..Script::default()
-    });
-    let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::OnStopFailed(_)), "{err:?}");
-    assert!(chain_has_hook_error(&err, "post_stop"));
-}
-
-/// **Proves:** with several failures the returned error follows the
-/// priority run > on_stop > post_stop > join.
-///
-/// **Why it matters:** the first cause is what an operator needs; a
-/// secondary flush error must not mask the crash that caused it.
-///
-/// **Catches:** "last error wins" bookkeeping.
-#[tokio::test(start_paused = true)]
-async fn error_priority_run_on_stop_post_stop_join() {
-    let cfg = ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(1));
-    // run > on_stop > post_stop > join
-    let (svc, _) = service_with(
-        Script {
-            run: RunAct::Fail,
-            on_stop: Act::Fail,
-            post_stop: Act::Fail,
-            stuck_worker: true,
-            ..Script::default()
-        },
-        cfg.clone(),
-    );
-    let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::RunFailed(_)), "{err:?}");
-
-    // on_stop > post_stop > join
-    let (svc, _) = service_with(
-        Script {
-            run: RunAct::Return,
-            on_stop: Act::Fail,
-            post_stop: Act::Fail,
-            stuck_worker: true,
-            ..Script::default()
-        },
-        cfg.clone(),
-    );
-    let err = svc.start().await.unwrap_err();
-    assert!(chain_has_hook_error(&err, "on_stop"), "{err:?}");
-
-    // post_stop > join
-    let (svc, _) = service_with(
-        Script {
-            run: RunAct::Return,
-            post_stop: Act::Fail,
-            stuck_worker: true,
-            ..Script::default()
-        },
-        cfg.clone(),
-    );
-    let err = svc.start().await.unwrap_err();
-    assert!(chain_has_hook_error(&err, "post_stop"), "{err:?}");
-
-    // join alone
-    let (svc, _) = service_with(
-        Script {
-            run: RunAct::Return,
-            stuck_worker: true,
-            ..Script::default()
-        },
-        cfg,
-    );
-    let err = svc.start().await.unwrap_err();
-    assert!(
-        matches!(&err, ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, .. } if pending_names == &["stuck"]),
-        "{err:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------

@@ -130,9 +130,21 @@ pub(crate) fn attach_unless_exiting<R>(f: impl for<'py> FnOnce(Python<'py>) -> R
 #[pyfunction]
 pub(crate) fn _shutdown_at_exit(py: Python<'_>) {
     let _ = EXIT_THREAD.set(thread::current().id());
+    // SeqCst, with `enter`'s increment and load: of "this store, then the
+    // load of INSIDE below" and "an entry's increment, then its load of
+    // EXITING", one comes first in the single total order, so either the
+    // hook sees the thread counted (and waits for it) or the thread sees
+    // EXITING (and leaves). Acquire/Release cannot forbid both missing
+    // each other (a store-load pattern).
     EXITING.store(true, Ordering::SeqCst);
     super::runtime::shut_down_for_good(py);
+    // SeqCst, as the other stores of this hook; the readers load it
+    // Relaxed (`runtime_gone`): the flag publishes no other data, only
+    // itself, and coherence makes a reader see it once it has propagated.
+    // A runtime thread that reads `false` just before attaches as it did
+    // before the hook: the window `runtime_gone`'s callers accept.
     RUNTIME_GONE.store(true, Ordering::SeqCst);
+    // SeqCst: the load of the store-load pattern above.
     if INSIDE.load(Ordering::SeqCst) > 0 {
         // The threads inside need the GIL to leave: wait without it. (If
         // this thread itself were inside one, called from an entry point,

@@ -1,19 +1,27 @@
-//! Cached Python objects and the argument checks shared by the bindings.
+//! What the bindings share when they talk to Python: cached standard-library
+//! objects, argument checks, clocks, calls onto an event loop, the task
+//! logger, and running Python source that the native module carries.
 //!
-//! Every check raises an exception that names the function and the
-//! parameter, and says what was given.
+//! Guarantees:
+//! - **Standard library only.** Every object cached here comes from the
+//!   standard library (`asyncio`, `types`, `datetime`, `logging`, `time`):
+//!   nothing here imports the `dig_service` package, so `_core` imports
+//!   alone (the Python package imports `_core`, never the other way round).
+//! - **Checks name their parameter.** Every argument check raises an
+//!   exception that names the function and the parameter, and says what was
+//!   given.
+//! - **No lock held across Python code.** Nothing here holds a Rust lock
+//!   while it calls into Python.
 
-use std::sync::Mutex;
+use std::ffi::CString;
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
-use pyo3::ffi;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
-
-use crate::error::ServiceError;
+use pyo3::types::code::PyCodeInput;
+use pyo3::types::{PyCode, PyCodeMethods, PyDict, PyFloat, PyInt, PyString, PyTuple};
 
 macro_rules! cached {
     ($fn_name:ident, $module:literal, $attr:literal) => {
@@ -33,200 +41,39 @@ cached!(coroutine_type, "types", "CoroutineType");
 cached!(task_type, "asyncio.tasks", "Task");
 cached!(base_event_loop, "asyncio.base_events", "BaseEventLoop");
 cached!(timedelta_type, "datetime", "timedelta");
-cached!(aio_wait_cancelled, "dig_service._aio", "wait_cancelled");
-cached!(aio_wake_all, "dig_service._aio", "wake_all");
-cached!(aio_resolve, "dig_service._aio", "resolve");
-cached!(aio_join_all, "dig_service._aio", "join_all");
-cached!(aio_cancel_all, "dig_service._aio", "cancel_all");
-cached!(err_already_stopped, "dig_service._errors", "AlreadyStopped");
-cached!(
-    err_deadline_exceeded,
-    "dig_service._errors",
-    "ShutdownDeadlineExceeded"
-);
 cached!(get_logger, "logging", "getLogger");
 cached!(monotonic, "time", "monotonic");
 
-/// The running event loop, or a `RuntimeError` saying who needed one.
+/// Run `source`, Python source that the native module carries (its errors,
+/// its asyncio glue), in a fresh namespace whose `__name__` is
+/// `dig_service._core`, and return that namespace.
 ///
-/// The same answer as `asyncio.get_running_loop()`, which on CPython 3.11
-/// makes a `getpid()` system call every time (0.5-1 µs, SPEC P1); see
-/// [`RunningLoopMemo`] for how that call is skipped, soundly.
-pub(crate) fn running_loop<'py>(py: Python<'py>, who: &str) -> PyResult<Bound<'py, PyAny>> {
-    let memo = RunningLoopMemo::enabled(py);
-    if memo {
-        if let Some(event_loop) = RunningLoopMemo::recall(py) {
-            return Ok(event_loop);
-        }
-    }
-    let event_loop = get_running_loop(py)?.call0().map_err(|_| {
-        PyRuntimeError::new_err(format!(
-            "{who} needs a running asyncio event loop: call it from a coroutine \
-             (inside asyncio.run(...) or dig_service.run(...))"
-        ))
-    })?;
-    if memo {
-        RunningLoopMemo::remember(&event_loop);
-    }
-    Ok(event_loop)
-}
-
-/// The running loop of a thread state, remembered in that thread state's
-/// dict next to CPython 3.11's own record of it.
-///
-/// CPython 3.11's C `_asyncio` keeps a thread's running loop in the thread
-/// state dict, under `__asyncio_running_event_loop__`, as a *holder* object
-/// with the loop and the pid that set it. Every `_set_running_loop()` call
-/// (a loop starting or stopping, in this thread, or any manual call)
-/// stores a new holder, and a holder never changes. `get_running_loop()`
-/// returns the holder's loop if the holder's pid is `getpid()`, which is
-/// only false in a process forked from the one that set it.
-///
-/// So after `get_running_loop()` returned a loop, and for as long as the
-/// thread state's holder is the same object and no fork happened (the fork
-/// generation of [`super::fork`], advanced in the child by the
-/// `os.register_at_fork` hook, which also runs for C code that forks and
-/// calls `PyOS_AfterFork_Child`), `get_running_loop()` would return the
-/// same loop: this memo returns it instead. It keeps the holder alive, so
-/// the holder's identity cannot be reused by a later one. A stopped loop,
-/// another loop run later in the same thread, another thread (another
-/// thread state, another dict) or a forked child all fail the check and
-/// take the `get_running_loop()` path, with today's answer or error.
-///
-/// Used only on CPython 3.11 with the C `_asyncio` module behind
-/// `asyncio.get_running_loop` (3.12 dropped the `getpid()` call and the
-/// holder); elsewhere `running_loop` always asks `get_running_loop()`.
-#[pyclass(module = "dig_service._core", frozen)]
-struct RunningLoopMemo {
-    holder: Py<PyAny>,
-    event_loop: Py<PyAny>,
-    generation: u64,
-}
-
-/// The key of CPython 3.11's holder in the thread state dict.
-const HOLDER_KEY: &str = "__asyncio_running_event_loop__";
-/// The memo's key in the thread state dict.
-const MEMO_KEY: &str = "dig_service._core.running_loop";
-
-impl RunningLoopMemo {
-    fn enabled(py: Python<'_>) -> bool {
-        static ENABLED: PyOnceLock<bool> = PyOnceLock::new();
-        *ENABLED.get_or_init(py, || {
-            let check = || -> PyResult<bool> {
-                let version = py.version_info();
-                if (version.major, version.minor) != (3, 11) {
-                    return Ok(false);
-                }
-                let c_impl = py.import("_asyncio")?;
-                Ok(get_running_loop(py)?.is(c_impl.getattr("get_running_loop")?))
-            };
-            check().unwrap_or(false)
-        })
-    }
-
-    /// This thread state's dict (borrowed from the thread state).
-    fn thread_state_dict(py: Python<'_>) -> Option<Bound<'_, PyDict>> {
-        // SAFETY: attached to the interpreter (we hold `py`); the result is
-        // a borrowed reference to the current thread state's dict, or NULL
-        // (no error set) if there is none.
-        let dict = unsafe { Bound::from_borrowed_ptr_or_opt(py, ffi::PyThreadState_GetDict()) }?;
-        dict.cast_into::<PyDict>().ok()
-    }
-
-    fn recall(py: Python<'_>) -> Option<Bound<'_, PyAny>> {
-        let dict = Self::thread_state_dict(py)?;
-        let memo = dict.get_item(pyo3::intern!(py, MEMO_KEY)).ok()??;
-        let memo = memo.cast_into::<Self>().ok()?;
-        let memo = memo.get();
-        let holder = dict.get_item(pyo3::intern!(py, HOLDER_KEY)).ok()??;
-        (holder.is(&memo.holder) && memo.generation == super::fork::generation())
-            .then(|| memo.event_loop.bind(py).clone())
-    }
-
-    /// Remember `event_loop`, just returned by `get_running_loop()` (no
-    /// Python code ran since: the holder read here is the one it read).
-    fn remember(event_loop: &Bound<'_, PyAny>) {
-        let py = event_loop.py();
-        let Some(dict) = Self::thread_state_dict(py) else {
-            return;
-        };
-        let Ok(Some(holder)) = dict.get_item(pyo3::intern!(py, HOLDER_KEY)) else {
-            return;
-        };
-        let memo = Self {
-            holder: holder.unbind(),
-            event_loop: event_loop.clone().unbind(),
-            generation: super::fork::generation(),
-        };
-        if let Ok(memo) = Bound::new(py, memo) {
-            let _ = dict.set_item(pyo3::intern!(py, MEMO_KEY), memo);
-        }
-    }
-}
-
-/// How `TaskRegistry.spawn` makes the asyncio task on one type of event loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TaskCreation {
-    /// The type uses asyncio's stock `BaseEventLoop.create_task` (and
-    /// `_check_closed`): while `loop._task_factory is None` that method
-    /// builds `asyncio.Task(coro, loop=loop, name=name)`, so `spawn` does
-    /// the same itself.
-    AsyncioStock,
-    /// The type uses uvloop's stock `Loop.create_task` (and
-    /// `get_task_factory`): while `loop.get_task_factory() is None` that
-    /// method builds `asyncio.Task(coro, loop=loop)` and names it.
-    UvloopStock,
-    /// Anything else (a subclass that overrides `create_task`, another
-    /// loop implementation): call `loop.create_task(coro, name=name)`.
-    CreateTask,
-}
-
-/// How tasks are made on `event_loop`'s type; decided once per type.
-pub(crate) fn task_creation(event_loop: &Bound<'_, PyAny>) -> PyResult<TaskCreation> {
-    // The few loop types a process uses, each with a strong reference so a
-    // type's address is never reused by another type while it is here.
-    static SEEN: Mutex<Vec<(Py<PyType>, TaskCreation)>> = Mutex::new(Vec::new());
-    let ty = event_loop.get_type();
-    {
-        let seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, how)) = seen.iter().find(|(t, _)| t.is(&ty)) {
-            return Ok(*how);
-        }
-    }
-    // Decided with the lock released: the lookups run Python code.
-    let how = classify_loop_type(&ty)?;
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if !seen.iter().any(|(t, _)| t.is(&ty)) {
-        seen.push((ty.unbind(), how));
-    }
-    Ok(how)
-}
-
-fn classify_loop_type(ty: &Bound<'_, PyType>) -> PyResult<TaskCreation> {
-    let py = ty.py();
-    let inherits = |class: &Bound<'_, PyAny>, attrs: &[&str]| -> PyResult<bool> {
-        for attr in attrs {
-            match ty.getattr(*attr) {
-                Ok(own) if own.is(class.getattr(*attr)?) => {}
-                _ => return Ok(false),
-            }
-        }
-        Ok(true)
+/// What the source defines belongs to `_core` (a class's `__module__` is
+/// `dig_service._core`, so `pickle` finds a class that `_core` exports).
+/// The source is registered with `linecache` under `<dig_service._core:FILE>`,
+/// so tracebacks through it show its lines. It may import the standard
+/// library only.
+pub(crate) fn run_source<'py>(
+    py: Python<'py>,
+    file: &str,
+    source: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let filename = format!("<dig_service._core:{file}>");
+    let to_c = |text: &str| {
+        CString::new(text).map_err(|_| PyValueError::new_err(format!("{file} holds a NUL byte")))
     };
-    if inherits(base_event_loop(py)?, &["create_task", "_check_closed"])? {
-        return Ok(TaskCreation::AsyncioStock);
-    }
-    // A uvloop loop means uvloop is imported; never import it here.
-    let modules = py.import("sys")?.getattr("modules")?;
-    if let Ok(uvloop) = modules.get_item("uvloop.loop") {
-        if inherits(
-            &uvloop.getattr("Loop")?,
-            &["create_task", "get_task_factory"],
-        )? {
-            return Ok(TaskCreation::UvloopStock);
-        }
-    }
-    Ok(TaskCreation::CreateTask)
+    let code = PyCode::compile(py, &to_c(source)?, &to_c(&filename)?, PyCodeInput::File)?;
+    let namespace = PyDict::new(py);
+    namespace.set_item("__name__", "dig_service._core")?;
+    namespace.set_item("__file__", &filename)?;
+    code.run(Some(&namespace), None)?;
+    // linecache entries with no mtime are never checked against a file.
+    let lines: Vec<&str> = source.split_inclusive('\n').collect();
+    let entry = (source.len(), py.None(), lines, &filename);
+    py.import("linecache")?
+        .getattr("cache")?
+        .set_item(&filename, entry)?;
+    Ok(namespace)
 }
 
 /// A name in Python's words for error messages: `int`, `function`, ...
@@ -308,26 +155,6 @@ pub(crate) fn seconds_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> Py
 /// `Duration` from already-checked seconds (saturating for huge values).
 pub(crate) fn duration(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
-}
-
-/// Translate a core error into the Python exception of the same name.
-pub(crate) fn service_err(py: Python<'_>, err: &ServiceError) -> PyErr {
-    let built = match err {
-        ServiceError::AlreadyStopped => {
-            err_already_stopped(py).and_then(|cls| cls.call1((err.to_string(),)))
-        }
-        ServiceError::ShutdownDeadlineExceeded {
-            deadline,
-            pending,
-            pending_names,
-        } => err_deadline_exceeded(py)
-            .and_then(|cls| cls.call1((deadline.as_secs_f64(), *pending, pending_names.clone()))),
-        other => Err(PyRuntimeError::new_err(other.to_string())),
-    };
-    match built {
-        Ok(exc) => PyErr::from_value(exc),
-        Err(e) => e,
-    }
 }
 
 /// Converts core `Instant`s to `time.monotonic()` seconds.

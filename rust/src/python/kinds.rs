@@ -1,9 +1,19 @@
 //! `TaskKind` and `ShutdownReason` as Python classes, and their conversions
-//! to and from the core enums. Both compare by value; `match` works on
-//! `ShutdownReason` variants.
+//! to and from the core enums.
+//!
+//! Guarantees:
+//! - **Values.** Both are immutable and compare and hash by value;
+//!   `match` works on `ShutdownReason` variants (`Fatal(message)`), and a
+//!   reason pickles (through `_restore_reason`).
+//! - **Lossless.** Every core variant has a Python one and back: a reason
+//!   given in Python is the reason Rust sees, and the other way round.
+//! - **Checked arguments.** `from_arg` refuses anything but an instance,
+//!   with a `TypeError` that names the function and the parameter: the one
+//!   `ShutdownReason` check of the bindings.
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyString;
 
 use super::interop::{text_arg, type_name};
@@ -174,7 +184,16 @@ impl PyShutdownReason {
     /// Pickle support: rebuilt through the module-level `_restore_reason`
     /// (the variant classes are not importable by name).
     fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String, String))> {
-        let restore = py.import("dig_service._core")?.getattr("_restore_reason")?;
+        let restore = RESTORE
+            .get(py)
+            .ok_or_else(|| {
+                pyo3::exceptions::PyRuntimeError::new_err(
+                    "a ShutdownReason pickles through dig_service._core._restore_reason: \
+                     import dig_service._core first",
+                )
+            })?
+            .bind(py)
+            .clone();
         let (variant, message) = match self {
             Self::UserRequested() => ("UserRequested", String::new()),
             Self::RpcRequested() => ("RpcRequested", String::new()),
@@ -184,6 +203,19 @@ impl PyShutdownReason {
         };
         Ok((restore, (variant.to_owned(), message)))
     }
+}
+
+/// The module's own `_restore_reason` (what `pickle` finds by name), kept
+/// when the module is initialised: `__reduce__` hands it out without
+/// importing anything.
+static RESTORE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Keep the module `m`'s `_restore_reason` for `__reduce__` (at module init,
+/// once `_restore_reason` has been added).
+pub(crate) fn remember_restore(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let restore = m.getattr("_restore_reason")?.unbind();
+    let _ = RESTORE.set(m.py(), restore);
+    Ok(())
 }
 
 /// Rebuild a pickled `ShutdownReason`.

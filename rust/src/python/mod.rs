@@ -1,25 +1,48 @@
 //! The PyO3 bindings: the native module `dig_service._core`.
 //!
-//! One concept per module: [`runtime`] (the tokio runtime and the future
-//! bridge), [`kinds`] (`TaskKind`, `ShutdownReason`), [`token`]
-//! (`ShutdownToken` with per-loop batched wake-ups), [`registry`]
-//! (`TaskRegistry`, `TaskHandle`, summaries, stats), [`native`] (native
-//! tokio tasks seen from Python), [`pyfuture`] (a Python coroutine awaited
-//! from Rust, cancelled when Rust gives up), [`logbridge`] (Rust `tracing` → Python
-//! `logging`), [`watchdog`] (a native thread that notices a stalled event
-//! loop). [`fork`] keeps `os.fork()` from hanging a child; [`exit`] keeps
-//! interpreter exit from aborting with threads still running; [`interop`]
-//! holds the cached Python objects and argument checks they share.
+//! The boundary runs one way: the Python package imports `_core`; `_core`
+//! imports nothing from the package. What `_core` raises ([`errors`], the
+//! `ServiceError` family) and the asyncio glue it needs ([`aio`]) are
+//! Python source compiled into the module itself, and every name the module
+//! has is in `python/dig_service/_core.pyi` (checked by `mypy.stubtest`).
+//!
+//! One concept per module:
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`kinds`] | `TaskKind`, `ShutdownReason` |
+//! | [`token`] | `ShutdownToken`, with per-loop batched wake-ups |
+//! | [`registry`] | `TaskRegistry`, `TaskSummary`, `TaskStats` |
+//! | [`spawn`] | `TaskRegistry.spawn`, the P1 hot path |
+//! | [`handle`] | `TaskHandle` and the report of a Python task's end |
+//! | [`foreign`] | asyncio tasks as the core's foreign tasks; batched stops |
+//! | [`running_loop`] | the running event loop, memoised soundly on 3.11 |
+//! | [`errors`] | the `ServiceError` family (`errors.py`) and core errors → Python |
+//! | [`aio`] | the asyncio glue coroutines and callbacks (`aio.py`) |
+//! | [`native`] | native tokio tasks spawned from Python |
+//! | [`runtime`] | the tokio runtime and the future → awaitable bridge |
+//! | [`pyfuture`] | a Python coroutine awaited from Rust, cancelled when Rust gives up |
+//! | [`logbridge`] | Rust `tracing` → Python `logging` |
+//! | [`watchdog`] | a native thread that notices a stalled event loop |
+//! | [`fork`] | `os.fork()`: a child never hangs on its parent's locks |
+//! | [`exit`] | interpreter exit never aborts with threads still running |
+//! | [`interop`] | what they share: stdlib objects, argument checks, clocks |
 
+mod aio;
+mod errors;
 mod exit;
+mod foreign;
 mod fork;
+mod handle;
 mod interop;
 mod kinds;
 mod logbridge;
 mod native;
 mod pyfuture;
 mod registry;
+mod running_loop;
 mod runtime;
+mod spawn;
 mod token;
 mod watchdog;
 
@@ -37,11 +60,12 @@ pub use token::PyShutdownToken;
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     logbridge::install();
+    errors::add_to(m)?;
     m.add_class::<kinds::PyTaskKind>()?;
     m.add_class::<kinds::PyShutdownReason>()?;
     m.add_class::<token::PyShutdownToken>()?;
     m.add_class::<registry::PyTaskRegistry>()?;
-    m.add_class::<registry::PyTaskHandle>()?;
+    m.add_class::<handle::PyTaskHandle>()?;
     m.add_class::<registry::PyTaskSummary>()?;
     m.add_class::<registry::PyTaskStats>()?;
     m.add_class::<watchdog::PyLoopWatchdog>()?;
@@ -51,6 +75,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
     m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
     m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
+    kinds::remember_restore(m)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(exit::_shutdown_at_exit, m)?)?;
     fork::install(m)?;

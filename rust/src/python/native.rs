@@ -4,6 +4,15 @@
 //! a real tokio task on the bindings' runtime, tracked by the same
 //! registry as the asyncio tasks, so native tracking can be exercised from
 //! Python (`origin == "native"`).
+//!
+//! Guarantees:
+//! - **One registry.** A native task is counted, listed, joined and stopped
+//!   at a deadline with the registry's asyncio tasks, under its token.
+//! - **Every awaiter sees the result.** Its `TaskHandle` can be awaited from
+//!   any number of tasks, on any loop: each gets `None`, the failure as
+//!   `RuntimeError`, or `CancelledError` if the task was aborted.
+//! - **Refusals are the registry's.** A closed registry raises
+//!   `AlreadyStopped`; nothing is spawned then.
 
 use std::future::Future;
 
@@ -11,9 +20,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 use tokio::sync::watch;
 
-use super::interop::{duration, seconds_arg, service_err, text_arg};
+use super::errors::service_err;
+use super::handle::PyTaskHandle;
+use super::interop::{duration, seconds_arg, text_arg};
 use super::kinds::PyTaskKind;
-use super::registry::{PyTaskHandle, PyTaskRegistry};
+use super::registry::PyTaskRegistry;
 use super::runtime;
 use crate::tasks::TaskKind;
 

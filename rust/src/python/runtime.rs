@@ -84,6 +84,11 @@ fn slot() -> &'static Slot {
         return unsafe { &*current };
     }
     let fresh: *mut Slot = (Slot::new() as *const Slot).cast_mut();
+    // Success AcqRel: its Release half publishes `fresh`'s initialised
+    // contents to the Acquire loads above (its Acquire half reads a null
+    // slot and needs nothing; it is there to match the failure ordering,
+    // and costs nothing on x86's `lock cmpxchg`). Failure Acquire: pairs
+    // with the winner's Release, so `theirs` is initialised.
     match SLOT.compare_exchange(
         std::ptr::null_mut(),
         fresh,
@@ -422,7 +427,7 @@ where
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
     handle(py)?;
-    let event_loop = super::interop::running_loop(py, "a native await")?;
+    let event_loop = super::running_loop::running_loop(py, "a native await")?;
     let view = Bound::new(
         py,
         BridgeLoop {

@@ -20,10 +20,12 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use super::aio;
 use super::exit;
 use super::fork;
-use super::interop::{aio_wait_cancelled, aio_wake_all, call_on_loop, running_loop};
+use super::interop::call_on_loop;
 use super::kinds::PyShutdownReason;
+use super::running_loop::running_loop;
 use crate::shutdown::ShutdownToken;
 
 struct LoopWaiters {
@@ -140,7 +142,7 @@ fn wake(waiters: &SharedWaiters) {
         return;
     }
     super::attach_unless_exiting(|py| {
-        let Ok(wake_all) = aio_wake_all(py) else {
+        let Ok(wake_all) = aio::wake_all(py) else {
             return;
         };
         for lw in loops {
@@ -190,7 +192,7 @@ impl PyShutdownToken {
     /// before it starts) leaves nothing behind.
     fn cancelled<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let _inside = exit::enter()?;
-        aio_wait_cancelled(slf.py())?.call1((slf,))
+        aio::wait_cancelled(slf.py())?.call1((slf,))
     }
 
     /// Park a future on the running loop until the token fires; `None` if

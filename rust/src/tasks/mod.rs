@@ -42,198 +42,56 @@
 //! tasks): [`TaskRegistry::track_foreign`] records them, the owner reports
 //! their end through [`TaskRegistry::finish_foreign`], and the registry
 //! stops them through the [`ForeignTask`] they were registered with.
+//!
+//! # Where things are
+//!
+//! | module | concept |
+//! |---|---|
+//! | this one | [`TaskRegistry`]: the live entries, the live count, spawn, join, stop |
+//! | `types` | the value types: kinds, outcomes, summaries, stats, [`TaskHandle`] |
+//! | `watched` | a native task as tokio runs it, reporting its end however it ends |
+//! | `critical` | critical tasks: a failure cancels the token |
+//! | `reap` | deferred, batched removal of ended native tasks |
+//! | `slab`, `stamp`, `name` | the entry slab, spawn timestamps, task names |
+//!
+//! # Memory ordering
+//!
+//! Two atomics are shared by every task: the live count (`Inner::live`)
+//! and the stop flag (`Inner::stopping`). Everything else is under the
+//! state lock or a per-thread buffer's lock. The argument for each
+//! operation's ordering is written next to it.
 
+mod critical;
 mod name;
+mod reap;
 pub(crate) mod slab;
 mod stamp;
+mod types;
+mod watched;
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Result, ServiceError};
-use crate::shutdown::{ShutdownReason, ShutdownToken};
+use crate::shutdown::ShutdownToken;
+use critical::Critical;
 pub use name::TaskName;
+use reap::{ended_shards, Ended, Outcomes, Padded, REAP_AT};
 use slab::{Key, Slab};
 use stamp::{Epoch, Stamp};
-
-/// Kind of task, for observability.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskKind {
-    /// A long-running background loop (sync loop, heartbeat).
-    BackgroundLoop,
-    /// A per-peer connection handler.
-    PeerConnection,
-    /// A per-request RPC handler.
-    RpcHandler,
-    /// A periodic maintenance job (compaction, pruning).
-    Maintenance,
-}
-
-/// Where a tracked task runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskOrigin {
-    /// A tokio task spawned through [`TaskRegistry::spawn`].
-    Native,
-    /// A foreign task (an asyncio task) tracked through
-    /// [`TaskRegistry::track_foreign`].
-    Python,
-}
-
-impl TaskOrigin {
-    /// `"native"` or `"python"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Python => "python",
-        }
-    }
-}
-
-/// One live task, as seen by [`TaskRegistry::snapshot`].
-#[derive(Debug, Clone)]
-pub struct TaskSummary {
-    /// The name given at spawn.
-    pub name: TaskName,
-    /// When it was spawned, to within one tick of the kernel's coarse
-    /// clock (a few milliseconds) on Linux.
-    pub spawned_at: Instant,
-    /// Kind classification.
-    pub kind: TaskKind,
-    /// Native tokio task or foreign (Python) task.
-    pub origin: TaskOrigin,
-}
-
-/// Counters of a registry since it was created.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TaskStats {
-    /// Tasks ever accepted by `spawn` / `track_foreign`.
-    pub spawned: u64,
-    /// Tasks that returned normally.
-    pub completed: u64,
-    /// Tasks that returned an error or panicked.
-    pub failed: u64,
-    /// Foreign tasks that ended cancelled.
-    pub cancelled: u64,
-    /// Native tasks that were aborted before they finished.
-    pub aborted: u64,
-    /// Tasks live now.
-    pub live: u64,
-}
-
-/// How a task ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskOutcome {
-    /// It returned normally.
-    Completed,
-    /// It returned an error or panicked.
-    Failed,
-    /// It was cancelled (foreign tasks).
-    Cancelled,
-    /// It was aborted (native tasks).
-    Aborted,
-}
-
-/// A task that runs outside tokio but is tracked by a [`TaskRegistry`].
-pub trait ForeignTask: Send + Sync + 'static {
-    /// Ask the task to stop. Called at most once per `join_all` deadline,
-    /// from any thread, with no registry lock held. Must not block.
-    fn cancel(&self);
-
-    /// Whether the task has already ended although its owner has not yet
-    /// called [`TaskRegistry::finish_foreign`] (its completion is queued).
-    /// Such a task is not a straggler. Called with no registry lock held.
-    fn is_finished(&self) -> bool {
-        false
-    }
-}
-
-/// Identifies a foreign task in its registry; see
-/// [`TaskRegistry::finish_foreign`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ForeignTaskId(Key);
-
-/// Why a native task did not return `Ok(())`.
-#[derive(Debug, Clone)]
-pub enum TaskFailure {
-    /// The task returned an error.
-    Error(Arc<anyhow::Error>),
-    /// The task panicked; the panic message.
-    Panic(String),
-    /// The task was aborted.
-    Aborted,
-}
-
-impl fmt::Display for TaskFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Error(e) => write!(f, "{e:#}"),
-            Self::Panic(msg) => write!(f, "panicked: {msg}"),
-            Self::Aborted => f.write_str("aborted"),
-        }
-    }
-}
-
-impl std::error::Error for TaskFailure {}
-
-/// The handle [`TaskRegistry::spawn`] returns for a native task.
-///
-/// Awaiting it yields the task's result; dropping it detaches (the task
-/// keeps running and stays tracked).
-#[derive(Debug)]
-pub struct TaskHandle {
-    name: TaskName,
-    kind: TaskKind,
-    join: JoinHandle<Exit>,
-}
-
-impl TaskHandle {
-    /// The task's name.
-    pub fn name(&self) -> &TaskName {
-        &self.name
-    }
-    /// The task's kind.
-    pub fn kind(&self) -> TaskKind {
-        self.kind
-    }
-    /// Abort the task; it ends at its next await point.
-    pub fn abort(&self) {
-        self.join.abort();
-    }
-    /// Whether the task has finished.
-    pub fn is_finished(&self) -> bool {
-        self.join.is_finished()
-    }
-    /// A handle that can abort the task without owning this one.
-    pub fn abort_handle(&self) -> AbortHandle {
-        self.join.abort_handle()
-    }
-}
-
-impl Future for TaskHandle {
-    type Output = std::result::Result<(), TaskFailure>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.join).poll(cx).map(|r| match r {
-            Ok(Exit::Completed) => Ok(()),
-            Ok(Exit::Failed(e)) => Err(TaskFailure::Error(e)),
-            Ok(Exit::Stopped) => Err(TaskFailure::Aborted),
-            Err(e) if e.is_panic() => Err(TaskFailure::Panic(panic_message(&*e.into_panic()))),
-            Err(_) => Err(TaskFailure::Aborted),
-        })
-    }
-}
+pub(crate) use types::panic_message;
+pub use types::{
+    ForeignTask, ForeignTaskId, TaskFailure, TaskHandle, TaskKind, TaskOrigin, TaskOutcome,
+    TaskStats, TaskSummary,
+};
+use watched::{CurrentRuntime, Spawner, Spawning, Watched, REFUSED};
 
 // ---------------------------------------------------------------------------
 // Registry state: a generation-checked slab of live entries.
@@ -268,33 +126,6 @@ impl Entry {
 }
 
 type IdleWaker = Box<dyn FnOnce() + Send + 'static>;
-
-/// Counts of ended tasks by outcome.
-#[derive(Debug, Clone, Copy, Default)]
-struct Outcomes {
-    completed: u64,
-    failed: u64,
-    cancelled: u64,
-    aborted: u64,
-}
-
-impl Outcomes {
-    fn count(&mut self, outcome: TaskOutcome) {
-        match outcome {
-            TaskOutcome::Completed => self.completed += 1,
-            TaskOutcome::Failed => self.failed += 1,
-            TaskOutcome::Cancelled => self.cancelled += 1,
-            TaskOutcome::Aborted => self.aborted += 1,
-        }
-    }
-
-    fn add(&mut self, other: &Outcomes) {
-        self.completed += other.completed;
-        self.failed += other.failed;
-        self.cancelled += other.cancelled;
-        self.aborted += other.aborted;
-    }
-}
 
 /// What the state lock guards.
 struct State {
@@ -342,44 +173,6 @@ impl State {
     }
 }
 
-/// Native tasks that ended but whose entries are still in the slab.
-///
-/// A native task usually ends on another worker thread than the one that
-/// spawned it. Removing its entry from the slab at once would move the
-/// state lock (and the slot) between the two threads on every task; the
-/// ending task instead notes its slot here, in its thread's buffer (one per
-/// CPU, handed out to threads in turn), and the slots are removed in
-/// batches ([`Inner::reap`]): by a thread whose buffer has filled up, by a
-/// spawner that would otherwise grow the slab, by every reader of the slab
-/// (so no reader sees an ended task), and by the task that empties the
-/// registry. The live count is exact all along.
-#[derive(Default)]
-struct Ended {
-    slots: Vec<u32>,
-    outcomes: Outcomes,
-}
-
-/// A spawner that finds no free slot reaps instead of growing the slab if
-/// at least this many ended tasks wait: every reap is then a batch (taking
-/// the other threads' buffers every few spawns costs more than the slots
-/// it frees), and the slab stays within this many slots of the peak live
-/// count.
-const REAP_AT: usize = 1024;
-
-/// A thread whose buffer holds this many ended tasks reaps, if the state
-/// lock is free: bounds the memory ended tasks keep when nothing spawns.
-/// Higher than [`REAP_AT`] so that while tasks are being spawned the
-/// spawner reaps, touching the slots it wrote itself; a reap by an ending
-/// thread holds the lock while it pulls every slot over from the
-/// spawner's cache, and the spawner waits.
-const REAP_AT_THREAD: usize = 8 * REAP_AT;
-
-/// A cache line (and its neighbour, which x86 prefetches in pairs) of its
-/// own, so that threads noting ended tasks do not contend on one line.
-#[repr(align(128))]
-#[derive(Default)]
-struct Padded<T>(T);
-
 /// The registry's shared state. `repr(C)` fixes the order: the fields every
 /// task touches from whichever thread it runs on (the live count, the stop
 /// flag) sit right after the `Arc`'s reference counts, which every task
@@ -404,27 +197,6 @@ struct Inner {
     state: Mutex<State>,
 }
 
-/// Index of the calling thread's [`Ended`] buffer among `n` (a power of two).
-fn ended_shard(n: usize) -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    INDEX.with(|i| *i) & (n - 1)
-}
-
-/// How many [`Ended`] buffers a registry has: one per CPU, rounded up to a
-/// power of two (read once per process: it may read cgroup files).
-fn ended_shards() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .clamp(2, 64)
-            .next_power_of_two()
-    })
-}
-
 impl Inner {
     fn new(shutdown: ShutdownToken) -> Self {
         Self {
@@ -437,42 +209,17 @@ impl Inner {
         }
     }
 
-    /// Remove the entries of every ended native task from the slab. Their
-    /// stored wakers are handed back, to be dropped outside the lock.
-    fn reap(&self, st: &mut State) -> Vec<Waker> {
-        let mut wakers = Vec::new();
-        let State {
-            entries,
-            ended,
-            reaping,
-            ..
-        } = st;
-        for shard in self.ended.iter() {
-            {
-                let mut full = shard.0.lock();
-                if full.slots.is_empty() {
-                    continue;
-                }
-                std::mem::swap(&mut full.slots, reaping);
-                ended.add(&std::mem::take(&mut full.outcomes));
-            }
-            for slot in reaping.drain(..) {
-                if let Some(Entry {
-                    control: Control::Native(Some(w)),
-                    ..
-                }) = entries.remove_at(slot)
-                {
-                    wakers.push(w);
-                }
-            }
-        }
-        wakers
-    }
-
     /// One task fewer: if that was the last, wake the joiners (under the
     /// lock the live count is exact: spawns increment it under the lock).
     #[inline]
     fn one_fewer(&self) {
+        // AcqRel. Release: everything the task did (its future is dropped
+        // before its end is counted, see `watched`) happens-before whoever
+        // reads a count this decrement leads to (`len`, `close_or_wait`:
+        // Acquire). Acquire: the decrement that reaches zero reads the end
+        // of a release sequence made of every earlier decrement, so this
+        // thread has seen every other task's end before `now_idle` wakes
+        // the joiners (who then see it too: the wake-up is a channel send).
         if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.now_idle();
         }
@@ -485,6 +232,9 @@ impl Inner {
         let (wakers, idle) = {
             let mut st = self.state.lock();
             let wakers = self.reap(&mut st);
+            // Under the state lock, which a spawn holds while it increments:
+            // a spawn since the decrement above is seen, and the joiners are
+            // then not woken. Acquire, as every read that may conclude "empty".
             let idle = if self.live.load(Ordering::Acquire) == 0 {
                 st.idle_wakers.drain()
             } else {
@@ -512,119 +262,16 @@ impl Inner {
         Some(entry)
     }
 
-    /// Record the end of the native task in `slot` (see [`Ended`]); hand
-    /// back its name if the task failed, for the log.
-    fn finish_native(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
-        let name = if outcome == TaskOutcome::Failed {
-            let mut st = self.state.lock();
-            st.entries.get_mut_at(slot).map(|e| e.name.clone())
-        } else {
-            None
-        };
-        let backlog = {
-            let mut ended = self.ended[ended_shard(self.ended.len())].0.lock();
-            // Ordering: `close_and_stop_all` sets `stopping` (under the state
-            // lock) before its reap, which takes this lock. Read false here,
-            // this section comes before that reap takes this buffer: the slot
-            // noted now is reaped before the stragglers are named, so this
-            // task is not one. Read true, the task goes to `finish_stopping`,
-            // which waits for the state lock, so for the naming to be over.
-            if self.stopping.load(Ordering::Relaxed) {
-                None
-            } else {
-                ended.slots.push(slot);
-                ended.outcomes.count(outcome);
-                Some(ended.slots.len())
-            }
-        };
-        let Some(backlog) = backlog else {
-            return self.finish_stopping(slot, outcome);
-        };
-        if backlog >= REAP_AT_THREAD {
-            if let Some(mut st) = self.state.try_lock() {
-                let wakers = self.reap(&mut st);
-                drop(st);
-                drop(wakers);
-            }
-        }
-        self.one_fewer();
-        name
-    }
-
-    /// The end of a native task once the registry is stopping: its entry
-    /// leaves at once, and a task named as a straggler counts as aborted
-    /// whatever `outcome` it ended with, so that the stats agree with the
-    /// deadline's report. Hands back its name if it failed, for the log.
-    #[cold]
-    fn finish_stopping(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
-        let entry = {
-            let mut st = self.state.lock();
-            let entry = st.entries.remove_at(slot);
-            let counted = match entry {
-                Some(Entry {
-                    control: Control::Straggler,
-                    ..
-                }) => TaskOutcome::Aborted,
-                _ => outcome,
-            };
-            st.ended.count(counted);
-            entry
-        };
-        let name = match (&entry, outcome) {
-            (Some(e), TaskOutcome::Failed) => Some(e.name.clone()),
-            _ => None,
-        };
-        // Its waker, if any, is dropped outside the lock.
-        drop(entry);
-        self.one_fewer();
-        name
-    }
-
-    /// Take back the counts of a task that a shut-down runtime dropped
-    /// inside `spawn` (see `TaskRegistry::spawn_with`): `spawn` refuses it,
-    /// so it was never accepted, but `insert_entry` counted it spawned and
-    /// its drop, on this thread, counted it aborted.
-    #[cold]
-    fn uncount_refused(&self) {
-        let mut st = self.state.lock();
-        st.spawned -= 1;
-        // The drop noted the abort in this thread's buffer; a reap since
-        // (the task that empties the registry reaps) moved it to `ended`.
-        // Both move only under the state lock, held here.
-        let mut mine = self.ended[ended_shard(self.ended.len())].0.lock();
-        if mine.outcomes.aborted > 0 {
-            mine.outcomes.aborted -= 1;
-        } else {
-            st.ended.aborted -= 1;
-        }
-    }
-
-    /// Store the waker of the native task in `slot`, which has just waited
-    /// for the first time; wake it at once if a stop came first.
-    fn park_native(&self, slot: u32, waker: &Waker) {
-        let stop = {
-            let mut st = self.state.lock();
-            // A straggler (named before its first wait) keeps its mark: it
-            // is woken below, to stop.
-            if let Some(Entry {
-                control: Control::Native(w),
-                ..
-            }) = st.entries.get_mut_at(slot)
-            {
-                *w = Some(waker.clone());
-            }
-            self.stopping.load(Ordering::Relaxed)
-        };
-        if stop {
-            waker.wake_by_ref();
-        }
-    }
-
     /// Close the registry and return `None` if no task is live; otherwise
     /// store `wake`, to run once the live count next drops to zero, and
     /// return its key (for [`IdleWait`]).
     fn close_or_wait(&self, wake: IdleWaker) -> Option<Key> {
         let mut st = self.state.lock();
+        // Acquire: on 0, `join_all` returns, and the Release of each task's
+        // last decrement (`one_fewer`) makes the tasks' ends visible to the
+        // joiner. The state lock orders the read against spawns, which
+        // increment under it: no spawn slips in between the check and the
+        // close.
         if self.live.load(Ordering::Acquire) == 0 {
             st.closed = true;
             let reaped = self.reap(&mut st);
@@ -696,6 +343,33 @@ impl TaskRegistry {
     /// [`ServiceError::RuntimeShutDown`] when the runtime has shut down, so
     /// the task could never run. The future is dropped unpolled in each
     /// case, and nothing is counted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use dig_service::{ShutdownReason, ShutdownToken, TaskKind, TaskRegistry};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let token = ShutdownToken::new();
+    /// let tasks = TaskRegistry::new(token.clone());
+    /// let heartbeat = tasks
+    ///     .spawn("heartbeat", TaskKind::BackgroundLoop, {
+    ///         let token = token.clone();
+    ///         async move {
+    ///             token.cancelled().await; // a loop would do its work until then
+    ///             Ok(())
+    ///         }
+    ///     })
+    ///     .expect("inside a runtime, registry open");
+    /// assert_eq!(tasks.len(), 1);
+    /// assert_eq!(tasks.snapshot()[0].name.as_str(), "heartbeat");
+    ///
+    /// token.cancel(ShutdownReason::UserRequested);
+    /// heartbeat.await.expect("it returned Ok(())");
+    /// assert!(tasks.is_empty(), "a finished task leaves at once");
+    /// assert_eq!(tasks.stats().completed, 1);
+    /// # });
+    /// ```
     pub fn spawn<F>(&self, name: impl Into<TaskName>, kind: TaskKind, fut: F) -> Result<TaskHandle>
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -776,11 +450,7 @@ impl TaskRegistry {
     }
 
     fn critical<F>(&self, name: TaskName, fut: F) -> Critical<F> {
-        Critical {
-            fut,
-            token: self.inner.shutdown.clone(),
-            name,
-        }
+        Critical::new(fut, self.inner.shutdown.clone(), name)
     }
 
     fn spawn_with<F>(
@@ -804,12 +474,7 @@ impl TaskRegistry {
         // down, tokio drops the task inline, and its drop takes the lock.
         let join = {
             let _spawning = Spawning::enter(&self.inner);
-            rt.spawn(Watched {
-                fut: Some(fut),
-                inner: self.inner.clone(),
-                slot: slab::index_of(k),
-                parked: false,
-            })
+            rt.spawn(Watched::new(fut, self.inner.clone(), slab::index_of(k)))
         };
         // Finished already: it ran on another worker, or the runtime has
         // shut down and dropped it unpolled, right here (then its drop said
@@ -851,6 +516,8 @@ impl TaskRegistry {
             // `REAP_AT`). Occupied slots minus live tasks is the number of
             // ended tasks waiting, give or take a foreign task ending now.
             let waiting = || {
+                // Relaxed: an estimate; a stale count only moves the reap
+                // to a later spawn.
                 let live = self.inner.live.load(Ordering::Relaxed) as usize;
                 st.entries.len().saturating_sub(live)
             };
@@ -858,6 +525,14 @@ impl TaskRegistry {
                 reaped = self.inner.reap(&mut st);
             }
             let k = st.insert(entry);
+            // Under the state lock, so that `close_or_wait` (which reads the
+            // count under it) cannot close a registry while a spawn is half
+            // done. The modification order of `live` alone keeps the count
+            // exact against concurrent decrements: a decrement cannot reach
+            // zero while this task is counted. The increment publishes
+            // nothing (readers of an entry take the lock); AcqRel pairs it
+            // with the decrements, at the cost of Relaxed on x86 (one
+            // `lock xadd` either way).
             self.inner.live.fetch_add(1, Ordering::AcqRel);
             k
         };
@@ -887,6 +562,38 @@ impl TaskRegistry {
     /// without the time driver (`Builder::enable_time`), as
     /// `tokio::time::sleep` does: tokio offers no way to tell beforehand.
     /// With no live task, or with `Duration::MAX`, it needs no timer.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dig_service::{ServiceError, ShutdownReason, ShutdownToken, TaskKind, TaskRegistry};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let token = ShutdownToken::new();
+    /// let tasks = TaskRegistry::new(token.clone());
+    /// let polite = token.clone();
+    /// tasks.spawn("polite", TaskKind::PeerConnection, async move {
+    ///     polite.cancelled().await;
+    ///     Ok(())
+    /// })?;
+    /// tasks.spawn("stuck", TaskKind::Maintenance, async {
+    ///     std::future::pending::<()>().await; // never looks at the token
+    ///     Ok(())
+    /// })?;
+    ///
+    /// token.cancel(ShutdownReason::UserRequested);
+    /// match tasks.join_all(Duration::from_millis(50)).await {
+    ///     Err(ServiceError::ShutdownDeadlineExceeded { pending_names, .. }) => {
+    ///         assert_eq!(pending_names, ["stuck"]); // aborted at the deadline
+    ///     }
+    ///     other => panic!("expected the deadline to pass, got {other:?}"),
+    /// }
+    /// assert!(tasks.is_closed(), "closed either way: no more spawns");
+    /// assert!(tasks.spawn("late", TaskKind::Maintenance, async { Ok(()) }).is_err());
+    /// # Ok::<(), ServiceError>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn join_all(&self, deadline: Duration) -> Result<()> {
         // A deadline too large to add to `now` (say `Duration::MAX`) means
         // "no deadline", not a panic.
@@ -964,6 +671,12 @@ impl TaskRegistry {
             // section sees the flag and wakes itself; and before the reap,
             // so that a task ending from now on is either reaped here (and
             // not named) or leaves by `finish_stopping` (see `finish_native`).
+            // Relaxed: every reader that must see the flag is ordered after
+            // this store by a lock or a wake-up, never by the flag itself:
+            // `park_native` reads it under this state lock; `finish_native`
+            // under a buffer lock that the reap below takes after this store;
+            // `Watched::poll` after the wake-up sent below (tokio orders a
+            // wake before the poll it causes).
             self.inner.stopping.store(true, Ordering::Relaxed);
             let reaped = self.inner.reap(&mut st);
             for e in st.entries.iter_mut() {
@@ -1030,6 +743,8 @@ impl TaskRegistry {
 
     /// How many tasks are live.
     pub fn len(&self) -> usize {
+        // Acquire: a caller that reads 0 sees every task's end (see
+        // `Inner::one_fewer`).
         self.inner.live.load(Ordering::Acquire) as usize
     }
 
@@ -1051,6 +766,7 @@ impl TaskRegistry {
             failed: ended.failed,
             cancelled: ended.cancelled,
             aborted: ended.aborted,
+            // Acquire, as `len`.
             live: self.inner.live.load(Ordering::Acquire),
         }
     }
@@ -1070,262 +786,14 @@ impl fmt::Debug for TaskRegistry {
     }
 }
 
-/// How a native task's future ended, as its `JoinHandle` reports it. Small
-/// on purpose: tokio moves it into the task's cell.
-#[derive(Debug)]
-enum Exit {
-    Completed,
-    Failed(Arc<anyhow::Error>),
-    /// Stopped by `close_and_stop_all`, like an abort.
-    Stopped,
-}
-
-pin_project! {
-    /// A native task as spawned: the user's future, which stops at its next
-    /// poll once the registry is stopping, and the slot of its entry, which
-    /// it removes when it ends, however it ends (tokio drops the task's
-    /// future when it is aborted, and while unwinding from a panic), even
-    /// when dropping the user's future panics (see [`EndGuard`]).
-    ///
-    /// Kept to two words beside the future: tokio rounds a task's cell up
-    /// to 128 bytes, and a trivial task through `TaskTracker` fills exactly
-    /// one such line.
-    struct Watched<F> {
-        // `None` once the task has ended. The future is dropped before the
-        // entry leaves, so a task's cleanup has run when a join sees it gone.
-        #[pin]
-        fut: Option<F>,
-        inner: Arc<Inner>,
-        // Only this task removes its entry, so the slot index alone names it.
-        slot: u32,
-        // Set the first time the future returns `Pending`.
-        parked: bool,
-    }
-
-    impl<F> PinnedDrop for Watched<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let mut this = this.project();
-            if this.fut.is_some() {
-                // Ends the task when it drops: after the future, or while
-                // unwinding from the future's own `Drop`.
-                let _end = EndGuard {
-                    inner: this.inner,
-                    slot: *this.slot,
-                    polled: *this.parked,
-                };
-                this.fut.set(None);
-            }
-        }
-    }
-}
-
-/// Ends a native task whose future is being dropped before it returned: an
-/// abort, the stop at a deadline, a shut-down runtime, a panic in `poll`
-/// (tokio drops the future while unwinding), or (`polled`) a panic in the
-/// future's `Drop` after it returned. Counted `Failed` when unwinding,
-/// else `Aborted`: either way the task leaves the registry, so a `Drop`
-/// that panics cannot leave a phantom live task behind.
-struct EndGuard<'a> {
-    inner: &'a Inner,
-    slot: u32,
-    polled: bool,
-}
-
-impl Drop for EndGuard<'_> {
-    fn drop(&mut self) {
-        let outcome = if std::thread::panicking() {
-            TaskOutcome::Failed
-        } else {
-            if !self.polled && SPAWNING.with(Cell::get) == std::ptr::from_ref(self.inner) {
-                // Dropped unpolled inside its own `spawn`: the runtime has
-                // shut down (tokio shuts a task down inline then).
-                REFUSED.with(|r| r.set(true));
-            }
-            TaskOutcome::Aborted
-        };
-        if let Some(name) = self.inner.finish_native(self.slot, outcome) {
-            tracing::error!(target: "dig_service::tasks", task = %name, "task panicked");
-        }
-    }
-}
-
-thread_local! {
-    /// The registry whose `spawn_with` is handing a task to tokio on this
-    /// thread, or null.
-    static SPAWNING: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
-    /// Set by a task of that registry dropped unpolled inside `spawn_with`,
-    /// read (and cleared) by `spawn_with` right after.
-    static REFUSED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Marks this thread as spawning into a registry, for [`EndGuard`]; restores
-/// the previous mark when dropped (a task's drop may spawn, too).
-struct Spawning(*const Inner);
-
-impl Spawning {
-    #[inline]
-    fn enter(inner: &Arc<Inner>) -> Self {
-        Self(SPAWNING.with(|s| s.replace(Arc::as_ptr(inner))))
-    }
-}
-
-impl Drop for Spawning {
-    #[inline]
-    fn drop(&mut self) {
-        SPAWNING.with(|s| s.set(self.0));
-    }
-}
-
-impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
-    type Output = Exit;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exit> {
-        let mut this = self.project();
-        if this.inner.stopping.load(Ordering::Relaxed) {
-            // Dropped with the task, as if aborted.
-            return Poll::Ready(Exit::Stopped);
-        }
-        let fut = this
-            .fut
-            .as_mut()
-            .as_pin_mut()
-            .expect("a native task polled after it ended");
-        let res = match fut.poll(cx) {
-            Poll::Ready(res) => res,
-            Poll::Pending => {
-                if !*this.parked {
-                    *this.parked = true;
-                    this.inner.park_native(*this.slot, cx.waker());
-                }
-                return Poll::Pending;
-            }
-        };
-        {
-            // Only if the future's `Drop` panics (then `fut` is `None`
-            // all the same, and the guard ends the task as failed).
-            let end = EndGuard {
-                inner: this.inner,
-                slot: *this.slot,
-                polled: true,
-            };
-            this.fut.set(None);
-            std::mem::forget(end);
-        }
-        match res {
-            Ok(()) => {
-                this.inner.finish_native(*this.slot, TaskOutcome::Completed);
-                Poll::Ready(Exit::Completed)
-            }
-            Err(e) => {
-                if let Some(name) = this.inner.finish_native(*this.slot, TaskOutcome::Failed) {
-                    tracing::error!(target: "dig_service::tasks", task = %name, error = ?e, "task failed");
-                }
-                Poll::Ready(Exit::Failed(Arc::new(e)))
-            }
-        }
-    }
-}
-
-pin_project! {
-    /// A critical task's future (see [`TaskRegistry::spawn_critical`]): the
-    /// user's future, and the token it cancels when it fails, panics or
-    /// returns early.
-    struct Critical<F> {
-        #[pin]
-        fut: F,
-        token: ShutdownToken,
-        name: TaskName,
-    }
-}
-
-impl<F: Future<Output = anyhow::Result<()>>> Future for Critical<F> {
-    type Output = anyhow::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let fut = this.fut;
-        // A panicking future is never polled again (it is dropped), so it
-        // cannot be seen in a broken state.
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx)));
-        let name = &*this.name;
-        match polled {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(Ok(()))) => {
-                if !this.token.is_cancelled() {
-                    let msg =
-                        format!("critical task '{name}' returned while the service was running");
-                    tracing::warn!(target: "dig_service::tasks", task = %name, "{msg}");
-                    this.token.cancel(ShutdownReason::Fatal(msg));
-                }
-                Poll::Ready(Ok(()))
-            }
-            Ok(Poll::Ready(Err(e))) => {
-                let msg = format!("critical task '{name}' failed: {e:#}");
-                this.token.cancel(ShutdownReason::Fatal(msg));
-                Poll::Ready(Err(e))
-            }
-            Err(payload) => {
-                let msg = format!(
-                    "critical task '{name}' panicked: {}",
-                    panic_message(&*payload)
-                );
-                this.token.cancel(ShutdownReason::Fatal(msg));
-                // Counted, logged and reported as the panic it is.
-                std::panic::resume_unwind(payload)
-            }
-        }
-    }
-}
-
-/// Where `spawn_with` puts a task: `tokio::spawn` needs no runtime handle
-/// (whose lookup clones an `Arc`), `spawn_on` names one.
-trait Spawner {
-    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
-    where
-        T: Future + Send + 'static,
-        T::Output: Send + 'static;
-}
-
-struct CurrentRuntime;
-
-impl Spawner for CurrentRuntime {
-    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
-    where
-        T: Future + Send + 'static,
-        T::Output: Send + 'static,
-    {
-        tokio::spawn(task)
-    }
-}
-
-impl Spawner for &Handle {
-    fn spawn<T>(self, task: T) -> JoinHandle<T::Output>
-    where
-        T: Future + Send + 'static,
-        T::Output: Send + 'static,
-    {
-        Handle::spawn(self, task)
-    }
-}
-
-/// The text of a panic payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::future::Future;
     use std::task::Poll;
     use std::time::Duration;
 
-    use super::{TaskKind, TaskRegistry, REAP_AT, REAP_AT_THREAD};
+    use super::reap::{REAP_AT, REAP_AT_THREAD};
+    use super::{TaskKind, TaskRegistry};
     use crate::ShutdownToken;
 
     fn slab_occupied_and_capacity(r: &TaskRegistry) -> (usize, usize) {

@@ -1,4 +1,11 @@
 //! [`TaskName`]: a task's name, cheap to make and to clone.
+//!
+//! Guarantees:
+//! - **Exact.** A name reads back exactly as given (any UTF-8, any
+//!   length), and compares and hashes as that `str`.
+//! - **No allocation for most names.** Up to [`TaskName::INLINE_CAP`]
+//!   bytes are stored inline (naming a task allocates nothing, a clone is
+//!   a copy); a longer name is one shared, reference-counted string.
 
 use std::borrow::Borrow;
 use std::fmt;

@@ -6,6 +6,13 @@
 //! timestamp counter, which on a virtual machine makes `Instant::now` cost
 //! tens of nanoseconds). Elsewhere it is `Instant::now`. [`Epoch`] turns
 //! stamps back into [`Instant`]s when someone looks.
+//!
+//! Guarantees:
+//! - **Never late.** A stamp is at most one clock tick early, never later
+//!   than the moment it was read.
+//! - **Ordered by the registry.** Stamps are plain numbers; the registry
+//!   moves each new one past the previous (`State::insert`), so within a
+//!   registry they are unique and in spawn order.
 
 use std::time::{Duration, Instant};
 

@@ -13,10 +13,8 @@ What an operator gets (SPEC, "Running a service for real"):
   and ``call_soon_threadsafe``; reload and snapshot by signal are off.
 - **A shutdown one can watch.** From the moment the token fires until the
   service has stopped, the tasks still running and the time left of the
-  current stage's deadline are shown: updated in place on stderr when it is a
-  terminal, as plain log lines (logger ``dig_service.run``) otherwise. When
-  the deadline passes, each straggler is named, with the stack a Python task
-  was awaiting in when last seen.
+  current stage's deadline are shown, and stragglers are named with their
+  stacks (see ``_display``).
 - **systemd.** With ``$NOTIFY_SOCKET`` set: ``READY=1`` after ``on_start``,
   ``STOPPING=1`` when the token fires, ``WATCHDOG=1`` every
   ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
@@ -33,17 +31,14 @@ Nothing is written to stdout.
 from __future__ import annotations
 
 import asyncio
-import linecache
 import logging
-import math
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from ._control import (
@@ -53,8 +48,10 @@ from ._control import (
     bind_control_socket,
     final_outcome,
 )
-from ._core import ShutdownReason, ShutdownToken, TaskSummary
+from ._core import ShutdownReason
+from ._display import MAX_NAMES, ServiceView, ShutdownMonitor, describe_tasks
 from ._errors import ServiceError, ShutdownDeadlineExceeded
+from ._phase import STARTUP_PHASES, Phase
 from ._service import Service
 from ._systemd import Notifier, watchdog_interval
 from ._watchdog import LoopWatch
@@ -79,25 +76,6 @@ def reload_signal() -> int | None:
 def snapshot_signal() -> int | None:
     """SIGUSR1, or ``None`` where the platform has none (Windows): snapshot-by-signal is off."""
     return getattr(signal, "SIGUSR1", None)
-
-
-_TICK: Final = 0.1
-"""Seconds between two looks at a shutting-down service."""
-_PLAIN_EVERY: Final = 1.0
-"""Seconds between two plain progress lines (not a terminal)."""
-_READY_POLL: Final = 0.02
-"""Seconds between two looks at the phase while waiting for ``on_start`` (fallback only)."""
-_MAX_NAMES: Final = 8
-"""Task names shown on one progress line."""
-_MAX_STACKS: Final = 1000
-"""At most this many Python tasks have their stacks captured per look during shutdown."""
-_MANY_TASKS: Final = 1000
-"""Above this many live tasks, the shutdown display looks at them once a second only."""
-_MAX_SNAPSHOT_LINES: Final = 200
-"""Task lines in a SIGUSR1 snapshot."""
-_STARTUP_PHASES: Final = frozenset({"created", "pre_start", "on_start"})
-_RUN_HOOK_TASK_PREFIX: Final = "dig_service.run["
-"""How ``Service`` names the asyncio task of the ``run`` hook."""
 
 
 # --------------------------------------------------------------------------- public
@@ -154,7 +132,7 @@ def run(
             ``install_signal_handlers=True`` outside the main thread.
     """
     try:
-        outcome = _run(
+        outcome = run_service(
             service,
             install_signal_handlers=install_signal_handlers,
             loop_factory=loop_factory,
@@ -172,13 +150,13 @@ EXIT_CONTROL_SOCKET: Final = 2
 
 @dataclass(frozen=True)
 class Outcome:
-    """What ``_run`` ended with: the exit code, and whether a second signal forced it."""
+    """What ``run_service`` ended with: the exit code, and whether a second signal forced it."""
 
     code: int
     forced: bool = False
 
 
-def _run(
+def run_service(
     service: Service[Any, Any, Any],
     *,
     install_signal_handlers: bool = True,
@@ -296,10 +274,18 @@ class _Runner:
         self.loop = loop
         self.token = service.shutdown_token
         self.registry = service.tasks
-        self.label = _label(service)
+        self.label = service._label
         self.deadline = service.config.shutdown_deadline
-        self.hook_timeout = service.config.hook_timeout
         self.phases = _PhaseWatch(service)
+        self.view = ServiceView(
+            label=self.label,
+            loop=loop,
+            token=self.token,
+            registry=self.registry,
+            deadline=self.deadline,
+            hook_timeout=service.config.hook_timeout,
+            phase=self.phases.current,
+        )
         self.forced = False
         self._force: asyncio.Future[int] = loop.create_future()
         self._stop_signal_seen = False
@@ -310,7 +296,7 @@ class _Runner:
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
         self._start: asyncio.Task[Any] | None = None
-        self.monitor = _ShutdownMonitor(self, stream)
+        self.monitor = ShutdownMonitor(self.view, stream)
         self.control_bound: BoundSocket | None = None
         self.stall_warning: float | None = None
         self.started_at = time.monotonic()
@@ -452,7 +438,7 @@ class _Runner:
                             "%d %s task(s) did not finish after being cancelled at exit: %s",
                             len(group),
                             kind,
-                            ", ".join(t.get_name() for t in group[:_MAX_NAMES]),
+                            ", ".join(t.get_name() for t in group[:MAX_NAMES]),
                         )
                 _abandoned.extend(stuck)
                 _quiet_pending_task_noise(loop)
@@ -582,35 +568,7 @@ class _Runner:
         self.service.request_shutdown(ShutdownReason.ReloadRequested())
 
     def _on_snapshot_signal(self, signum: int) -> None:
-        logger.info("%s", self.describe_tasks())
-
-    def describe_tasks(self) -> str:
-        """The live task snapshot, as a multi-line text (what SIGUSR1 logs)."""
-        now = time.monotonic()
-        live = sorted(self.registry.snapshot(), key=lambda s: s.spawned_at)
-        python = sum(1 for s in live if s.origin == "python")
-        phase = self.phases.current() or "unknown"
-        state = f"stopping ({self.token.reason()})" if self.token.is_cancelled() else "running"
-        head = (
-            f"service {self.label} {state}, phase {phase}: {len(live)} live task(s) "
-            f"({python} python, {len(live) - python} native)"
-        )
-        stats = self.registry.stats()
-        head += (
-            f"; spawned {stats.spawned}, completed {stats.completed}, failed {stats.failed}, "
-            f"cancelled {stats.cancelled}, aborted {stats.aborted}"
-        )
-        if not live:
-            return head
-        width = min(48, max(len(s.name) for s in live[:_MAX_SNAPSHOT_LINES]))
-        lines = [head, f"  {'NAME':<{width}}  {'KIND':<14}  {'ORIGIN':<6}  AGE"]
-        for s in live[:_MAX_SNAPSHOT_LINES]:
-            lines.append(
-                f"  {s.name:<{width}}  {_kind(s):<14}  {s.origin:<6}  {_age(now - s.spawned_at)}"
-            )
-        if len(live) > _MAX_SNAPSHOT_LINES:
-            lines.append(f"  ... and {len(live) - _MAX_SNAPSHOT_LINES} more")
-        return "\n".join(lines)
+        logger.info("%s", describe_tasks(self.view))
 
     # ----------------------------------------------------------------- shutdown, systemd
 
@@ -623,7 +581,7 @@ class _Runner:
         self.monitor.start()
 
     async def _notify_ready(self) -> None:
-        if not await self.phases.wait_started(self.token):
+        if not await self.phases.wait_started():
             return
         if self._notifier is not None and not self._stopping_sent:
             self._ready_sent = True
@@ -659,378 +617,46 @@ def _quiet_pending_task_noise(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class _PhaseWatch:
-    """Which lifecycle stage the service is in, for READY=1 and the shutdown display.
+    """Which lifecycle phase the service is in, for READY=1 and the display: the service
+    calls back (``Service._add_phase_listener``) each time it enters one."""
 
-    Uses ``Service._add_phase_listener(callback)`` when the service offers it
-    (called with each phase name as the lifecycle enters it); otherwise reads
-    ``Service._phase``. Phase names: ``created``, ``pre_start``, ``on_start``,
-    ``run``, ``join``, ``on_stop``, ``post_stop``, ``exited``.
-    """
-
-    def __init__(self, service: object) -> None:
-        self._service = service
-        self._value: str | None = None
+    def __init__(self, service: Service[Any, Any, Any]) -> None:
+        self._value: Phase = service._phase
         self._changed: list[Callable[[], None]] = []
-        add = getattr(service, "_add_phase_listener", None)
-        self._listening = callable(add)
-        if callable(add):
-            add(self._on_phase)
+        service._add_phase_listener(self._on_phase)
 
-    def _on_phase(self, phase: str) -> None:
+    def _on_phase(self, phase: Phase) -> None:
         self._value = phase
         for wake in self._changed:
             wake()
 
-    def current(self) -> str | None:
-        if self._listening:
-            return self._value
-        phase = getattr(self._service, "_phase", None)
-        return phase if isinstance(phase, str) else None
+    def current(self) -> Phase:
+        return self._value
 
-    async def wait_started(self, token: ShutdownToken) -> bool:
+    async def wait_started(self) -> bool:
         """Wait until ``on_start`` has returned successfully (``run`` began); ``False`` if
         the service never got there."""
-        if self._listening:
-            loop = asyncio.get_running_loop()
-            while True:
-                phase = self._value
-                if phase == "run":
-                    return True
-                if phase is not None and phase not in _STARTUP_PHASES:
-                    return False
-                fut: asyncio.Future[None] = loop.create_future()
-
-                def wake(fut: asyncio.Future[None] = fut) -> None:
-                    if not fut.done():
-                        fut.set_result(None)
-
-                self._changed.append(wake)
-                try:
-                    await fut
-                finally:
-                    self._changed.remove(wake)
-        if self.current() is None:
-            logger.debug("cannot observe the service's phase: READY=1 is sent at start")
-            return True
+        loop = asyncio.get_running_loop()
         while True:
-            phase = self.current()
-            if phase == "run":
+            phase = self._value
+            if phase is Phase.RUN:
                 return True
-            if phase not in _STARTUP_PHASES:
+            if phase not in STARTUP_PHASES:
                 return False
-            await asyncio.sleep(_READY_POLL)
+            fut: asyncio.Future[None] = loop.create_future()
 
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
 
-# --------------------------------------------------------------------------- shutdown display
-
-
-@dataclass
-class _Seen:
-    """The last look at one live task."""
-
-    summary: TaskSummary | None
-    """``None`` for the ``run`` hook, which is not a tracked task."""
-    stack: list[tuple[str, int, str]] = field(default_factory=list)
-    awaiting: str | None = None
-
-
-class _ShutdownMonitor:
-    """Shows the shutdown as it happens and names what refused to stop."""
-
-    def __init__(self, runner: _Runner, stream: IO[str]) -> None:
-        self.runner = runner
-        self.stream = stream
-        self.tty = _is_tty(stream)
-        self.task: asyncio.Task[None] | None = None
-        self.seen: dict[str, _Seen] = {}
-        self.run_stack: _Seen | None = None
-        self.fired_at = 0.0
-        self._line_shown = False
-        self._filtered: list[logging.Handler] = []
-
-    def start(self) -> None:
-        if self.task is None:
-            self.fired_at = time.monotonic()
-            self.task = self.runner.loop.create_task(
-                self._watch(), name="dig_service.run.shutdown_monitor"
-            )
-
-    def stop(self) -> None:
-        task, self.task = self.task, None
-        if task is not None and not task.done():
-            task.cancel()
-        self._clear_line()
-        for handler in self._filtered:
-            handler.removeFilter(self._before_log_record)
-        self._filtered = []
-
-    async def _watch(self) -> None:
-        runner = self.runner
-        reason = runner.token.reason()
-        live = len(runner.registry)
-        logger.info(
-            "shutdown started (%s): waiting up to %gs per stage for run() and %d task(s)",
-            reason,
-            runner.deadline,
-            live,
-        )
-        # The display follows the level of this logger, on a terminal too.
-        show = logger.isEnabledFor(logging.INFO)
-        in_place = self.tty and show
-        if in_place:
-            self._filter_log_handlers()
-        phase = runner.phases.current()
-        stage_start = self.fired_at
-        last_plain = time.monotonic()
-        last_look = -math.inf
-        live_tasks: list[TaskSummary] = []
-        while True:
-            await asyncio.sleep(_TICK)
-            now = time.monotonic()
-            current = runner.phases.current()
-            if current != phase:
-                phase, stage_start = current, now
-            # A snapshot of a huge registry is not free: look less often then.
-            if len(runner.registry) <= _MANY_TASKS or now - last_look >= _PLAIN_EVERY:
-                live_tasks = self._look(phase)
-                last_look = now
-            if not show:
-                continue
-            budget = self._stage_budget(phase)
-            left = max(0.0, budget - (now - stage_start))
-            if not live_tasks and phase not in ("run", "on_stop", "post_stop"):
-                self._clear_line()
-                continue
-            line = self._progress_line(phase, live_tasks, left, budget)
-            if in_place:
-                self._show_line(line)
-            elif now - last_plain >= _PLAIN_EVERY:
-                last_plain = now
-                logger.info("%s", line)
-
-    def _stage_budget(self, phase: str | None) -> float:
-        runner = self.runner
-        if phase in ("on_stop", "post_stop") and runner.hook_timeout is not None:
-            return min(runner.deadline, runner.hook_timeout)
-        return runner.deadline
-
-    def _look(self, phase: str | None) -> list[TaskSummary]:
-        """Take the registry's snapshot and the stacks of (up to ``_MAX_STACKS`` of) its
-        Python tasks, and of the ``run`` hook while it is still running."""
-        live = self.runner.registry.snapshot()
-        wanted: set[str] = set()
-        for s in live:
-            if s.origin == "python":
-                wanted.add(s.name)
-                if len(wanted) >= _MAX_STACKS:
-                    break
-        want_run = phase == "run"
-        found: dict[str, asyncio.Task[Any]] = {}
-        run_task: asyncio.Task[Any] | None = None
-        if wanted or want_run:
-            for task in asyncio.all_tasks(self.runner.loop):
-                name = task.get_name()
-                if name in wanted:
-                    # Same-named tasks: the first found stands for all; enough to find the bug.
-                    found.setdefault(name, task)
-                elif want_run and name.startswith(_RUN_HOOK_TASK_PREFIX):
-                    run_task = task
-        seen: dict[str, _Seen] = {}
-        for s in live:
-            entry = _Seen(s)
-            same_name = found.get(s.name)
-            if same_name is not None:
-                entry.stack, entry.awaiting = _await_stack(same_name)
-            seen[s.name] = entry
-        # Keep the last non-empty look: the stragglers are gone from the registry by the
-        # time the report is written.
-        if seen or not self.seen:
-            self.seen = seen
-        if run_task is not None:
-            stack, awaiting = _await_stack(run_task)
-            self.run_stack = _Seen(None, stack, awaiting)
-        return live
-
-    def _progress_line(
-        self, phase: str | None, live: list[TaskSummary], left: float, budget: float
-    ) -> str:
-        stage = {
-            "run": "waiting for run() to return",
-            "join": "joining tasks",
-            "on_stop": "running on_stop",
-            "post_stop": "running post_stop",
-        }.get(phase or "", "stopping")
-        names = [s.name for s in live[:_MAX_NAMES]]
-        more = f" (+{len(live) - _MAX_NAMES} more)" if len(live) > _MAX_NAMES else ""
-        text = f"shutting down, {stage} ({left:.1f}s of {budget:g}s left)"
-        if live:
-            text += f": {len(live)} task(s) still running: {', '.join(names)}{more}"
-        return text
-
-    # ---- terminal status line
-
-    def _show_line(self, text: str) -> None:
-        width = shutil.get_terminal_size((100, 24)).columns
-        if len(text) >= width:
-            text = text[: max(0, width - 2)] + "…"
-        try:
-            self.stream.write("\r\x1b[2K" + text)
-            self.stream.flush()
-        except (OSError, ValueError):
-            return
-        self._line_shown = True
-
-    def _clear_line(self) -> None:
-        if self._line_shown:
-            self._line_shown = False
+            self._changed.append(wake)
             try:
-                self.stream.write("\r\x1b[2K")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-    def _before_log_record(self, record: logging.LogRecord) -> bool:
-        """A handler filter: clear the status line before a log line goes out under it."""
-        self._clear_line()
-        return True
-
-    def _filter_log_handlers(self) -> None:
-        for handler in logging.getLogger().handlers:
-            if getattr(handler, "stream", None) is self.stream:
-                handler.addFilter(self._before_log_record)
-                self._filtered.append(handler)
-
-    # ---- reports
-
-    def report_stragglers(self, err: ShutdownDeadlineExceeded) -> None:
-        """Log the tasks that outlived the deadline, with the stack each was awaiting in.
-
-        Tasks stuck at the same place (same kind, origin and stack) are reported
-        together, so a thousand connections blocked in one read make one entry.
-        """
-        now = time.monotonic()
-        groups: dict[tuple[object, ...], list[str]] = {}
-        for name in err.pending_names:
-            groups.setdefault(self._group_key(name), []).append(name)
-        lines = [
-            f"service {self.runner.label}: shutdown deadline of {err.deadline:g}s exceeded; "
-            f"{err.pending} task(s) did not stop in time and were cancelled/aborted:"
-        ]
-        budget = _MAX_SNAPSHOT_LINES
-        for shown, names in enumerate(groups.values()):
-            if budget <= 0:
-                rest = sum(len(n) for n in list(groups.values())[shown:])
-                lines.append(f"  ... and {rest} more task(s)")
-                break
-            entry_lines = self._describe_group(names, now)
-            budget -= len(entry_lines)
-            lines.extend(entry_lines)
-        logger.error("%s", "\n".join(lines))
-
-    def _entry(self, name: str) -> _Seen | None:
-        if name == "run" and name not in self.seen:
-            return self.run_stack
-        return self.seen.get(name)
-
-    def _group_key(self, name: str) -> tuple[object, ...]:
-        entry = self._entry(name)
-        if entry is None:
-            return ("unseen",)
-        s = entry.summary
-        if s is None:  # the run hook
-            return ("run", name)
-        if s.origin != "python":
-            return (s.origin, _kind(s))
-        return (s.origin, _kind(s), tuple(entry.stack), entry.awaiting)
-
-    def _describe_group(self, names: list[str], now: float) -> list[str]:
-        name = names[0]
-        entry = self._entry(name)
-        listed = ", ".join(names[:_MAX_NAMES])
-        more = f", ... +{len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES else ""
-        if entry is None:
-            return [f"  - {listed}{more}: (not seen while shutting down)"]
-        s = entry.summary
-        if s is None:
-            head = f"  - {name} (the node's run hook)"
-        elif len(names) == 1:
-            head = f"  - {name} ({_kind(s)}, {s.origin}, age {_age(now - s.spawned_at)})"
-        else:
-            head = f"  - {len(names)} tasks ({listed}{more}) ({_kind(s)}, {s.origin})"
-        if s is not None and s.origin != "python":
-            what = "a native tokio task" if len(names) == 1 else "native tokio tasks"
-            return [f"{head}: {what}, no Python stack"]
-        if not entry.stack:
-            return [f"{head}: no stack captured"]
-        out = [f"{head}, awaiting in:"]
-        for filename, lineno, func in entry.stack:
-            out.append(f'      File "{filename}", line {lineno}, in {func}')
-            source = linecache.getline(filename, lineno).strip()
-            if source:
-                out.append(f"        {source}")
-        if entry.awaiting:
-            out.append(f"      awaiting {entry.awaiting}")
-        return out
-
-    def report_forced(self, code: int) -> None:
-        live = self.runner.registry.snapshot()
-        names = ", ".join(s.name for s in live[:_MAX_NAMES])
-        more = f" (+{len(live) - _MAX_NAMES} more)" if len(live) > _MAX_NAMES else ""
-        phase = self.runner.phases.current() or "stopping"
-        logger.warning(
-            "service %s: forced exit with code %d during %s; %d task(s) abandoned%s",
-            self.runner.label,
-            code,
-            phase,
-            len(live),
-            f": {names}{more}" if live else "",
-        )
+                await fut
+            finally:
+                self._changed.remove(wake)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _await_stack(task: asyncio.Task[Any]) -> tuple[list[tuple[str, int, str]], str | None]:
-    """Where ``task`` is suspended: the chain of frames down its ``await``\\ s, and the
-    innermost awaited object that is not a coroutine (a future, a native awaitable)."""
-    frames: list[tuple[str, int, str]] = []
-    obj: Any = task.get_coro()
-    for _ in range(128):
-        frame = (
-            getattr(obj, "cr_frame", None)
-            or getattr(obj, "gi_frame", None)
-            or getattr(obj, "ag_frame", None)
-        )
-        if frame is None:
-            break
-        code = frame.f_code
-        frames.append((code.co_filename, frame.f_lineno, code.co_name))
-        nxt = (
-            getattr(obj, "cr_await", None)
-            or getattr(obj, "gi_yieldfrom", None)
-            or getattr(obj, "ag_await", None)
-        )
-        if nxt is None:
-            return frames, None
-        if not any(hasattr(nxt, a) for a in ("cr_frame", "gi_frame", "ag_frame")):
-            return frames, _describe_awaitable(nxt)
-        obj = nxt
-    return frames, None
-
-
-def _describe_awaitable(obj: object) -> str:
-    if type(obj).__name__ == "FutureIter":  # the C implementation of Future.__await__
-        return "an asyncio Future"
-    if isinstance(obj, asyncio.Future):
-        state = "cancelled" if obj.cancelled() else ("done" if obj.done() else "pending")
-        return f"{type(obj).__name__} ({state})"
-    return type(obj).__qualname__
-
-
-def _label(service: Service[Any, Any, Any]) -> str:
-    """The node's ``NAME``, else its class name (as ``Service`` labels its logs)."""
-    name = getattr(service.node, "NAME", None)
-    return name if isinstance(name, str) and name else type(service.node).__name__
 
 
 def _signame(signum: int) -> str:
@@ -1038,26 +664,3 @@ def _signame(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _kind(summary: TaskSummary) -> str:
-    return str(summary.kind).rpartition(".")[2]
-
-
-def _age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _is_tty(stream: IO[str]) -> bool:
-    if os.environ.get("TERM") == "dumb":
-        return False
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False

@@ -1,8 +1,13 @@
-"""asyncio glue called by the native core (``dig_service._core``).
+"""asyncio glue of the native module ``dig_service._core``.
 
-Private: these helpers run on the event loop's thread. They are plain
-Python because the work they do (awaiting a future, setting many futures'
-results, a timer) is what asyncio itself does fastest.
+This source is compiled into ``_core`` when it is imported (``aio.rs``); its
+functions are private to ``_core`` (no ``_core`` attribute names them) and
+run on the event loop's thread. They are Python because what they do
+(awaiting a future, setting many futures' results, a timer) is what asyncio
+itself does fastest, and because ``ShutdownToken.cancelled()`` and
+``TaskRegistry.join_all()`` must return real coroutines (users hand them to
+``asyncio.create_task``). It imports nothing but ``asyncio``: the errors it
+raises are raised by the ``_core`` methods it calls.
 """
 
 from __future__ import annotations
@@ -10,10 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from typing import Any, Protocol
-
-from ._errors import ShutdownDeadlineExceeded
-
-__all__ = ["cancel_all", "join_all", "resolve", "wait_cancelled", "wake_all"]
 
 
 class _Parkable(Protocol):
@@ -49,7 +50,7 @@ def resolve(fut: asyncio.Future[Any], value: Any = None) -> None:
 
 class _Joinable(Protocol):
     def _try_close(self, fut: asyncio.Future[None]) -> bool: ...
-    def _close_and_stop_all(self) -> list[str]: ...
+    def _stop_stragglers(self, deadline: float) -> None: ...
 
 
 _TIMED_OUT = object()
@@ -58,9 +59,11 @@ _TIMED_OUT = object()
 async def join_all(registry: _Joinable, deadline: float) -> None:
     """``TaskRegistry.join_all``: wait for every task, up to ``deadline`` seconds.
 
-    Tasks spawned while waiting are waited for too. At the deadline, Python
-    stragglers are cancelled and native ones aborted (they unwind on their
-    loops' next turns) and ``ShutdownDeadlineExceeded`` names them. The
+    Tasks spawned while waiting are waited for too. At the deadline,
+    ``registry._stop_stragglers`` cancels the Python stragglers and aborts
+    the native ones (they unwind on their loops' next turns: waiting a turn
+    here would put their unwinding, tens of ms for 10k tasks, on top of the
+    deadline) and raises ``ShutdownDeadlineExceeded`` naming them. The
     registry is closed either way.
     """
     loop = asyncio.get_running_loop()
@@ -79,11 +82,4 @@ async def join_all(registry: _Joinable, deadline: float) -> None:
             timer.cancel()
         if timed_out:
             break
-    names = registry._close_and_stop_all()
-    if not names:
-        return
-    # The stragglers have been told to stop (cancelled / aborted); they
-    # unwind on their loops' next turns, as the caller goes on. Waiting a
-    # turn here would put their unwinding (tens of ms for 10k tasks) on top
-    # of the deadline.
-    raise ShutdownDeadlineExceeded(deadline, len(names), names)
+    registry._stop_stragglers(deadline)

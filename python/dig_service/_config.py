@@ -1,0 +1,110 @@
+"""``ServiceConfig``: the timing limits of a ``Service``, and how durations are read.
+
+A duration is given as float (or int) seconds or a ``datetime.timedelta``
+and stored as float seconds; a wrong type is a ``TypeError``, a negative,
+NaN or infinite value a ``ValueError``, and either message names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import final
+
+__all__ = ["ServiceConfig", "seconds"]
+
+
+def seconds(value: object, owner: str, field: str) -> float:
+    """``value`` as finite, non-negative float seconds, or an error naming ``field``."""
+    if isinstance(value, timedelta):
+        secs = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            secs = float(value)
+        except OverflowError:  # an int beyond float range: as infinite, refused below
+            raise ValueError(
+                f"{owner}: `{field}` must be a finite number of seconds >= 0, "
+                "got an int too large for a float"
+            ) from None
+    else:
+        raise TypeError(
+            f"{owner}: `{field}` must be a number of seconds (int or float) or a "
+            f"datetime.timedelta, got {type(value).__name__}"
+        )
+    if math.isnan(secs) or math.isinf(secs) or secs < 0:
+        raise ValueError(f"{owner}: `{field}` must be a finite number of seconds >= 0, got {secs}")
+    return secs
+
+
+@final
+@dataclass(frozen=True, slots=True, init=False)
+class ServiceConfig:
+    """Timing limits of a ``Service``.
+
+    Args:
+        shutdown_deadline: seconds (or a ``timedelta``) each stage of the
+            shutdown may take once the token fired: ``run`` returning, the
+            tracked tasks finishing (``join_all``), and each edge hook still to
+            run. Stragglers are cancelled/aborted and ``start()`` raises
+            ``ShutdownDeadlineExceeded``; a hook past it fails with a
+            ``TimeoutError`` cause. Default 30.
+        hook_timeout: seconds (or a ``timedelta``) each edge hook
+            (``pre_start``, ``on_start``, ``on_stop``, ``post_stop``) may take;
+            a hook that outlives it is cancelled and counts as failed, with a
+            ``TimeoutError`` as cause. ``None`` (the default): no limit.
+        stall_warning: seconds (or a ``timedelta``) the event loop may go
+            without turning while ``start()`` runs before a native watchdog
+            thread logs a warning on ``dig_service.watchdog`` with the loop
+            thread's Python stack (once per stall, then the stall's length
+            when it ends). At least 0.01. ``None`` (the default): no watchdog.
+
+    Immutable (assigning a field raises ``AttributeError``: build a new one);
+    compares and hashes by value; pickles.
+
+    Raises:
+        TypeError: a field is not a number, a ``timedelta`` (or ``None`` for
+            ``hook_timeout`` and ``stall_warning``); the message names the field.
+        ValueError: a field is negative, NaN or infinite (an int too large
+            for a float counts as infinite: there is no "no limit" spelling of
+            a deadline), ``hook_timeout`` is zero or ``stall_warning`` below
+            0.01; the message names the field.
+    """
+
+    shutdown_deadline: float
+    hook_timeout: float | None
+    stall_warning: float | None
+
+    def __init__(
+        self,
+        shutdown_deadline: float | timedelta = 30.0,
+        hook_timeout: float | timedelta | None = None,
+        stall_warning: float | timedelta | None = None,
+    ) -> None:
+        deadline = seconds(shutdown_deadline, "ServiceConfig", "shutdown_deadline")
+        timeout: float | None = None
+        if hook_timeout is not None:
+            timeout = seconds(hook_timeout, "ServiceConfig", "hook_timeout")
+            if timeout == 0:
+                raise ValueError(
+                    "ServiceConfig: `hook_timeout` must be > 0 seconds "
+                    "(every hook would time out at once); use None for no limit"
+                )
+        stall: float | None = None
+        if stall_warning is not None:
+            stall = seconds(stall_warning, "ServiceConfig", "stall_warning")
+            if stall < 0.01:
+                raise ValueError(
+                    "ServiceConfig: `stall_warning` must be at least 0.01 seconds, "
+                    f"got {stall}; use None for no loop-stall watchdog"
+                )
+        # Frozen: the fields are set once, here, past the dataclass's guard.
+        object.__setattr__(self, "shutdown_deadline", deadline)
+        object.__setattr__(self, "hook_timeout", timeout)
+        object.__setattr__(self, "stall_warning", stall)
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[ServiceConfig], tuple[float, float | None, float | None]]:
+        # Rebuilt through __init__, so an unpickled config is validated too.
+        return (ServiceConfig, (self.shutdown_deadline, self.hook_timeout, self.stall_warning))

@@ -1,0 +1,303 @@
+//! `TaskHandle`: one tracked task, seen from Python, and the report of a
+//! Python task's end.
+//!
+//! A Python task's handle is also its done callback (`__call__`), so a spawn
+//! allocates no separate callback object (SPEC P1).
+//!
+//! Guarantees:
+//! - **An end is reported once.** The done callback logs and counts the
+//!   task's outcome, fires the token for a critical task (or for a
+//!   `KeyboardInterrupt`/`SystemExit`), and removes the task from the
+//!   registry, exactly once however often it is called; only the handle's
+//!   own task may call it (anything else is a `TypeError`).
+//! - **Reported even when reporting fails.** Once the report has begun, the
+//!   entry leaves the registry whatever happens (a logging handler that
+//!   raises, an exception whose `__str__` raises): no task reported once is
+//!   left live.
+//! - **Safe from any thread.** `abort()` cancels a Python task on its own
+//!   loop (see `foreign.rs`) and aborts a native one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::PyString;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::exit;
+use super::foreign::PyForeign;
+use super::interop::{log_task_exception, log_task_warning, type_name};
+use super::kinds::PyTaskKind;
+use crate::shutdown::ShutdownReason;
+use crate::tasks::{
+    ForeignTask, ForeignTaskId, TaskFailure, TaskKind, TaskOrigin, TaskOutcome, TaskRegistry,
+};
+
+/// The result a native task's awaiters see.
+pub(crate) type NativeResult = Option<Result<(), TaskFailure>>;
+
+/// What a Python task's handle needs to report its end: the handle is also
+/// the task's done callback (`__call__`), so a spawn allocates no separate
+/// callback object.
+pub(crate) struct PyTracked {
+    foreign: Arc<PyForeign>,
+    registry: TaskRegistry,
+    id: ForeignTaskId,
+    critical: bool,
+    /// Set once the end has been reported, so it is reported once only.
+    reported: AtomicBool,
+}
+
+enum HandleInner {
+    Python(PyTracked),
+    Native {
+        abort: AbortHandle,
+        done: watch::Receiver<NativeResult>,
+    },
+}
+
+/// A tracked task: abort it, ask whether it finished, or await its result.
+#[pyclass(name = "TaskHandle", module = "dig_service._core", frozen)]
+pub struct PyTaskHandle {
+    name: Py<PyString>,
+    kind: PyTaskKind,
+    inner: HandleInner,
+}
+
+impl PyTaskHandle {
+    /// The name as Python shows it (`'peer-1'`).
+    fn quoted_name(&self, py: Python<'_>) -> String {
+        self.name
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "<unprintable name>".to_owned())
+    }
+
+    /// A tracked task raised `exc`: log it, and fire the token if the task
+    /// is critical, or if `exc` is `KeyboardInterrupt` or `SystemExit`.
+    ///
+    /// Those two (critical task or not) have already stopped the event loop
+    /// (asyncio re-raises them out of the loop); `asyncio.run` and
+    /// `dig_service.run` then run it again to tear it down, and the fired
+    /// token makes the service wind down in that time: `run` returns, the
+    /// tasks are joined, `on_stop` and `post_stop` run, within the budget.
+    fn report_failure(&self, py: Python<'_>, tracked: &PyTracked, exc: &Bound<'_, PyAny>) {
+        let name = self.quoted_name(py);
+        let what = format!("task {name} ({}) failed", self.kind.name());
+        let _ = log_task_exception(py, &what, exc);
+        let interrupt = exc.is_instance_of::<PyKeyboardInterrupt>();
+        let exit = exc.is_instance_of::<PySystemExit>();
+        if !(tracked.critical || interrupt || exit) {
+            return;
+        }
+        let reason = if interrupt {
+            ShutdownReason::UserRequested
+        } else {
+            let text = exc
+                .str()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| "<unprintable>".to_owned());
+            let described = if text.is_empty() {
+                type_name(exc)
+            } else {
+                format!("{}: {text}", type_name(exc))
+            };
+            ShutdownReason::Fatal(if tracked.critical {
+                format!("critical task {name} failed: {described}")
+            } else {
+                format!("task {name} raised {described}")
+            })
+        };
+        tracked.registry.shutdown().cancel(reason);
+    }
+
+    /// The handle of a Python task that `spawn` has just registered as `id`
+    /// in `registry`: it is also the task's done callback.
+    #[inline]
+    pub(crate) fn python(
+        name: Py<PyString>,
+        kind: TaskKind,
+        foreign: Arc<PyForeign>,
+        registry: TaskRegistry,
+        id: ForeignTaskId,
+        critical: bool,
+    ) -> Self {
+        Self {
+            name,
+            kind: kind.into(),
+            inner: HandleInner::Python(PyTracked {
+                foreign,
+                registry,
+                id,
+                critical,
+                reported: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The handle of a native task.
+    pub(crate) fn native(
+        name: Py<PyString>,
+        kind: TaskKind,
+        abort: AbortHandle,
+        done: watch::Receiver<NativeResult>,
+    ) -> Self {
+        Self {
+            name,
+            kind: kind.into(),
+            inner: HandleInner::Native { abort, done },
+        }
+    }
+}
+
+#[pymethods]
+impl PyTaskHandle {
+    /// The task's name.
+    #[getter]
+    fn name(&self, py: Python<'_>) -> Py<PyString> {
+        self.name.clone_ref(py)
+    }
+
+    /// The task's kind.
+    #[getter]
+    fn kind(&self) -> PyTaskKind {
+        self.kind
+    }
+
+    /// `"python"` or `"native"`.
+    #[getter]
+    fn origin(&self) -> &'static str {
+        match self.inner {
+            HandleInner::Python(_) => TaskOrigin::Python.as_str(),
+            HandleInner::Native { .. } => TaskOrigin::Native.as_str(),
+        }
+    }
+
+    /// Cancel (Python task) or abort (native task). Safe from any thread.
+    fn abort(&self) -> PyResult<()> {
+        let _inside = exit::enter()?;
+        match &self.inner {
+            HandleInner::Python(t) => t.foreign.cancel(),
+            HandleInner::Native { abort, .. } => abort.abort(),
+        }
+        Ok(())
+    }
+
+    /// Whether the task has finished, however it finished.
+    fn is_finished(&self, py: Python<'_>) -> PyResult<bool> {
+        let _inside = exit::enter()?;
+        match &self.inner {
+            HandleInner::Python(t) => t
+                .foreign
+                .task
+                .bind(py)
+                .call_method0(pyo3::intern!(py, "done"))?
+                .is_truthy(),
+            HandleInner::Native { abort, .. } => Ok(abort.is_finished()),
+        }
+    }
+
+    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let _inside = exit::enter()?;
+        let awaitable = match &self.inner {
+            HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
+            HandleInner::Native { done, .. } => {
+                let mut done = done.clone();
+                super::runtime::into_awaitable(py, async move {
+                    let outcome = match done.wait_for(Option::is_some).await {
+                        Ok(v) => v.clone().unwrap_or(Err(TaskFailure::Aborted)),
+                        Err(_) => Err(TaskFailure::Aborted),
+                    };
+                    // `None` on the Python side.
+                    match outcome {
+                        Ok(()) => Ok(None::<bool>),
+                        Err(TaskFailure::Aborted) => {
+                            Err(CancelledError::new_err("native task was aborted"))
+                        }
+                        Err(other) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                            "native task failed: {other}"
+                        ))),
+                    }
+                })?
+            }
+        };
+        awaitable.call_method0(pyo3::intern!(py, "__await__"))
+    }
+
+    /// The done callback of the handle's own asyncio task: reads the
+    /// outcome, logs and counts a failure, fires the token for a critical
+    /// task, and removes the entry from the registry. The end is reported
+    /// once; any other caller gets a TypeError (another task, a native
+    /// handle) or changes nothing (the task is not done yet, or already
+    /// reported).
+    pub(crate) fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(_inside) = exit::enter() else {
+            return Ok(()); // a daemon thread's loop at interpreter exit
+        };
+        let py = task.py();
+        let tracked = match &self.inner {
+            HandleInner::Python(t) if t.foreign.task.bind(py).is(task) => t,
+            _ => return Err(PyTypeError::new_err(
+                "TaskHandle: only its own asyncio task calls a TaskHandle (as its done callback)",
+            )),
+        };
+        // Relaxed, here and in the `swap` below: the flag guards nothing
+        // but itself. The swap is the decision: a read-modify-write on one
+        // location, so exactly one caller reads `false` there, whatever the
+        // ordering; what it then reports is reported under the GIL and the
+        // registry's lock, which order it for everyone else. This load only
+        // skips the `exception()` call for a task already reported.
+        if tracked.reported.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let exception = task.call_method0(pyo3::intern!(py, "exception"));
+        if let Err(e) = &exception {
+            if e.is_instance_of::<InvalidStateError>(py) {
+                // Not done: called early, not by the loop. Nothing to report.
+                return Err(exception.unwrap_err());
+            }
+        }
+        if tracked.reported.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        // From here on the entry leaves the registry whatever happens
+        // (a logging handler that raises, an exception whose `__str__`
+        // raises): a task reported once is never left live.
+        let (outcome, err) = match exception {
+            Ok(exc) if exc.is_none() => {
+                let token = tracked.registry.shutdown();
+                if tracked.critical && !token.is_cancelled() {
+                    let msg = format!(
+                        "critical task {} returned while the service was running",
+                        self.quoted_name(py)
+                    );
+                    let _ = log_task_warning(py, &msg);
+                    token.cancel(ShutdownReason::Fatal(msg));
+                }
+                (TaskOutcome::Completed, None)
+            }
+            Ok(exc) => {
+                self.report_failure(py, tracked, &exc);
+                (TaskOutcome::Failed, None)
+            }
+            Err(e) if e.is_instance_of::<CancelledError>(py) => (TaskOutcome::Cancelled, None),
+            Err(e) => (TaskOutcome::Failed, Some(e)),
+        };
+        tracked.registry.finish_foreign(tracked.id, outcome);
+        err.map_or(Ok(()), Err)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
+    }
+}
