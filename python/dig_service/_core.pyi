@@ -10,6 +10,7 @@ from typing_extensions import disjoint_base
 __all__ = [
     "AlreadyRunning",
     "AlreadyStopped",
+    "KindStats",
     "LoopWatchdog",
     "OnStartFailed",
     "OnStopFailed",
@@ -160,6 +161,9 @@ class TaskSummary:
     def spawned_at(self) -> float: ...
     @property
     def origin(self) -> str: ...
+    @property
+    def restarts(self) -> int:
+        """Restarts of a supervised task so far; 0 for a plain task."""
 
 @final
 class TaskStats:
@@ -175,6 +179,27 @@ class TaskStats:
     def cancelled(self) -> int: ...
     @property
     def aborted(self) -> int: ...
+    @property
+    def restarted(self) -> int:
+        """Restarts of supervised tasks (each supervised task counts once in ``spawned``)."""
+
+    @property
+    def live(self) -> int: ...
+
+@final
+class KindStats:
+    """The counters of one task kind and origin (see ``TaskRegistry.stats_by_kind``)."""
+
+    @property
+    def kind(self) -> TaskKind: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def spawned(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def restarted(self) -> int: ...
     @property
     def live(self) -> int: ...
 
@@ -224,6 +249,10 @@ class TaskRegistry:
 
     def snapshot(self) -> list[TaskSummary]: ...
     def stats(self) -> TaskStats: ...
+    def stats_by_kind(self) -> list[KindStats]:
+        """One ``KindStats`` per kind and origin, always all of them, in a fixed order
+        (kinds in declaration order, ``"native"`` before ``"python"``)."""
+
     def is_empty(self) -> bool: ...
     def is_closed(self) -> bool: ...
     def __len__(self) -> int: ...

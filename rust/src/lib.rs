@@ -54,8 +54,9 @@ pub use handle::ServiceHandle;
 pub use service::Service;
 pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
-    ForeignTask, ForeignTaskId, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
-    TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,
+    ForeignTask, ForeignTaskId, KindStats, Restart, RestartPolicy, Stragglers, SupervisedHandle,
+    TaskFailure, TaskHandle, TaskKind, TaskName, TaskOrigin, TaskOutcome, TaskRegistry, TaskStats,
+    TaskSummary,
 };
 pub use traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
 pub use wire::{DisconnectReason, InboundMessage, JsonRpcError, PeerId, PeerInfo};

@@ -68,6 +68,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::PyTaskHandle>()?;
     m.add_class::<registry::PyTaskSummary>()?;
     m.add_class::<registry::PyTaskStats>()?;
+    m.add_class::<registry::PyKindStats>()?;
     m.add_class::<watchdog::PyLoopWatchdog>()?;
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
