@@ -75,6 +75,7 @@ __all__ = [
     "ControlSocketError",
     "bind_control_socket",
     "final_outcome",
+    "shutdown_report",
 ]
 
 logger: Final = logging.getLogger("dig_service.control")
@@ -334,22 +335,28 @@ def _no_params(method: str, params: object) -> None:
     raise _RpcError(INVALID_PARAMS, f"method {method!r} takes no params")
 
 
-def _phase_of(service: object) -> str | None:
-    phase = getattr(service, "_phase", None)
-    value = getattr(phase, "value", phase)  # an enum member once issue 13 lands
-    return value if isinstance(value, str) else None
+def _phase_of(service: Service[Any, Any, Any]) -> str:
+    return service._phase.value
 
 
 def _kind_name(kind: object) -> str:
     return str(kind).rpartition(".")[2]
 
 
-def _report_dict(report: object) -> Any:
-    """``report.to_dict()`` (issue 14's ``ShutdownReport``), or ``None``."""
-    if report is None:
-        return None
-    to_dict = getattr(report, "to_dict", None)
-    return to_dict() if callable(to_dict) else None
+def shutdown_report(outcome: object) -> Any:
+    """The ``ShutdownReport`` an ``ExitStatus`` or ``ServiceError`` carries, or ``None``.
+
+    The one place the control socket (``report``, ``stop --wait``) and the
+    metrics (``dig_service_shutdown_phase_seconds``) read a report from.
+    ``.report`` comes with issue 14's shutdown report (SPEC section 7); an
+    outcome without it (before that is merged) has no report.
+    """
+    return getattr(outcome, "report", None)
+
+
+def _report_dict(report: Any) -> Any:
+    """``report.to_dict()`` (JSON-serialisable), or ``None``."""
+    return None if report is None else report.to_dict()
 
 
 async def final_outcome(service: Service[Any, Any, Any], code: int, forced: bool) -> dict[str, Any]:
@@ -364,12 +371,12 @@ async def final_outcome(service: Service[Any, Any, Any], code: int, forced: bool
         status = await asyncio.wait_for(service.wait_for_exit(), 1.0)
     except ServiceError as err:
         out["status"] = f"{type(err).__name__}: {err}"
-        out["report"] = _report_dict(getattr(err, "report", None))
+        out["report"] = _report_dict(shutdown_report(err))
     except Exception as exc:  # never recorded: say what we know
         out["status"] = f"stopped (no status recorded: {type(exc).__name__})"
     else:
         out["status"] = str(status)
-        out["report"] = _report_dict(getattr(status, "report", None))
+        out["report"] = _report_dict(shutdown_report(status))
     return out
 
 
@@ -673,8 +680,7 @@ class ControlServer:
                         "kind": _kind_name(s.kind),
                         "origin": s.origin,
                         "age": round(max(0.0, now - s.spawned_at), 3),
-                        # TaskSummary.restarts arrives with supervision (issue 15).
-                        "restarts": int(getattr(s, "restarts", 0)),
+                        "restarts": s.restarts,
                     }
                 )
         return out
@@ -682,13 +688,15 @@ class ControlServer:
     async def _stats(self, conn: _Connection, params: Any) -> dict[str, int]:
         _no_params("stats", params)
         stats = self.service.tasks.stats()
-        out = {
-            field: int(getattr(stats, field))
-            for field in ("spawned", "completed", "failed", "cancelled", "aborted", "live")
+        return {
+            "spawned": stats.spawned,
+            "completed": stats.completed,
+            "failed": stats.failed,
+            "cancelled": stats.cancelled,
+            "aborted": stats.aborted,
+            "live": stats.live,
+            "restarted": stats.restarted,
         }
-        # TaskStats.restarted arrives with supervision (issue 15).
-        out["restarted"] = int(getattr(stats, "restarted", 0))
-        return out
 
     async def _health(self, conn: _Connection, params: Any) -> dict[str, Any]:
         _no_params("health", params)
