@@ -89,8 +89,8 @@ exit status:
   0        graceful stop (requested shutdown, or run() returned)
   1        the service failed: a hook raised, a Fatal shutdown, tasks outlived
            the shutdown deadline, or any other ServiceError
-  2        bad command line or bad TARGET, or the control socket is held by a
-           live process (or is not a socket)
+  2        bad command line or bad TARGET, the control socket is held by a live
+           process (or is not a socket), or --metrics-addr cannot be served
   128 + n  forced exit by a second signal n (130 for SIGINT, 143 for SIGTERM)
 
 environment:
@@ -112,10 +112,13 @@ examples:
   python -m dig_service run myapp.node:MyNode --control-socket /run/mynode/control.sock
   python -m dig_service ps /run/mynode/control.sock
   python -m dig_service stop /run/mynode/control.sock --wait
+  python -m dig_service run myapp.node:MyNode --metrics-addr :9464
 """
 
 DEFAULT_STALL_WARNING: Final = 1.0
 """The runner's --stall-warning when none is given."""
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
+"""The host of a --metrics-addr given as a port only."""
 
 
 class TargetError(Exception):
@@ -156,6 +159,28 @@ def _stall_warning(text: str) -> float:
     if value != 0 and value < 0.01:
         raise argparse.ArgumentTypeError(f"must be at least 0.01 seconds (or off), got {text}")
     return value
+
+
+def _metrics_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1); an IPv6 host in brackets."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"an IPv6 address goes in brackets, e.g. [::1]:9100; got {text!r}"
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT or PORT (a port number), got {text!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0..65535, got {port}")
+    return host or DEFAULT_METRICS_HOST, port
 
 
 def _socket_path(text: str) -> str:
@@ -237,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn, with the event loop thread's stack, when the loop has not turned for S "
         "seconds (a blocking call in a coroutine); 0 or off disables it (default: "
         f"{DEFAULT_STALL_WARNING:g}, or the Service's ServiceConfig.stall_warning)",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST defaults to "
+        f"{DEFAULT_METRICS_HOST}; port 0 picks a free one, logged at start; needs "
+        "pip install 'dig-service[metrics]'); an address that cannot be bound is an error "
+        "(exit 2)",
     )
     from ._ctl import add_commands
 
@@ -509,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.log_level)
 
     from ._control import ControlSocketError
-    from ._runner import run_service
+    from ._runner import MetricsError, run_service
 
     try:
         outcome = run_service(
@@ -517,8 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop_factory=loop_factory,
             control_socket=args.control_socket,
             stall_warning=stall or None,
+            metrics_addr=args.metrics_addr,
         )
-    except ControlSocketError as exc:
+    except (ControlSocketError, MetricsError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:  # before the handlers were installed
         return 128 + 2

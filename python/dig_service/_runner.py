@@ -164,13 +164,18 @@ def run_service(
     status_stream: IO[str] | None = None,
     control_socket: str | os.PathLike[str] | None = None,
     stall_warning: float | None = None,
+    metrics_addr: tuple[str, int] | None = None,
 ) -> Outcome:
     """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown).
 
     ``stall_warning`` (the CLI's ``--stall-warning``) runs a loop-stall
     watchdog around the service when its own ``ServiceConfig.stall_warning``
-    is ``None``. Raises ``ControlSocketError`` if the control socket cannot
-    be set up (before anything else happened).
+    is ``None``. ``metrics_addr`` (the CLI's ``--metrics-addr``) serves
+    ``/metrics`` at ``(host, port)`` from before ``pre_start`` until the loop
+    is closed: the service's ``dig_service.metrics.ServiceCollector`` in
+    ``prometheus_client.REGISTRY``, with whatever else is registered there.
+    Raises ``ControlSocketError`` or ``MetricsError`` if the control socket
+    or the metrics server cannot be set up (before anything else happened).
     """
     _check_service(service)
     socket_path = _check_control_socket(control_socket)
@@ -195,9 +200,14 @@ def run_service(
         )
 
     bound = bind_control_socket(socket_path) if socket_path is not None else None
+    metrics: _Metrics | None = None
     try:
+        if metrics_addr is not None:
+            metrics = _Metrics(service, *metrics_addr)
         loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         if bound is not None:
             bound.remove()
         raise
@@ -225,8 +235,60 @@ def run_service(
         runner.close_display()
         asyncio.set_event_loop(None)
         loop.close()
+        if metrics is not None:
+            metrics.close()
         if bound is not None:
             bound.remove()
+
+
+class MetricsError(Exception):
+    """``--metrics-addr`` cannot be served (no prometheus-client, address in use...).
+
+    The message is one line; the CLI exits with status 2.
+    """
+
+
+class _Metrics:
+    """The runner's ``/metrics``: the service's collector in the default registry,
+    served over HTTP on a thread of its own until ``close()``."""
+
+    def __init__(self, service: Service[Any, Any, Any], host: str, port: int) -> None:
+        try:
+            from prometheus_client import REGISTRY
+
+            from .metrics import MetricsServer, ServiceCollector
+        except ImportError:
+            raise MetricsError(
+                "--metrics-addr: prometheus-client is not installed "
+                "(pip install 'dig-service[metrics]')"
+            ) from None
+        try:
+            self.collector = ServiceCollector(service, registry=REGISTRY)
+        except ValueError as exc:
+            raise MetricsError(
+                f"--metrics-addr: prometheus_client.REGISTRY already has the service's series "
+                f"({exc}); do not register a ServiceCollector there yourself"
+            ) from None
+        self._registry = REGISTRY
+        try:
+            self.server = MetricsServer(host, port, REGISTRY)
+        except OSError as exc:
+            REGISTRY.unregister(self.collector)
+            raise MetricsError(
+                f"--metrics-addr {_format_addr(host, port)}: cannot listen there: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.server.start()
+        host, port = self.server.address
+        logger.info("metrics on http://%s/metrics", _format_addr(host, port))
+
+    def close(self) -> None:
+        self.server.close()
+        self._registry.unregister(self.collector)
+
+
+def _format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _check_control_socket(value: object) -> str | None:
@@ -314,9 +376,10 @@ class _Runner:
             await control.start()
             logger.info("control socket listening on %s", self.control_bound.path)
         watch = None
-        if self.stall_warning is not None:
-            watch = LoopWatch(self.loop, self.stall_warning, self.label)
         try:
+            if self.stall_warning is not None:
+                watch = LoopWatch(self.loop, self.stall_warning, self.label)
+                self.service._loop_watch = watch  # for the metrics' loop lag
             code = await self._main()
             if control is not None:
                 control.finish(await final_outcome(self.service, code, self.forced))

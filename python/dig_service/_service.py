@@ -73,7 +73,7 @@ from ._lifecycle import (
 )
 from ._phase import Phase, hook_task_name
 from ._validation import check_node, check_peer_api, check_rpc_api
-from ._watchdog import watch_running_loop
+from ._watchdog import LoopWatch, watch_running_loop
 
 __all__ = ["Service"]
 
@@ -188,6 +188,9 @@ class Service(Generic[N, A, R]):
         self._torn_down = False
         self._lifecycle_task: asyncio.Task[Any] | None = None
         self._hook_context: contextvars.Context | None = None
+        # The loop-stall watchdog over the loop start() runs on (its own, or
+        # the runner's): the metrics' loop lag reads it (dig_service.metrics).
+        self._loop_watch: LoopWatch | None = None
 
     # ----------------------------------------------------------------- accessors
 
@@ -331,6 +334,8 @@ class Service(Generic[N, A, R]):
         except BaseException:  # no thread for the watchdog: nothing started yet
             self._slot.abandon(f"service {self._label!r}: the loop-stall watchdog did not start")
             raise
+        if watch is not None:
+            self._loop_watch = watch
         self._hook_context = contextvars.copy_context()
         lifecycle = loop.create_task(
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"

@@ -57,6 +57,15 @@ class LoopWatch:
         """How many stalls were reported so far."""
         return self._dog.stalls
 
+    @property
+    def lag(self) -> float:
+        """Seconds the loop is behind (see ``LoopWatchdog.lag``); any thread may read it."""
+        return self._dog.lag
+
+    def is_running(self) -> bool:
+        """Whether the watchdog still watches (``stop()`` not called)."""
+        return self._dog.is_running()
+
     def stop(self) -> None:
         """Cancel the heartbeat and stop the watchdog thread (waits for it).
 

@@ -111,3 +111,25 @@ class Ticker(NodeLifecycle):
     async def run(self, ctx: RunContext) -> None:
         mark("run started")
         await ctx.shutdown.cancelled()
+
+
+async def _fail_at_once() -> None:
+    raise RuntimeError("metrics test: a task that fails (on purpose)")
+
+
+class Metrics(NodeLifecycle):
+    """``Tasks``' three tasks, plus a Python Maintenance task that failed before ``run``."""
+
+    NAME = "metrics"
+
+    async def on_start(self, ctx: StartContext) -> None:
+        await Tasks().on_start(ctx)
+        failing = ctx.tasks.spawn("py-flaky", TaskKind.Maintenance, _fail_at_once())
+        try:
+            await failing
+        except RuntimeError:
+            pass
+
+    async def run(self, ctx: RunContext) -> None:
+        mark("run started")
+        await ctx.shutdown.cancelled()

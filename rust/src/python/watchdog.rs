@@ -83,6 +83,10 @@ struct Shared {
     /// so `Relaxed` suffices: a stale read only delays a decision, which is
     /// re-made under the GIL (see the module doc).
     last_beat: AtomicU64,
+    /// How late the last beat came (ns past its due time, `interval` after
+    /// the beat before it), for [`PyLoopWatchdog::lag`]. Written by the loop
+    /// thread only, `Relaxed`: a metric, read on its own.
+    last_late: AtomicU64,
     /// Set by the watchdog thread (with the GIL) once it reported a stall;
     /// cleared by the first beat after it. Release/Acquire: the beat stores
     /// `resumed_at` before it clears the flag, and the thread reads
@@ -158,6 +162,7 @@ impl PyLoopWatchdog {
         let shared = Arc::new(Shared {
             base,
             last_beat: AtomicU64::new(0),
+            last_late: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
             resumed_at: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -225,10 +230,34 @@ impl PyLoopWatchdog {
         self.shared.stalls.load(Ordering::Relaxed)
     }
 
+    /// How far behind the event loop is, in seconds: how late its last beat
+    /// came, or, while the next one is overdue, how overdue it is (so a
+    /// stall shows as a lag that grows until the loop turns again). The
+    /// resolution is the beat's: `interval`. Safe from any thread.
+    #[getter]
+    fn lag(&self) -> f64 {
+        let shared = &*self.shared;
+        let now = shared.now();
+        let due = shared
+            .last_beat
+            .load(Ordering::Relaxed)
+            .saturating_add(nanos(shared.interval));
+        let late = shared.last_late.load(Ordering::Relaxed);
+        Duration::from_nanos(late.max(now.saturating_sub(due))).as_secs_f64()
+    }
+
     /// The loop turned: record the time. Called by the loop's timer.
     fn beat(&self) {
         let shared = &*self.shared;
         let now = shared.now();
+        // The loop thread is the only writer of `last_beat` and `last_late`.
+        let due = shared
+            .last_beat
+            .load(Ordering::Relaxed)
+            .saturating_add(nanos(shared.interval));
+        shared
+            .last_late
+            .store(now.saturating_sub(due), Ordering::Relaxed);
         shared.last_beat.store(now, Ordering::Relaxed);
         // Rare path: the first beat after a reported stall ends it.
         if shared.stalled.load(Ordering::Relaxed) {
