@@ -43,7 +43,7 @@ from dig_service._control import (
     bind_control_socket,
     final_outcome,
 )
-from dig_service._ctl import CtlError, call
+from dig_service._ctl import CtlError, _describe_outcome, call
 from dig_service._runner import run
 from dig_service.testing import spawn_native_sleeper
 
@@ -817,3 +817,63 @@ def test_run_refuses_a_live_socket_with_exit_2_before_starting(
         run(Service(Flagged()), install_signal_handlers=False, control_socket=b"/tmp/x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`control_socket`"):
         run(Service(Flagged()), install_signal_handlers=False, control_socket="")
+
+
+def test_stop_wait_prints_the_shutdown_report() -> None:
+    """Proves: what ``stop --wait`` prints for an answer that carries a shutdown report
+    (``ShutdownReport.to_dict()``, SPEC section 7): the status line, then the reason, total
+    and live tasks, one line per phase with its outcome and duration, and each straggler
+    with its kind, origin, age and (Python) stack; an answer without a report prints the
+    status line alone.
+
+    Catches: a report dropped on the floor by the client, a straggler's stack lost, a
+    crash on a native straggler (``stack`` null)."""
+    report = {
+        "reason": "ShutdownReason.UserRequested()",
+        "total": 2.5,
+        "tasks_at_start": 3,
+        "phases": [
+            {"name": "run", "duration": 0.001, "outcome": "ok"},
+            {"name": "join", "duration": 2.0, "outcome": "timed_out"},
+            {"name": "on_stop", "duration": 0.25, "outcome": "ok"},
+            {"name": "post_stop", "duration": 0.0, "outcome": "skipped"},
+        ],
+        "stragglers": [
+            {
+                "name": "slow-py",
+                "kind": "BackgroundLoop",
+                "origin": "python",
+                "age": 12.0,
+                "stack": 'File "node.py", line 9, in slow\n    await asyncio.sleep(60)\n',
+            },
+            {
+                "name": "slow-rs",
+                "kind": "Maintenance",
+                "origin": "native",
+                "age": 3.5,
+                "stack": None,
+            },
+        ],
+    }
+    text = _describe_outcome({"status": "ShutdownDeadlineExceeded: ...", "report": report})
+    lines = text.splitlines()
+    assert lines[0] == "service stopped: ShutdownDeadlineExceeded: ..."
+    assert lines[1] == (
+        "shutdown report: reason ShutdownReason.UserRequested(), 2.500s in total, "
+        "3 task(s) live when it began"
+    )
+    assert lines[2:6] == [
+        "  run: ok (0.001s)",
+        "  join: timed_out (2.000s)",
+        "  on_stop: ok (0.250s)",
+        "  post_stop: skipped (0.000s)",
+    ]
+    assert lines[6] == "  stragglers (2):"
+    assert lines[7].startswith("    - slow-py (BackgroundLoop, python, age ")
+    assert lines[8:10] == [
+        '        File "node.py", line 9, in slow',
+        "            await asyncio.sleep(60)",
+    ]
+    assert lines[10].startswith("    - slow-rs (Maintenance, native, age ")
+    assert len(lines) == 11
+    assert _describe_outcome({"status": "stopped", "report": None}) == "service stopped: stopped"
