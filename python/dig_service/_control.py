@@ -75,6 +75,7 @@ __all__ = [
     "ControlSocketError",
     "bind_control_socket",
     "final_outcome",
+    "kind_name",
     "shutdown_report",
 ]
 
@@ -339,7 +340,8 @@ def _phase_of(service: Service[Any, Any, Any]) -> str:
     return service._phase.value
 
 
-def _kind_name(kind: object) -> str:
+def kind_name(kind: object) -> str:
+    """A ``TaskKind``'s variant name (``"BackgroundLoop"``), as ``ps`` and the metrics show it."""
     return str(kind).rpartition(".")[2]
 
 
@@ -677,7 +679,7 @@ class ControlServer:
                 out.append(
                     {
                         "name": s.name,
-                        "kind": _kind_name(s.kind),
+                        "kind": kind_name(s.kind),
                         "origin": s.origin,
                         "age": round(max(0.0, now - s.spawned_at), 3),
                         "restarts": s.restarts,
@@ -762,9 +764,7 @@ class ControlServer:
         pid = conn.peer[0] if conn.peer is not None else -1
         token = self.service.shutdown_token
         if not token.is_cancelled():
-            logger.info(
-                "control socket: shutdown requested by pid %d (%s)", pid, _kind_name(reason)
-            )
+            logger.info("control socket: shutdown requested by pid %d (%s)", pid, kind_name(reason))
         self.service.request_shutdown(reason)
         result: dict[str, Any] = {"accepted": True, "reason": str(token.reason())}
         if not wait:

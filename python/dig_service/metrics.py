@@ -55,16 +55,12 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra onl
         "dig_service.metrics needs prometheus-client: pip install 'dig-service[metrics]'"
     ) from exc
 
-from ._control import shutdown_report
+from ._control import kind_name, shutdown_report
 
 if TYPE_CHECKING:
     from ._service import Service
 
 __all__ = ["MetricsServer", "ServiceCollector"]
-
-
-def _kind_name(kind: object) -> str:
-    return str(kind).rpartition(".")[2]
 
 
 class ServiceCollector(Collector):
@@ -116,7 +112,7 @@ class ServiceCollector(Collector):
         (live, spawned, failed, restarts, phases, lag) = _families()
         per_kind: dict[str, list[int]] = {}  # every kind: stats_by_kind lists them all
         for stats in service.tasks.stats_by_kind():
-            kind = _kind_name(stats.kind)
+            kind = kind_name(stats.kind)
             live.add_metric([kind, stats.origin], stats.live)
             totals = per_kind.setdefault(kind, [0, 0, 0])
             totals[0] += stats.spawned
