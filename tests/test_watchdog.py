@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -156,6 +157,37 @@ class Staller(NodeLifecycle):
 
     async def run(self, ctx: RunContext) -> None:
         await self.done.wait()
+
+
+def test_lag_is_the_last_beats_lateness_or_how_overdue_the_next_one_is() -> None:
+    """Proves: ``LoopWatchdog.lag`` is 0 while beats come on time; while the next beat is
+    overdue it is how overdue it is (bounded by the time the test itself measured), and
+    it keeps growing; a late beat leaves its lateness as the lag; an on-time beat brings
+    it back to 0.
+
+    Catches: a lag that only shows after the loop turned again (a stall invisible to a
+    scrape), one that stays at a past stall's size, or a lag counted from the wrong beat."""
+    dog = LoopWatchdog(0.4, threading.get_ident(), "lag", "dig_service.test.lag")
+    interval = dog.interval
+    try:
+        dog.beat()
+        beat_at = time.monotonic()
+        assert dog.lag == 0.0
+        time.sleep(0.3)  # the quantity under test: time without a beat
+        first = dog.lag
+        elapsed = time.monotonic() - beat_at
+        assert 0.3 - interval - 0.01 <= first <= elapsed - interval + 0.01, (first, elapsed)
+        time.sleep(0.05)
+        assert dog.lag > first  # still overdue: growing
+        before = time.monotonic()
+        dog.beat()  # late by about 0.25 s
+        late = dog.lag
+        assert 0.3 - interval - 0.01 <= late <= before - beat_at - interval + 0.01, late
+        dog.beat()  # at once: on time (0 unless this machine paused us for an interval)
+        back = dog.lag
+        assert back <= max(0.0, time.monotonic() - before - interval), back
+    finally:
+        dog.stop()
 
 
 @pytest.mark.asyncio
