@@ -170,9 +170,11 @@ def test_lag_is_the_last_beats_lateness_or_how_overdue_the_next_one_is() -> None
     dog = LoopWatchdog(0.4, threading.get_ident(), "lag", "dig_service.test.lag")
     interval = dog.interval
     try:
+        start = time.monotonic()
         dog.beat()
         beat_at = time.monotonic()
-        assert dog.lag == 0.0
+        fresh = dog.lag  # 0 unless this machine paused us for an interval
+        assert fresh <= max(0.0, time.monotonic() - start - interval), fresh
         time.sleep(0.3)  # the quantity under test: time without a beat
         first = dog.lag
         elapsed = time.monotonic() - beat_at
