@@ -821,7 +821,8 @@ def test_run_refuses_a_live_socket_with_exit_2_before_starting(
 
 def test_stop_wait_prints_the_shutdown_report() -> None:
     """Proves: what ``stop --wait`` prints for an answer that carries a shutdown report
-    (``ShutdownReport.to_dict()``, SPEC section 7): the status line, then the reason, total
+    (``ShutdownReport.to_dict()`` as issue 14 builds it: the reason as
+    ``{"kind", "message"}``): the status line, then the reason, total
     and live tasks, one line per phase with its outcome and duration, and each straggler
     with its kind, origin, age and (Python) stack; an answer without a report prints the
     status line alone.
@@ -829,7 +830,7 @@ def test_stop_wait_prints_the_shutdown_report() -> None:
     Catches: a report dropped on the floor by the client, a straggler's stack lost, a
     crash on a native straggler (``stack`` null)."""
     report = {
-        "reason": "ShutdownReason.UserRequested()",
+        "reason": {"kind": "UserRequested", "message": None},
         "total": 2.5,
         "tasks_at_start": 3,
         "phases": [
@@ -859,8 +860,7 @@ def test_stop_wait_prints_the_shutdown_report() -> None:
     lines = text.splitlines()
     assert lines[0] == "service stopped: ShutdownDeadlineExceeded: ..."
     assert lines[1] == (
-        "shutdown report: reason ShutdownReason.UserRequested(), 2.500s in total, "
-        "3 task(s) live when it began"
+        "shutdown report: reason UserRequested, 2.500s in total, 3 task(s) live when it began"
     )
     assert lines[2:6] == [
         "  run: ok (0.001s)",
@@ -877,3 +877,9 @@ def test_stop_wait_prints_the_shutdown_report() -> None:
     assert lines[10].startswith("    - slow-rs (Maintenance, native, age ")
     assert len(lines) == 11
     assert _describe_outcome({"status": "stopped", "report": None}) == "service stopped: stopped"
+    fatal = {**report, "reason": {"kind": "Fatal", "message": "disk full"}, "stragglers": []}
+    assert (
+        _describe_outcome({"status": "x", "report": fatal})
+        .splitlines()[1]
+        .startswith("shutdown report: reason Fatal (disk full), ")
+    )

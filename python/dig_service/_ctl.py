@@ -302,10 +302,18 @@ def _describe_outcome(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reason_text(reason: object) -> str:
+    """The report's ``reason``: ``{"kind", "message"}`` (a ``Fatal`` one has a message)."""
+    if isinstance(reason, dict):
+        kind, message = reason.get("kind"), reason.get("message")
+        return f"{kind} ({message})" if message else str(kind)
+    return str(reason)
+
+
 def _describe_report(report: dict[str, Any]) -> list[str]:
     """``ShutdownReport.to_dict()`` (fields per SPEC section 7) as text."""
     total = report.get("total")
-    head = f"shutdown report: reason {report.get('reason')}"
+    head = f"shutdown report: reason {_reason_text(report.get('reason'))}"
     if isinstance(total, int | float):
         head += f", {total:.3f}s in total"
     if report.get("tasks_at_start") is not None:
