@@ -368,3 +368,60 @@ def test_spawn_outside_a_loop_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="running asyncio event loop"):
         reg.spawn("x", BG, coro)
     assert coro.cr_frame is None
+
+
+async def test_stats_by_kind_counts_each_kind_and_origin() -> None:
+    """Proves stats_by_kind lists every kind and origin once, with the core's counters.
+
+    Python and native tasks land in their own rows; failures are counted
+    under their kind; the rows sum to stats(); restarts of plain tasks stay 0.
+
+    Catches: a row missing when nothing ran, a failure counted only in the
+    total, a live task in the wrong origin, a KindStats without a field.
+    """
+    token, reg = fresh()
+    empty = reg.stats_by_kind()
+    assert [(s.kind, s.origin) for s in empty] == [
+        (kind, origin)
+        for kind in (
+            TaskKind.BackgroundLoop,
+            TaskKind.PeerConnection,
+            TaskKind.RpcHandler,
+            TaskKind.Maintenance,
+        )
+        for origin in ("native", "python")
+    ]
+    assert all((s.spawned, s.failed, s.restarted, s.live) == (0, 0, 0, 0) for s in empty)
+
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    ok = reg.spawn("ok", TaskKind.RpcHandler, asyncio.sleep(0))
+    bad = reg.spawn("bad", TaskKind.RpcHandler, boom())
+    stuck = reg.spawn("stuck", TaskKind.Maintenance, asyncio.sleep(3600))
+    nat = spawn_native_sleeper(reg, "nat", 3600)
+    await ok
+    with pytest.raises(ValueError, match="boom"):
+        await bad
+    rows = {(s.kind, s.origin): s for s in reg.stats_by_kind()}
+    row = rows[(TaskKind.RpcHandler, "python")]
+    assert (row.spawned, row.failed, row.restarted, row.live) == (2, 1, 0, 0)
+    row = rows[(TaskKind.Maintenance, "python")]
+    assert (row.spawned, row.failed, row.live) == (1, 0, 1)
+    row = rows[(TaskKind.BackgroundLoop, "native")]
+    assert (row.spawned, row.failed, row.live) == (1, 0, 1)
+    assert rows[(TaskKind.RpcHandler, "native")].spawned == 0
+    stats = reg.stats()
+    assert sum(s.spawned for s in rows.values()) == stats.spawned == 4
+    assert sum(s.failed for s in rows.values()) == stats.failed == 1
+    assert sum(s.live for s in rows.values()) == stats.live == 2
+    assert stats.restarted == 0 and "restarted=0" in repr(stats)
+    assert "KindStats(kind=TaskKind.RpcHandler, origin='python'" in repr(
+        rows[(TaskKind.RpcHandler, "python")]
+    )
+    assert all(s.restarts == 0 for s in reg.snapshot())
+    stuck.abort()
+    nat.abort()
+    token.cancel(ShutdownReason.UserRequested())
+    await reg.join_all(5)
+    assert all(s.live == 0 for s in reg.stats_by_kind())

@@ -27,6 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._config import ServiceConfig
     from ._core import (
+        KindStats,
         ShutdownReason,
         ShutdownToken,
         TaskHandle,
@@ -68,6 +69,7 @@ __all__ = [
     "ExitStatus",
     "InboundMessage",
     "JsonRpcError",
+    "KindStats",
     "NodeLifecycle",
     "OnStartFailed",
     "OnStopFailed",
@@ -99,6 +101,7 @@ __all__ = [
 
 # Where each public name lives; loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
+    "KindStats": "_core",
     "ShutdownReason": "_core",
     "ShutdownToken": "_core",
     "TaskHandle": "_core",

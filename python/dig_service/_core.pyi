@@ -12,6 +12,8 @@ from dig_service._report import ShutdownReport
 __all__ = [
     "AlreadyRunning",
     "AlreadyStopped",
+    "KindStats",
+    "LoopWatchdog",
     "OnStartFailed",
     "OnStopFailed",
     "PreStartFailed",
@@ -168,6 +170,9 @@ class TaskSummary:
     def spawned_at(self) -> float: ...
     @property
     def origin(self) -> str: ...
+    @property
+    def restarts(self) -> int:
+        """Restarts of a supervised task so far; 0 for a plain task."""
 
 @final
 class TaskStats:
@@ -183,6 +188,27 @@ class TaskStats:
     def cancelled(self) -> int: ...
     @property
     def aborted(self) -> int: ...
+    @property
+    def restarted(self) -> int:
+        """Restarts of supervised tasks (each supervised task counts once in ``spawned``)."""
+
+    @property
+    def live(self) -> int: ...
+
+@final
+class KindStats:
+    """The counters of one task kind and origin (see ``TaskRegistry.stats_by_kind``)."""
+
+    @property
+    def kind(self) -> TaskKind: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def spawned(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def restarted(self) -> int: ...
     @property
     def live(self) -> int: ...
 
@@ -232,9 +258,48 @@ class TaskRegistry:
 
     def snapshot(self) -> list[TaskSummary]: ...
     def stats(self) -> TaskStats: ...
+    def stats_by_kind(self) -> list[KindStats]:
+        """One ``KindStats`` per kind and origin, always all of them, in a fixed order
+        (kinds in declaration order, ``"native"`` before ``"python"``)."""
+
     def is_empty(self) -> bool: ...
     def is_closed(self) -> bool: ...
     def __len__(self) -> int: ...
+
+@final
+class LoopWatchdog:
+    """A native thread that warns when an event loop stops turning.
+
+    ``LoopWatchdog(stall_warning, thread_id, label, logger)`` starts the
+    thread (``thread_id`` is ``threading.get_ident()`` of the loop's thread);
+    the loop calls ``beat()`` every ``interval`` seconds; when no beat comes
+    for ``stall_warning`` seconds past its due time, one warning with the
+    loop thread's stack goes to ``logger`` (default ``dig_service.watchdog``),
+    then the stall's length when the loop turns again. ``stop()`` ends the
+    thread and waits for it (GIL released).
+    """
+
+    def __new__(
+        cls,
+        stall_warning: float | timedelta,
+        thread_id: int,
+        label: str,
+        logger: str | None = None,
+    ) -> Self: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def stall_warning(self) -> float: ...
+    @property
+    def stalls(self) -> int: ...
+    @property
+    def lag(self) -> float:
+        """Seconds the loop is behind: how late its last beat came, or how overdue
+        the next one is (a stall shows as a growing lag). Safe from any thread."""
+
+    def beat(self) -> None: ...
+    def is_running(self) -> bool: ...
+    def stop(self) -> None: ...
 
 def spawn_native_sleeper(
     registry: TaskRegistry,

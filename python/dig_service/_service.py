@@ -90,6 +90,7 @@ from ._report import (
     format_task_stack,
 )
 from ._validation import check_node, check_peer_api, check_rpc_api
+from ._watchdog import LoopWatch, watch_running_loop
 
 __all__ = ["Service"]
 
@@ -211,6 +212,9 @@ class Service(Generic[N, A, R]):
         self._live_at_fire = 0
         self._phases: dict[str, PhaseReport] = {}
         self._stragglers: list[StragglerReport] = []
+        # The loop-stall watchdog over the loop start() runs on (its own, or
+        # the runner's): the metrics' loop lag reads it (dig_service.metrics).
+        self._loop_watch: LoopWatch | None = None
 
     # ----------------------------------------------------------------- accessors
 
@@ -359,6 +363,13 @@ class Service(Generic[N, A, R]):
                 "single-shot, build a new Service (with a new node) to start again"
             )
         loop = asyncio.get_running_loop()
+        try:
+            watch = watch_running_loop(self._config.stall_warning, self._label)
+        except BaseException:  # no thread for the watchdog: nothing started yet
+            self._slot.abandon(f"service {self._label!r}: the loop-stall watchdog did not start")
+            raise
+        if watch is not None:
+            self._loop_watch = watch
         self._hook_context = contextvars.copy_context()
         lifecycle = loop.create_task(
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
@@ -373,15 +384,19 @@ class Service(Generic[N, A, R]):
         del self
         escape: _Escape | None = None
         try:
-            await asyncio.wait((lifecycle,))
-        except asyncio.CancelledError:
-            me = service()
-            if me is not None:  # always, while the lifecycle runs
-                await me._wind_down_after_cancel(lifecycle)
-                del me
-            escape = _escape_of(lifecycle)
-            if escape is None:
-                raise
+            try:
+                await asyncio.wait((lifecycle,))
+            except asyncio.CancelledError:
+                me = service()
+                if me is not None:  # always, while the lifecycle runs
+                    await me._wind_down_after_cancel(lifecycle)
+                    del me
+                escape = _escape_of(lifecycle)
+                if escape is None:
+                    raise
+        finally:
+            if watch is not None:
+                watch.stop()
         if escape is not None:
             # A hook's BaseException outranks the cancellation. Raised out of
             # the handler, so that its context is left as it was.

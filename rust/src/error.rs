@@ -101,6 +101,11 @@ pub enum ServiceError {
     /// run them on).
     #[error("the service's lifecycle was cut short ({0}); its tasks were stopped and its registry closed, on_stop and post_stop did not run")]
     LifecycleAborted(&'static str),
+
+    /// A [`RestartPolicy`](crate::RestartPolicy) that cannot be applied
+    /// (see [`RestartPolicy::validate`](crate::RestartPolicy::validate)).
+    #[error("invalid RestartPolicy: {0}")]
+    InvalidRestartPolicy(String),
 }
 
 impl ServiceError {

@@ -60,8 +60,9 @@ pub use report::{
 pub use service::Service;
 pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
-    ForeignTask, ForeignTaskId, Straggler, Stragglers, TaskFailure, TaskHandle, TaskKind, TaskName,
-    TaskOrigin, TaskOutcome, TaskRegistry, TaskStats, TaskSummary,
+    ForeignTask, ForeignTaskId, KindStats, Restart, RestartPolicy, Straggler, Stragglers,
+    SupervisedHandle, TaskFailure, TaskHandle, TaskKind, TaskName, TaskOrigin, TaskOutcome,
+    TaskRegistry, TaskStats, TaskSummary,
 };
 pub use traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
 pub use wire::{DisconnectReason, InboundMessage, JsonRpcError, PeerId, PeerInfo};

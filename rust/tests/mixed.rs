@@ -94,6 +94,7 @@ fn assert_stats(stats: TaskStats, completed: u64, cancelled: u64) {
             failed: 0,
             cancelled,
             aborted: 0,
+            restarted: 0,
             live: 0,
         }
     );

@@ -590,6 +590,7 @@ fn check(
             failed: model.failed,
             cancelled: 0,
             aborted: model.stragglers.len() as u64,
+            restarted: 0,
             live: 0,
         }
     );
@@ -858,6 +859,7 @@ proptest! {
                 failed: ended.len() as u64 + 1 - completed,
                 cancelled,
                 aborted,
+                restarted: 0,
                 live: 0,
             }
         );

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dig_service::{
-    ForeignTask, ServiceError, ShutdownReason, ShutdownToken, TaskFailure, TaskKind, TaskOrigin,
-    TaskOutcome, TaskRegistry, TaskStats,
+    ForeignTask, KindStats, ServiceError, ShutdownReason, ShutdownToken, TaskFailure, TaskKind,
+    TaskOrigin, TaskOutcome, TaskRegistry, TaskStats,
 };
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Barrier};
@@ -59,6 +59,7 @@ async fn finished_tasks_leave_at_once() {
             failed: 0,
             cancelled: 0,
             aborted: 0,
+            restarted: 0,
             live: 0,
         }
     );
@@ -646,4 +647,86 @@ async fn ended_but_unreported_foreign_task_is_not_a_straggler() {
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(stuck.cancels.load(Ordering::SeqCst), 1);
+}
+
+/// **Proves:** `stats_by_kind` always lists every (kind, origin) pair once,
+/// in a fixed order, and its counters are the core's own: spawned, failed
+/// and live per kind and origin, native and foreign, summing to `stats()`.
+///
+/// **Why it matters:** metrics label task counters by kind from this call;
+/// a missing row or a miscounted bucket is a wrong dashboard.
+///
+/// **Catches:** a failure counted under the wrong kind (or only in the
+/// total), a live foreign task not seen, a row missing when nothing ran.
+#[tokio::test(start_paused = true)]
+async fn stats_by_kind_counts_each_kind_and_origin() {
+    let (r, _) = registry();
+    let empty = r.stats_by_kind();
+    assert_eq!(empty.len(), 8);
+    let pairs: Vec<_> = empty.iter().map(|s| (s.kind, s.origin)).collect();
+    let kinds = [
+        TaskKind::BackgroundLoop,
+        TaskKind::PeerConnection,
+        TaskKind::RpcHandler,
+        TaskKind::Maintenance,
+    ];
+    let want: Vec<_> = kinds
+        .iter()
+        .flat_map(|&k| [(k, TaskOrigin::Native), (k, TaskOrigin::Python)])
+        .collect();
+    assert_eq!(pairs, want);
+    assert!(empty
+        .iter()
+        .all(|s| (s.spawned, s.failed, s.restarted, s.live) == (0, 0, 0, 0)));
+
+    let ok = r
+        .spawn("ok", TaskKind::RpcHandler, async { Ok(()) })
+        .unwrap();
+    let bad = r
+        .spawn("bad", TaskKind::PeerConnection, async {
+            anyhow::bail!("boom")
+        })
+        .unwrap();
+    let live = r.spawn("live", TaskKind::PeerConnection, stuck()).unwrap();
+    let id = r
+        .track_foreign("py", TaskKind::Maintenance, Arc::new(Flag::default()))
+        .unwrap();
+    let py_failed = r
+        .track_foreign("py-bad", TaskKind::Maintenance, Arc::new(Flag::default()))
+        .unwrap();
+    ok.await.unwrap();
+    bad.await.unwrap_err();
+    assert!(r.finish_foreign(py_failed, TaskOutcome::Failed));
+
+    let by = r.stats_by_kind();
+    let get = |kind, origin| -> KindStats {
+        *by.iter()
+            .find(|s| s.kind == kind && s.origin == origin)
+            .unwrap()
+    };
+    let row = |s: KindStats| (s.spawned, s.failed, s.restarted, s.live);
+    assert_eq!(
+        row(get(TaskKind::RpcHandler, TaskOrigin::Native)),
+        (1, 0, 0, 0)
+    );
+    assert_eq!(
+        row(get(TaskKind::PeerConnection, TaskOrigin::Native)),
+        (2, 1, 0, 1)
+    );
+    assert_eq!(
+        row(get(TaskKind::Maintenance, TaskOrigin::Python)),
+        (2, 1, 0, 1)
+    );
+    assert_eq!(
+        row(get(TaskKind::Maintenance, TaskOrigin::Native)),
+        (0, 0, 0, 0)
+    );
+    let stats = r.stats();
+    assert_eq!(by.iter().map(|s| s.spawned).sum::<u64>(), stats.spawned);
+    assert_eq!(by.iter().map(|s| s.failed).sum::<u64>(), stats.failed);
+    assert_eq!(by.iter().map(|s| s.live).sum::<u64>(), stats.live);
+    live.abort();
+    let _ = live.await;
+    assert!(r.finish_foreign(id, TaskOutcome::Completed));
+    assert!(r.stats_by_kind().iter().all(|s| s.live == 0));
 }

@@ -75,12 +75,30 @@ impl ForeignTask for PyForeign {
 
     fn cancel(&self) {
         attach_unless_exiting(|py| {
-            if !StopBatch::add(py, self) {
-                if let Ok(cancel) = self.task.bind(py).getattr(pyo3::intern!(py, "cancel")) {
-                    call_on_loop(self.event_loop.bind(py), self.thread, &cancel, &[]);
-                }
-            }
+            cancel_on_loop(
+                py,
+                self.event_loop.bind(py),
+                self.thread,
+                self.task.bind(py),
+            );
         });
+    }
+}
+
+/// Cancel `task` (an asyncio task or future) on `event_loop`, whose thread
+/// is `thread`: gathered into the open [`StopBatch`] of this thread if
+/// there is one, else at once (directly on the loop's own thread, through
+/// `call_soon_threadsafe` from any other).
+pub(crate) fn cancel_on_loop(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    thread: ThreadId,
+    task: &Bound<'_, PyAny>,
+) {
+    if !StopBatch::add(event_loop, thread, task) {
+        if let Ok(cancel) = task.getattr(pyo3::intern!(py, "cancel")) {
+            call_on_loop(event_loop, thread, &cancel, &[]);
+        }
     }
 }
 
@@ -134,21 +152,22 @@ impl StopBatch {
         Ok(out)
     }
 
-    /// Gather `task` if a batch is open on this thread. No Python code runs
-    /// here: references are counted up, nothing else.
-    fn add(py: Python<'_>, task: &PyForeign) -> bool {
+    /// Gather `task` (to cancel on `event_loop`, whose thread is `thread`)
+    /// if a batch is open on this thread. No Python code runs here:
+    /// references are counted up, nothing else.
+    fn add(event_loop: &Bound<'_, PyAny>, thread: ThreadId, task: &Bound<'_, PyAny>) -> bool {
         GATHERING.with(|g| {
             let mut g = g.borrow_mut();
             let Some(batches) = g.as_mut() else {
                 return false;
             };
-            let event_loop = task.event_loop.bind(py);
+            let task = task.clone().unbind();
             match batches.iter_mut().find(|b| b.event_loop.is(event_loop)) {
-                Some(batch) => batch.tasks.push(task.task.clone_ref(py)),
+                Some(batch) => batch.tasks.push(task),
                 None => batches.push(LoopBatch {
                     event_loop: event_loop.clone().unbind(),
-                    thread: task.thread,
-                    tasks: vec![task.task.clone_ref(py)],
+                    thread,
+                    tasks: vec![task],
                 }),
             }
             true

@@ -78,41 +78,15 @@ impl PyTaskHandle {
     }
 
     /// A tracked task raised `exc`: log it, and fire the token if the task
-    /// is critical, or if `exc` is `KeyboardInterrupt` or `SystemExit`.
-    ///
-    /// Those two (critical task or not) have already stopped the event loop
-    /// (asyncio re-raises them out of the loop); `asyncio.run` and
-    /// `dig_service.run` then run it again to tear it down, and the fired
-    /// token makes the service wind down in that time: `run` returns, the
-    /// tasks are joined, `on_stop` and `post_stop` run, within the budget.
+    /// is critical, or if `exc` is `KeyboardInterrupt` or `SystemExit` (see
+    /// [`failure_reason`]).
     fn report_failure(&self, py: Python<'_>, tracked: &PyTracked, exc: &Bound<'_, PyAny>) {
         let name = self.quoted_name(py);
         let what = format!("task {name} ({}) failed", self.kind.name());
         let _ = log_task_exception(py, &what, exc);
-        let interrupt = exc.is_instance_of::<PyKeyboardInterrupt>();
-        let exit = exc.is_instance_of::<PySystemExit>();
-        if !(tracked.critical || interrupt || exit) {
-            return;
+        if let Some(reason) = failure_reason(exc, &name, tracked.critical) {
+            tracked.registry.shutdown().cancel(reason);
         }
-        let reason = if interrupt {
-            ShutdownReason::UserRequested
-        } else {
-            let text = exc
-                .str()
-                .map(|t| t.to_string())
-                .unwrap_or_else(|_| "<unprintable>".to_owned());
-            let described = if text.is_empty() {
-                type_name(exc)
-            } else {
-                format!("{}: {text}", type_name(exc))
-            };
-            ShutdownReason::Fatal(if tracked.critical {
-                format!("critical task {name} failed: {described}")
-            } else {
-                format!("task {name} raised {described}")
-            })
-        };
-        tracked.registry.shutdown().cancel(reason);
     }
 
     /// The handle of a Python task that `spawn` has just registered as `id`
@@ -151,6 +125,53 @@ impl PyTaskHandle {
             kind: kind.into(),
             inner: HandleInner::Native { abort, done },
         }
+    }
+}
+
+/// The reason a task's failure `exc` cancels the token with, if it does:
+/// `KeyboardInterrupt` → `UserRequested`; `SystemExit`, or any failure of a
+/// `critical` task → `Fatal` naming the task (`quoted_name`, as Python
+/// shows it) and the exception. `None`: the failure is only logged.
+///
+/// `KeyboardInterrupt` and `SystemExit` (critical task or not) have already
+/// stopped the event loop (asyncio re-raises them out of the loop);
+/// `asyncio.run` and `dig_service.run` then run it again to tear it down,
+/// and the fired token makes the service wind down in that time: `run`
+/// returns, the tasks are joined, `on_stop` and `post_stop` run, within the
+/// budget.
+pub(crate) fn failure_reason(
+    exc: &Bound<'_, PyAny>,
+    quoted_name: &str,
+    critical: bool,
+) -> Option<ShutdownReason> {
+    let interrupt = exc.is_instance_of::<PyKeyboardInterrupt>();
+    let exit = exc.is_instance_of::<PySystemExit>();
+    if !(critical || interrupt || exit) {
+        return None;
+    }
+    Some(if interrupt {
+        ShutdownReason::UserRequested
+    } else {
+        let described = describe_exception(exc);
+        ShutdownReason::Fatal(if critical {
+            format!("critical task {quoted_name} failed: {described}")
+        } else {
+            format!("task {quoted_name} raised {described}")
+        })
+    })
+}
+
+/// An exception on one line: `ValueError: boom`, or `ValueError` when its
+/// text is empty.
+pub(crate) fn describe_exception(exc: &Bound<'_, PyAny>) -> String {
+    let text = exc
+        .str()
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "<unprintable>".to_owned());
+    if text.is_empty() {
+        type_name(exc)
+    } else {
+        format!("{}: {text}", type_name(exc))
     }
 }
 

@@ -213,6 +213,33 @@ pub(crate) fn log_task_exception(
     Ok(())
 }
 
+/// Log `msg` at `level` on the `dig_service.tasks` logger, with `exc`'s
+/// traceback when one is given.
+#[allow(dead_code)] // wip
+pub(crate) fn log_task(
+    py: Python<'_>,
+    level: crate::tasks::Level,
+    msg: &str,
+    exc: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    use crate::tasks::Level;
+    let method = match level {
+        Level::Info => pyo3::intern!(py, "info"),
+        Level::Warn => pyo3::intern!(py, "warning"),
+        Level::Error => pyo3::intern!(py, "error"),
+    };
+    let kwargs = match exc {
+        Some(exc) => {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("exc_info", exc)?;
+            Some(kwargs)
+        }
+        None => None,
+    };
+    tasks_logger(py)?.call_method(method, PyTuple::new(py, ["%s", msg])?, kwargs.as_ref())?;
+    Ok(())
+}
+
 /// Log `msg` as a warning on the `dig_service.tasks` logger.
 pub(crate) fn log_task_warning(py: Python<'_>, msg: &str) -> PyResult<()> {
     tasks_logger(py)?.call_method1("warning", ("%s", msg))?;

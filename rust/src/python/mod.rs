@@ -25,6 +25,7 @@
 //! | [`release`] | Python references released attached, never deferred (fork-safe) |
 //! | [`pyfuture`] | a Python coroutine awaited from Rust, cancelled when Rust gives up |
 //! | [`logbridge`] | Rust `tracing` → Python `logging` |
+//! | [`watchdog`] | a native thread that notices a stalled event loop |
 //! | [`fork`] | `os.fork()`: a child never hangs on its parent's locks |
 //! | [`exit`] | interpreter exit never aborts with threads still running |
 //! | [`interop`] | what they share: stdlib objects, argument checks, clocks |
@@ -47,6 +48,7 @@ mod running_loop;
 mod runtime;
 mod spawn;
 mod token;
+mod watchdog;
 
 use pyo3::prelude::*;
 
@@ -70,6 +72,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::PyTaskHandle>()?;
     m.add_class::<registry::PyTaskSummary>()?;
     m.add_class::<registry::PyTaskStats>()?;
+    m.add_class::<registry::PyKindStats>()?;
+    m.add_class::<watchdog::PyLoopWatchdog>()?;
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::runtime_started, m)?)?;

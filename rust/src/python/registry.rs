@@ -163,6 +163,7 @@ impl PyTaskRegistry {
                     kind: s.kind.into(),
                     spawned_at: monotonic_of(py, s.spawned_at)?,
                     origin: s.origin.as_str(),
+                    restarts: s.restarts,
                 })
             })
             .collect()
@@ -177,8 +178,27 @@ impl PyTaskRegistry {
             failed: s.failed,
             cancelled: s.cancelled,
             aborted: s.aborted,
+            restarted: s.restarted,
             live: s.live,
         })
+    }
+
+    /// The counters metrics label by kind and origin: one `KindStats` for
+    /// each kind and origin, always all of them, in a fixed order.
+    fn stats_by_kind(&self) -> PyResult<Vec<PyKindStats>> {
+        Ok(self
+            .core()?
+            .stats_by_kind()
+            .into_iter()
+            .map(|s| PyKindStats {
+                kind: s.kind.into(),
+                origin: s.origin.as_str(),
+                spawned: s.spawned,
+                failed: s.failed,
+                restarted: s.restarted,
+                live: s.live,
+            })
+            .collect())
     }
 
     /// Whether no task is live.
@@ -222,17 +242,21 @@ pub struct PyTaskSummary {
     /// `"python"` or `"native"`.
     #[pyo3(get)]
     origin: &'static str,
+    /// Restarts of a supervised task so far; 0 for a plain task.
+    #[pyo3(get)]
+    restarts: u32,
 }
 
 #[pymethods]
 impl PyTaskSummary {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
-            "TaskSummary(name={}, kind=TaskKind.{}, spawned_at={}, origin='{}')",
+            "TaskSummary(name={}, kind=TaskKind.{}, spawned_at={}, origin='{}', restarts={})",
             self.name.bind(py).repr()?,
             self.kind.name(),
             self.spawned_at,
-            self.origin
+            self.origin,
+            self.restarts
         ))
     }
 }
@@ -246,6 +270,7 @@ pub struct PyTaskStats {
     failed: u64,
     cancelled: u64,
     aborted: u64,
+    restarted: u64,
     live: u64,
 }
 
@@ -253,8 +278,42 @@ pub struct PyTaskStats {
 impl PyTaskStats {
     fn __repr__(&self) -> String {
         format!(
-            "TaskStats(spawned={}, completed={}, failed={}, cancelled={}, aborted={}, live={})",
-            self.spawned, self.completed, self.failed, self.cancelled, self.aborted, self.live
+            "TaskStats(spawned={}, completed={}, failed={}, cancelled={}, aborted={}, \
+             restarted={}, live={})",
+            self.spawned,
+            self.completed,
+            self.failed,
+            self.cancelled,
+            self.aborted,
+            self.restarted,
+            self.live
+        )
+    }
+}
+
+/// The counters of one task kind and origin (see `TaskRegistry.stats_by_kind`).
+#[pyclass(name = "KindStats", module = "dig_service._core", frozen, get_all, eq)]
+#[derive(PartialEq, Eq)]
+pub struct PyKindStats {
+    kind: PyTaskKind,
+    origin: &'static str,
+    spawned: u64,
+    failed: u64,
+    restarted: u64,
+    live: u64,
+}
+
+#[pymethods]
+impl PyKindStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "KindStats(kind=TaskKind.{}, origin='{}', spawned={}, failed={}, restarted={}, live={})",
+            self.kind.name(),
+            self.origin,
+            self.spawned,
+            self.failed,
+            self.restarted,
+            self.live
         )
     }
 }

@@ -178,7 +178,7 @@ pub(crate) fn spawn<'py>(
 /// all of it, inside `create_task`; the direct `asyncio.Task(...)` never
 /// starts it. If `create_task` raises (a factory that refuses), the
 /// coroutine is closed, as for every other refusal.
-fn create_task<'py>(
+pub(crate) fn create_task<'py>(
     event_loop: &Bound<'py, PyAny>,
     coro: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
@@ -255,18 +255,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Flag<'py> {
 /// at its first step with asyncio's "cannot reuse already awaited
 /// coroutine", logged and counted like any task failure.
 fn check_coroutine_state(coro: &Bound<'_, PyAny>) -> PyResult<()> {
-    let py = coro.py();
-    let why = if coro.getattr(pyo3::intern!(py, "cr_running"))?.is_truthy()? {
-        "is running (a coroutine cannot spawn itself)"
-    } else if coro
-        .getattr(pyo3::intern!(py, "cr_suspended"))?
-        .is_truthy()?
-    {
-        "was already started and is suspended in an `await` (it belongs to whoever started it)"
-    } else if coro.getattr(pyo3::intern!(py, "cr_frame"))?.is_none() {
-        "has already finished (it was awaited, or closed, before): pass a new coroutine, \
-         spawn(name, kind, work())"
-    } else {
+    let Some(why) = coroutine_unusable(coro)? else {
         return Ok(());
     };
     Err(PyValueError::new_err(format!(
@@ -275,6 +264,31 @@ fn check_coroutine_state(coro: &Bound<'_, PyAny>) -> PyResult<()> {
             .map(|r| r.to_string())
             .unwrap_or_else(|_| type_name(coro))
     )))
+}
+
+/// Why a new task cannot own `coro` (see [`check_coroutine_state`]), or
+/// `None` if it can.
+pub(crate) fn coroutine_unusable(coro: &Bound<'_, PyAny>) -> PyResult<Option<&'static str>> {
+    let py = coro.py();
+    Ok(
+        if coro.getattr(pyo3::intern!(py, "cr_running"))?.is_truthy()? {
+            Some("is running (a coroutine cannot spawn itself)")
+        } else if coro
+            .getattr(pyo3::intern!(py, "cr_suspended"))?
+            .is_truthy()?
+        {
+            Some(
+            "was already started and is suspended in an `await` (it belongs to whoever started it)",
+        )
+        } else if coro.getattr(pyo3::intern!(py, "cr_frame"))?.is_none() {
+            Some(
+                "has already finished (it was awaited, or closed, before): pass a new coroutine, \
+             spawn(name, kind, work())",
+            )
+        } else {
+            None
+        },
+    )
 }
 
 /// How `TaskRegistry.spawn` makes the asyncio task on one type of event loop.

@@ -207,7 +207,7 @@ impl PyShutdownToken {
 
     /// Park a future on the running loop until the token fires; `None` if
     /// it already has. The body of `cancelled()`.
-    fn _park<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    pub(crate) fn _park<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         fork::check(self.made_in, "ShutdownToken")?;
         let _inside = exit::enter()?;
         if self.core.is_cancelled() {

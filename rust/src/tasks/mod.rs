@@ -63,9 +63,11 @@
 
 mod critical;
 mod name;
+mod policy;
 mod reap;
 pub(crate) mod slab;
 mod stamp;
+mod supervise;
 mod types;
 mod watched;
 
@@ -78,20 +80,30 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 
 use crate::error::{Result, ServiceError};
 use crate::shutdown::ShutdownToken;
 use critical::Critical;
 pub use name::TaskName;
+#[allow(unused_imports)] // wip: used by the Python driver (next commit)
+pub(crate) use policy::End;
+pub use policy::{Restart, RestartPolicy};
+#[allow(unused_imports)] // wip
+pub(crate) use policy::{Step, Stop};
 use reap::{ended_shards, Ended, Outcomes, Padded, REAP_AT};
 use slab::{Key, Slab};
 use stamp::{Epoch, Stamp};
+pub use supervise::SupervisedHandle;
+#[allow(unused_imports)] // wip
+pub(crate) use supervise::{Decision, Level, Log, Supervisor};
 pub(crate) use types::panic_message;
+use types::{bucket, BUCKETS};
 pub use types::{
-    ForeignTask, ForeignTaskId, TaskFailure, TaskHandle, TaskKind, TaskOrigin, TaskOutcome,
-    TaskStats, TaskSummary,
+    ForeignTask, ForeignTaskId, KindStats, TaskFailure, TaskHandle, TaskKind, TaskOrigin,
+    TaskOutcome, TaskStats, TaskSummary,
 };
-use watched::{CurrentRuntime, Spawner, Spawning, Watched, REFUSED};
+use watched::{CurrentRuntime, Exit, Spawner, Spawning, Watched, REFUSED};
 
 // ---------------------------------------------------------------------------
 // Registry state: a generation-checked slab of live entries.
@@ -111,6 +123,8 @@ enum Control {
 struct Entry {
     name: TaskName,
     kind: TaskKind,
+    /// Restarts of a supervised task so far; 0 for a plain task.
+    restarts: u32,
     /// Unique within the registry, in spawn order (see `State::insert`).
     spawned_at: Stamp,
     control: Control,
@@ -122,6 +136,12 @@ impl Entry {
             Control::Native(_) | Control::Straggler => TaskOrigin::Native,
             Control::Foreign(_) => TaskOrigin::Python,
         }
+    }
+
+    /// Its counters' index in the per-kind arrays (see `types::bucket`).
+    #[inline]
+    fn bucket(&self) -> usize {
+        bucket(self.kind, self.origin())
     }
 }
 
@@ -137,7 +157,10 @@ struct State {
     /// wake-up (see `IdleWait`) instead of leaving it until the registry
     /// empties.
     idle_wakers: Slab<IdleWaker>,
-    spawned: u64,
+    /// Tasks accepted, by kind and origin (see `types::bucket`).
+    spawned: [u64; BUCKETS],
+    /// Restarts of supervised tasks, by kind and origin.
+    restarted: [u64; BUCKETS],
     /// Outcomes of the tasks whose entries have left `entries`.
     ended: Outcomes,
     /// An empty buffer of slots with capacity: [`Inner::reap`] swaps it
@@ -153,7 +176,8 @@ impl State {
             last_stamp: Stamp::now(),
             closed: false,
             idle_wakers: Slab::default(),
-            spawned: 0,
+            spawned: [0; BUCKETS],
+            restarted: [0; BUCKETS],
             ended: Outcomes::default(),
             reaping: Vec::new(),
         }
@@ -166,7 +190,7 @@ impl State {
     fn insert(&mut self, mut entry: Entry) -> Key {
         entry.spawned_at = entry.spawned_at.max(self.last_stamp.successor());
         self.last_stamp = entry.spawned_at;
-        self.spawned += 1;
+        self.spawned[entry.bucket()] += 1;
         self.entries
             .insert(entry)
             .expect("more than 2^32 - 1 live tasks")
@@ -255,7 +279,7 @@ impl Inner {
         let entry = {
             let mut st = self.state.lock();
             let entry = st.entries.remove(k)?;
-            st.ended.count(outcome);
+            st.ended.count(outcome, entry.bucket());
             entry
         };
         self.one_fewer();
@@ -485,13 +509,54 @@ impl TaskRegistry {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
+        let join = self.start(rt, name.clone(), kind, |_| fut)?;
+        Ok(TaskHandle { name, kind, join })
+    }
+
+    /// [`start`](Self::start) on the current runtime, found as `spawn`
+    /// finds it; `who` names the caller in the error outside a runtime.
+    fn start_here<F>(
+        &self,
+        who: &'static str,
+        name: TaskName,
+        kind: TaskKind,
+        make: impl FnOnce(Key) -> F,
+    ) -> Result<JoinHandle<Exit>>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        if tokio::task::try_id().is_some() {
+            self.start(CurrentRuntime, name, kind, make)
+        } else {
+            match Handle::try_current() {
+                Ok(rt) => self.start(&rt, name, kind, make),
+                Err(_) => Err(ServiceError::NoRuntime(who)),
+            }
+        }
+    }
+
+    /// Store a native task's entry, then hand the future `make` builds for
+    /// its key to tokio. `make` is not called if the entry is refused.
+    #[inline]
+    fn start<F>(
+        &self,
+        rt: impl Spawner,
+        name: TaskName,
+        kind: TaskKind,
+        make: impl FnOnce(Key) -> F,
+    ) -> Result<JoinHandle<Exit>>
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let entry = Entry {
-            name: name.clone(),
+            name,
             kind,
+            restarts: 0,
             spawned_at: Stamp::now(),
             control: Control::Native(None),
         };
         let k = self.insert_entry(entry)?;
+        let fut = make(k);
         // No registry lock may be held here: on a runtime that has shut
         // down, tokio drops the task inline, and its drop takes the lock.
         let join = {
@@ -503,10 +568,10 @@ impl TaskRegistry {
         // so). Refuse the latter: it never ran and never will.
         if join.is_finished() && REFUSED.with(|r| r.replace(false)) {
             drop(join);
-            self.inner.uncount_refused();
+            self.inner.uncount_refused(kind);
             return Err(ServiceError::RuntimeShutDown);
         }
-        Ok(TaskHandle { name, kind, join })
+        Ok(join)
     }
 
     /// Track a task that runs outside tokio. Its owner must call
@@ -520,6 +585,7 @@ impl TaskRegistry {
         let entry = Entry {
             name: name.into(),
             kind,
+            restarts: 0,
             spawned_at: Stamp::now(),
             control: Control::Foreign(task),
         };
@@ -810,6 +876,7 @@ impl TaskRegistry {
             spawned_at: epoch.instant_of(e.spawned_at),
             kind: e.kind,
             origin: e.origin(),
+            restarts: e.restarts,
         }));
         drop(st);
         drop(reaped);
@@ -829,6 +896,10 @@ impl TaskRegistry {
     }
 
     /// Counters since the registry was created.
+    ///
+    /// A supervised task counts once in `spawned` and once by how it
+    /// stopped for good; each of its restarts counts in `restarted`. So
+    /// `spawned == completed + failed + cancelled + aborted + live`.
     pub fn stats(&self) -> TaskStats {
         let st = self.inner.state.lock();
         let mut ended = st.ended;
@@ -836,14 +907,56 @@ impl TaskRegistry {
             ended.add(&shard.0.lock().outcomes);
         }
         TaskStats {
-            spawned: st.spawned,
+            spawned: st.spawned.iter().sum(),
             completed: ended.completed,
-            failed: ended.failed,
+            failed: ended.failed.iter().sum(),
             cancelled: ended.cancelled,
             aborted: ended.aborted,
+            restarted: st.restarted.iter().sum(),
             // Acquire, as `len`.
             live: self.inner.live.load(Ordering::Acquire),
         }
+    }
+
+    /// The counters of [`stats`](Self::stats) that metrics label by kind
+    /// and origin: one [`KindStats`] for each [`TaskKind`] and
+    /// [`TaskOrigin`], always all of them, in a fixed order (kinds in
+    /// declaration order, native before Python).
+    ///
+    /// The counts are the core's own, kept on the paths a task takes
+    /// anyway; `live` is counted over the live entries (a snapshot's cost,
+    /// without building one).
+    pub fn stats_by_kind(&self) -> Vec<KindStats> {
+        let mut live = [0u64; BUCKETS];
+        let (spawned, restarted, ended) = {
+            let mut st = self.inner.state.lock();
+            let reaped = self.inner.reap(&mut st);
+            for e in st.entries.iter() {
+                live[e.bucket()] += 1;
+            }
+            let mut ended = st.ended;
+            for shard in self.inner.ended.iter() {
+                ended.add(&shard.0.lock().outcomes);
+            }
+            let counts = (st.spawned, st.restarted, ended);
+            drop(st);
+            drop(reaped);
+            counts
+        };
+        types::ALL_BUCKETS
+            .iter()
+            .map(|&(kind, origin)| {
+                let b = bucket(kind, origin);
+                KindStats {
+                    kind,
+                    origin,
+                    spawned: spawned[b],
+                    failed: ended.failed[b],
+                    restarted: restarted[b],
+                    live: live[b],
+                }
+            })
+            .collect()
     }
 
     /// Whether `self` and `other` are clones of one registry.

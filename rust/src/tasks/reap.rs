@@ -26,22 +26,27 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::task::Waker;
 
-use super::{Control, Entry, Inner, State, TaskName, TaskOutcome};
+use super::types::{bucket, BUCKETS};
+use super::{Control, Entry, Inner, State, TaskKind, TaskName, TaskOrigin, TaskOutcome};
 
-/// Counts of ended tasks by outcome.
+/// Counts of ended tasks by outcome; failures also by kind and origin
+/// (for `stats_by_kind`; the total is their sum).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Outcomes {
     pub(super) completed: u64,
-    pub(super) failed: u64,
+    pub(super) failed: [u64; BUCKETS],
     pub(super) cancelled: u64,
     pub(super) aborted: u64,
 }
 
 impl Outcomes {
-    pub(super) fn count(&mut self, outcome: TaskOutcome) {
+    /// Count one task ended as `outcome`; `bucket` (see `types::bucket`)
+    /// is read for a failure only.
+    #[inline]
+    pub(super) fn count(&mut self, outcome: TaskOutcome, bucket: usize) {
         match outcome {
             TaskOutcome::Completed => self.completed += 1,
-            TaskOutcome::Failed => self.failed += 1,
+            TaskOutcome::Failed => self.failed[bucket] += 1,
             TaskOutcome::Cancelled => self.cancelled += 1,
             TaskOutcome::Aborted => self.aborted += 1,
         }
@@ -49,7 +54,9 @@ impl Outcomes {
 
     pub(super) fn add(&mut self, other: &Outcomes) {
         self.completed += other.completed;
-        self.failed += other.failed;
+        for (mine, theirs) in self.failed.iter_mut().zip(other.failed) {
+            *mine += theirs;
+        }
         self.cancelled += other.cancelled;
         self.aborted += other.aborted;
     }
@@ -154,11 +161,16 @@ impl Inner {
     /// Record the end of the native task in `slot` (see [`Ended`]); hand
     /// back its name if the task failed, for the log.
     pub(super) fn finish_native(&self, slot: u32, outcome: TaskOutcome) -> Option<TaskName> {
-        let name = if outcome == TaskOutcome::Failed {
+        // A failure is counted by kind: its entry's bucket is read with its
+        // name (the outcome's bucket is ignored for any other outcome).
+        let (name, bucket) = if outcome == TaskOutcome::Failed {
             let mut st = self.state.lock();
-            st.entries.get_mut_at(slot).map(|e| e.name.clone())
+            match st.entries.get_mut_at(slot) {
+                Some(e) => (Some(e.name.clone()), e.bucket()),
+                None => (None, 0),
+            }
         } else {
-            None
+            (None, 0)
         };
         let backlog = {
             let mut ended = self.ended[ended_shard(self.ended.len())].0.lock();
@@ -175,7 +187,7 @@ impl Inner {
                 None
             } else {
                 ended.slots.push(slot);
-                ended.outcomes.count(outcome);
+                ended.outcomes.count(outcome, bucket);
                 Some(ended.slots.len())
             }
         };
@@ -209,7 +221,8 @@ impl Inner {
                 }) => TaskOutcome::Aborted,
                 _ => outcome,
             };
-            st.ended.count(counted);
+            let bucket = entry.as_ref().map_or(0, Entry::bucket);
+            st.ended.count(counted, bucket);
             entry
         };
         let name = match (&entry, outcome) {
@@ -227,9 +240,9 @@ impl Inner {
     /// so it was never accepted, but `insert_entry` counted it spawned and
     /// its drop, on this thread, counted it aborted.
     #[cold]
-    pub(super) fn uncount_refused(&self) {
+    pub(super) fn uncount_refused(&self, kind: TaskKind) {
         let mut st = self.state.lock();
-        st.spawned -= 1;
+        st.spawned[bucket(kind, TaskOrigin::Native)] -= 1;
         // The drop noted the abort in this thread's buffer; a reap since
         // (the task that empties the registry reaps) moved it to `ended`.
         // Both move only under the state lock, held here.

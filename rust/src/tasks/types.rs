@@ -73,6 +73,9 @@ pub struct TaskSummary {
     pub kind: TaskKind,
     /// Native tokio task or foreign (Python) task.
     pub origin: TaskOrigin,
+    /// How many times a supervised task has been restarted so far; 0 for a
+    /// plain task.
+    pub restarts: u32,
 }
 
 /// Counters of a registry since it was created.
@@ -88,8 +91,63 @@ pub struct TaskStats {
     pub cancelled: u64,
     /// Native tasks that were aborted before they finished.
     pub aborted: u64,
+    /// Restarts of supervised tasks (a supervised task counts once in
+    /// `spawned` and by how it stopped for good; each restart counts here).
+    pub restarted: u64,
     /// Tasks live now.
     pub live: u64,
+}
+
+/// The counters of one [`TaskKind`] and [`TaskOrigin`], for metrics
+/// labelled by kind; see [`TaskRegistry::stats_by_kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindStats {
+    /// The kind counted.
+    pub kind: TaskKind,
+    /// The origin counted.
+    pub origin: TaskOrigin,
+    /// Tasks of this kind and origin ever accepted.
+    pub spawned: u64,
+    /// Of those, tasks that failed (a supervised task: stopped for good
+    /// after a failure).
+    pub failed: u64,
+    /// Restarts of supervised tasks of this kind and origin.
+    pub restarted: u64,
+    /// Tasks of this kind and origin live now.
+    pub live: u64,
+}
+
+/// How many (kind, origin) pairs there are: the length of the registry's
+/// per-kind counter arrays.
+pub(super) const BUCKETS: usize = 8;
+
+/// Every (kind, origin) pair, in the order of [`bucket`] (and of
+/// `stats_by_kind`).
+pub(super) const ALL_BUCKETS: [(TaskKind, TaskOrigin); BUCKETS] = [
+    (TaskKind::BackgroundLoop, TaskOrigin::Native),
+    (TaskKind::BackgroundLoop, TaskOrigin::Python),
+    (TaskKind::PeerConnection, TaskOrigin::Native),
+    (TaskKind::PeerConnection, TaskOrigin::Python),
+    (TaskKind::RpcHandler, TaskOrigin::Native),
+    (TaskKind::RpcHandler, TaskOrigin::Python),
+    (TaskKind::Maintenance, TaskOrigin::Native),
+    (TaskKind::Maintenance, TaskOrigin::Python),
+];
+
+/// The index of `kind` and `origin` in the per-kind counter arrays.
+#[inline]
+pub(super) fn bucket(kind: TaskKind, origin: TaskOrigin) -> usize {
+    let k = match kind {
+        TaskKind::BackgroundLoop => 0,
+        TaskKind::PeerConnection => 1,
+        TaskKind::RpcHandler => 2,
+        TaskKind::Maintenance => 3,
+    };
+    let o = match origin {
+        TaskOrigin::Native => 0,
+        TaskOrigin::Python => 1,
+    };
+    2 * k + o
 }
 
 /// How a task ended.

@@ -29,6 +29,7 @@ use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use super::supervise::Reported;
 use super::{Control, Entry, Inner, TaskOutcome};
 
 /// How a native task's future ended, as its `JoinHandle` reports it. Small
@@ -199,7 +200,11 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Watched<F> {
             }
             Err(e) => {
                 if let Some(name) = this.inner.finish_native(*this.slot, TaskOutcome::Failed) {
-                    tracing::error!(target: "dig_service::tasks", task = %name, error = ?e, "task failed");
+                    // A supervised task's last failure was logged by its
+                    // supervisor, with the decision it led to.
+                    if !e.is::<Reported>() {
+                        tracing::error!(target: "dig_service::tasks", task = %name, error = ?e, "task failed");
+                    }
                 }
                 Poll::Ready(Exit::Failed(Arc::new(e)))
             }
