@@ -224,7 +224,8 @@ def test_stop_wait_stops_the_service_and_prints_the_outcome(
     spawn: type[Service], sock_dir: Path
 ) -> None:
     """Proves: ``stop SOCKET --wait`` exits 0 only after the service has stopped, printing
-    its final status and the service's shutdown report; the service saw ``UserRequested``, exited 0, and removed its socket.
+    its final status and the service's shutdown report; the service saw
+    ``UserRequested``, exited 0, and removed its socket.
 
     Catches: a ``stop --wait`` that returns before the end or fails because the socket
     closed first (the race the one-request design avoids), a leftover socket file."""
@@ -233,9 +234,9 @@ def test_stop_wait_stops_the_service_and_prints_the_outcome(
     stopped = ctl("stop", path, "--wait")
     assert stopped.returncode == 0, stopped.stderr
     lines = stopped.stdout.splitlines()
-    assert lines[0] == (
-        "service stopped: shutdown requested (user requested) (exit code 0)"
-    ), stopped.stdout
+    assert lines[0] == ("service stopped: shutdown requested (user requested) (exit code 0)"), (
+        stopped.stdout
+    )
     assert lines[1].startswith("shutdown report: reason UserRequested, "), stopped.stdout
     # The answer came after the service stopped, and it exits at once.
     assert "run saw ShutdownReason.UserRequested()" in child.stdout, child.output

@@ -65,6 +65,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._core import ShutdownReason
+from ._display import variant_name
 from ._errors import ServiceError
 from ._exit import ExitStatus
 from ._report import ShutdownReport
@@ -78,7 +79,6 @@ __all__ = [
     "ControlSocketError",
     "bind_control_socket",
     "final_outcome",
-    "kind_name",
     "shutdown_report",
 ]
 
@@ -341,11 +341,6 @@ def _no_params(method: str, params: object) -> None:
 
 def _phase_of(service: Service[Any, Any, Any]) -> str:
     return service._phase.value
-
-
-def kind_name(kind: object) -> str:
-    """A ``TaskKind``'s variant name (``"BackgroundLoop"``), as ``ps`` and the metrics show it."""
-    return str(kind).rpartition(".")[2]
 
 
 def shutdown_report(outcome: ExitStatus | BaseException | None) -> ShutdownReport | None:
@@ -683,7 +678,7 @@ class ControlServer:
                 out.append(
                     {
                         "name": s.name,
-                        "kind": kind_name(s.kind),
+                        "kind": variant_name(s.kind),
                         "origin": s.origin,
                         "age": round(max(0.0, now - s.spawned_at), 3),
                         "restarts": s.restarts,
@@ -768,7 +763,9 @@ class ControlServer:
         pid = conn.peer[0] if conn.peer is not None else -1
         token = self.service.shutdown_token
         if not token.is_cancelled():
-            logger.info("control socket: shutdown requested by pid %d (%s)", pid, kind_name(reason))
+            logger.info(
+                "control socket: shutdown requested by pid %d (%s)", pid, variant_name(reason)
+            )
         self.service.request_shutdown(reason)
         result: dict[str, Any] = {"accepted": True, "reason": str(token.reason())}
         if not wait:

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Final
 
+from ._display import format_age
+
 __all__ = ["CtlError", "add_commands", "call", "main"]
 
 EXIT_FAILED: Final = 1
@@ -264,18 +266,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _age(seconds: object) -> str:
-    if not isinstance(seconds, int | float):
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
+    """An age from the wire (a number, or ``?`` for anything else)."""
+    return format_age(seconds) if isinstance(seconds, int | float) else "?"
 
 
 def _stop(args: argparse.Namespace) -> int:

@@ -89,9 +89,8 @@ def describe_tasks(view: ServiceView) -> str:
     width = min(48, max(len(s.name) for s in live[:_MAX_SNAPSHOT_LINES]))
     lines = [head, f"  {'NAME':<{width}}  {'KIND':<14}  {'ORIGIN':<6}  AGE"]
     for s in live[:_MAX_SNAPSHOT_LINES]:
-        lines.append(
-            f"  {s.name:<{width}}  {_kind(s):<14}  {s.origin:<6}  {_age(now - s.spawned_at)}"
-        )
+        kind, age = variant_name(s.kind), format_age(now - s.spawned_at)
+        lines.append(f"  {s.name:<{width}}  {kind:<14}  {s.origin:<6}  {age}")
     if len(live) > _MAX_SNAPSHOT_LINES:
         lines.append(f"  ... and {len(live) - _MAX_SNAPSHOT_LINES} more")
     return "\n".join(lines)
@@ -280,18 +279,26 @@ def _status_text(phase: Phase, live: int, total_left: float) -> str:
     return f"stopping: {stage}, {total_left:.1f} s left"
 
 
-def _kind(summary: TaskSummary) -> str:
-    return str(summary.kind).rpartition(".")[2]
+def variant_name(value: object) -> str:
+    """``TaskKind.PeerConnection`` -> ``"PeerConnection"``: how the runner's display,
+    the shutdown report, ``ps``, the control socket's log and the metrics name a
+    ``TaskKind`` (or any ``_core`` variant)."""
+    return str(value).rpartition(".")[2]
 
 
-def _age(seconds: float) -> str:
+def format_age(seconds: float) -> str:
+    """A task's age as the runner's display and ``ps`` show it: ``4.2s``, ``3m07s``,
+    ``5h12m``, ``3d04h``."""
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(int(seconds), 60)
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
 
 
 def _is_tty(stream: IO[str]) -> bool:

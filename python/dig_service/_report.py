@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
 from ._core import ShutdownReason, TaskKind
+from ._display import variant_name
 
 __all__ = [
     "MAX_STACKS",
@@ -87,7 +88,7 @@ class StragglerReport:
         """``{"name", "kind", "origin", "age", "stack"}``; ``kind`` as its variant name."""
         return {
             "name": self.name,
-            "kind": _kind_name(self.kind),
+            "kind": variant_name(self.kind),
             "origin": self.origin,
             "age": self.age,
             "stack": self.stack,
@@ -95,7 +96,7 @@ class StragglerReport:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # ``TaskKind`` does not pickle: it travels as its variant's name.
-        return (_straggler, (self.name, _kind_name(self.kind), self.origin, self.age, self.stack))
+        return (_straggler, (self.name, variant_name(self.kind), self.origin, self.age, self.stack))
 
 
 def _straggler(name: str, kind: str, origin: str, age: float, stack: str | None) -> StragglerReport:
@@ -154,7 +155,7 @@ class ShutdownReport:
             if shown >= _LINES_SHOWN:
                 lines.append(f"  ... and {len(self.stragglers) - i} more")
                 break
-            head = f"  - {s.name} ({_kind_name(s.kind)}, {s.origin}, age {s.age:.1f}s)"
+            head = f"  - {s.name} ({variant_name(s.kind)}, {s.origin}, age {s.age:.1f}s)"
             shown += 1
             if s.stack is not None:
                 lines.append(head + ", awaiting in:")
@@ -166,11 +167,6 @@ class ShutdownReport:
             else:
                 lines.append(head + ": no stack captured")
         return "\n".join(lines)
-
-
-def _kind_name(kind: TaskKind) -> str:
-    """``TaskKind.PeerConnection`` -> ``"PeerConnection"``."""
-    return str(kind).rpartition(".")[2]
 
 
 def format_task_stack(task: asyncio.Task[Any]) -> str:

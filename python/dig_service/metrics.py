@@ -55,7 +55,8 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra onl
         "dig_service.metrics needs prometheus-client: pip install 'dig-service[metrics]'"
     ) from exc
 
-from ._control import kind_name, shutdown_report
+from ._control import shutdown_report
+from ._display import variant_name
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -112,7 +113,7 @@ class ServiceCollector(Collector):
         (live, spawned, failed, restarts, phases, lag) = _families()
         per_kind: dict[str, list[int]] = {}  # every kind: stats_by_kind lists them all
         for stats in service.tasks.stats_by_kind():
-            kind = kind_name(stats.kind)
+            kind = variant_name(stats.kind)
             live.add_metric([kind, stats.origin], stats.live)
             totals = per_kind.setdefault(kind, [0, 0, 0])
             totals[0] += stats.spawned
