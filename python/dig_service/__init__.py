@@ -28,8 +28,11 @@ if TYPE_CHECKING:
     from ._config import ServiceConfig
     from ._core import (
         KindStats,
+        Restart,
+        RestartPolicy,
         ShutdownReason,
         ShutdownToken,
+        SupervisedHandle,
         TaskHandle,
         TaskKind,
         TaskRegistry,
@@ -75,6 +78,8 @@ __all__ = [
     "PeerApi",
     "PeerInfo",
     "PreStartFailed",
+    "Restart",
+    "RestartPolicy",
     "RpcApi",
     "RunContext",
     "RunFailed",
@@ -87,6 +92,7 @@ __all__ = [
     "ShutdownToken",
     "StartContext",
     "StopContext",
+    "SupervisedHandle",
     "TaskHandle",
     "TaskKind",
     "TaskRegistry",
@@ -98,6 +104,9 @@ __all__ = [
 # Where each public name lives; loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
     "KindStats": "_core",
+    "Restart": "_core",
+    "RestartPolicy": "_core",
+    "SupervisedHandle": "_core",
     "ShutdownReason": "_core",
     "ShutdownToken": "_core",
     "TaskHandle": "_core",
