@@ -82,16 +82,16 @@ def describe_tasks(view: ServiceView) -> str:
     stats = view.registry.stats()
     head += (
         f"; spawned {stats.spawned}, completed {stats.completed}, failed {stats.failed}, "
-        f"cancelled {stats.cancelled}, aborted {stats.aborted}"
+        f"cancelled {stats.cancelled}, aborted {stats.aborted}, restarted {stats.restarted}"
     )
     if not live:
         return head
     width = min(48, max(len(s.name) for s in live[:_MAX_SNAPSHOT_LINES]))
     lines = [head, f"  {'NAME':<{width}}  {'KIND':<14}  {'ORIGIN':<6}  AGE"]
     for s in live[:_MAX_SNAPSHOT_LINES]:
-        lines.append(
-            f"  {s.name:<{width}}  {_kind(s):<14}  {s.origin:<6}  {_age(now - s.spawned_at)}"
-        )
+        line = f"  {s.name:<{width}}  {_kind(s):<14}  {s.origin:<6}  {_age(now - s.spawned_at)}"
+        # A supervised task that has restarted says so (and how often).
+        lines.append(f"{line}  restarted {s.restarts}x" if s.restarts else line)
     if len(live) > _MAX_SNAPSHOT_LINES:
         lines.append(f"  ... and {len(live) - _MAX_SNAPSHOT_LINES} more")
     return "\n".join(lines)
