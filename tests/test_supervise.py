@@ -529,3 +529,42 @@ def test_random_failure_sequences_follow_the_model(
     assert fatal == (critical and (gave_up or want_failed_at is not None)), reason
     if gave_up and isinstance(reason, ShutdownReason.Fatal):
         assert reason.message.startswith(f"task 'model' gave up after {max_restarts} restarts")
+
+
+async def test_a_stopped_supervised_task_is_collected() -> None:
+    """Proves a supervised task that stopped after a failure, whose factory is a bound
+    method of an object that keeps the handle, is freed once nothing else refers to it.
+
+    Catches: a reference cycle through the handle that the collector cannot see (the
+    error's traceback holds the driving coroutine's frame, which holds the handle), so
+    every failed supervised task would leak its object, handle and task.
+    """
+    import gc
+    import weakref
+
+    _, reg = fresh()
+
+    class Owner:
+        handle: SupervisedHandle
+
+        async def work(self) -> None:
+            raise ValueError("x")
+
+    # No log records: a capturing handler (pytest's) would keep the error alive.
+    logger = logging.getLogger("dig_service.tasks")
+    logger.disabled = True
+    try:
+        owner = Owner()
+        owner.handle = reg.supervise(
+            "owned", BG, owner.work, policy=RestartPolicy(max_restarts=1, critical=False, **QUICK)
+        )
+        with pytest.raises(ValueError):
+            await owner.handle
+    finally:
+        logger.disabled = False
+    gone = weakref.ref(owner)
+    del owner
+    for _ in range(3):  # the loop lets go of the task's last callbacks
+        await asyncio.sleep(0)
+    gc.collect()
+    assert gone() is None

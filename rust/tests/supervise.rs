@@ -490,31 +490,23 @@ struct Expected {
 /// after the other, with no backoff and a window longer than the run:
 /// every restart of the run is in the window.
 fn model(restart: Restart, max_restarts: u32, fails: &[bool]) -> Expected {
-    let mut restarts = 0;
+    // Every incarnation before the last was restarted: the i-th (from 0)
+    // ends with i restarts made so far.
     for (i, &failed) in fails.iter().enumerate() {
+        let restarts = u32::try_from(i).unwrap();
         let restarts_it = match restart {
             Restart::Permanent => true,
             Restart::Transient => failed,
             Restart::Temporary => false,
         };
-        let result = if failed { Err(i) } else { Ok(()) };
-        if !restarts_it {
+        if !restarts_it || restarts == max_restarts {
             return Expected {
                 incarnations: i + 1,
                 restarts,
-                result,
-                gave_up: false,
+                result: if failed { Err(i) } else { Ok(()) },
+                gave_up: restarts_it,
             };
         }
-        if restarts == max_restarts {
-            return Expected {
-                incarnations: i + 1,
-                restarts,
-                result,
-                gave_up: true,
-            };
-        }
-        restarts += 1;
     }
     unreachable!("the script is longer than any run")
 }

@@ -107,7 +107,8 @@ async def supervise(handle: _Supervised, token: _Token) -> None:
     while True:
         try:
             await handle._incarnation()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled, or closed with its loop: stopped for good.
             handle._ended(None, True)
             raise
         except BaseException as exc:

@@ -38,6 +38,7 @@ use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::aio;
 use super::errors;
@@ -128,6 +129,39 @@ impl PySupervisedHandle {
 
 #[pymethods]
 impl PySupervisedHandle {
+    /// The collector sees the factory and the task: a task that failed
+    /// holds its error, whose traceback holds the frame of the coroutine
+    /// that drove it, which holds this handle (and a factory may be a
+    /// bound method of an object that keeps the handle). Without this,
+    /// each such cycle would leak. A lock held elsewhere (never across
+    /// Python code, so only by another thread mid-decision) skips its part:
+    /// the object then looks referenced, and is collected a later time.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(factory) = self.factory.try_lock() {
+            if let Some(f) = factory.as_ref() {
+                visit.call(f)?;
+            }
+        }
+        if let Some(task) = self.foreign.task.try_lock() {
+            if let Some(t) = task.as_ref() {
+                // Only while this handle holds the last reference to the
+                // task's record: while the registry tracks it, the task is
+                // live and the registry's reference is invisible here.
+                if Arc::strong_count(t) == 1 && Arc::strong_count(&self.foreign) == 1 {
+                    visit.call(&t.task)?;
+                    visit.call(&t.event_loop)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let factory = self.factory.lock().take();
+        let task = self.foreign.task.lock().take();
+        drop((factory, task));
+    }
+
     /// The task's name.
     #[getter]
     fn name(&self, py: Python<'_>) -> Py<PyString> {
