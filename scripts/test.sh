@@ -8,7 +8,12 @@
 #   3. ruff, mypy --strict, stubtest and the benchmark smoke run, against
 #      that wheel installed into ./.venv;
 #   4. the GitHub workflows: schema check and zizmor (offline);
-#   5. the pytest suite against that wheel on every CPython >= 3.11 here
+#   5. the pytest suite on a build where PyO3 has no deferred-release pool
+#      (--cfg pyo3_disable_reference_pool): a Python reference released by
+#      a thread not attached to the interpreter aborts the process there,
+#      so the suite proves none is (a fork could copy the pool's lock held:
+#      rust/src/python/release.rs);
+#   6. the pytest suite against that wheel on every CPython >= 3.11 here
 #      (3.11, 3.12 and 3.13 at least), on asyncio and uvloop, with no cargo
 #      on PATH; and the sdist built by pip with cargo (scripts/test-wheels.sh).
 set -euo pipefail
@@ -66,6 +71,18 @@ step "benchmark smoke check (bench/run.py --quick; ratios not asserted: CI machi
 step "GitHub workflows: schema (check-jsonschema) and zizmor --offline"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.github-workflows .github/workflows/*.yml
 "$VENV/bin/zizmor" --offline --no-progress .github/workflows/
+
+step "no Python reference released unattached: pytest on a build with --cfg pyo3_disable_reference_pool"
+REFCHECK=target/refcheck
+rm -rf "$REFCHECK/dist" "$REFCHECK/venv"
+RUSTFLAGS="--cfg pyo3_disable_reference_pool" CARGO_TARGET_DIR="$REFCHECK" \
+    "$VENV/bin/maturin" build --release -q -i "$PYO3_PYTHON" -o "$REFCHECK/dist"
+"$PYO3_PYTHON" -m venv "$REFCHECK/venv"
+"$REFCHECK/venv/bin/python" -m pip install -q "$(ls "$REFCHECK"/dist/dig_service-*.whl)[test]"
+PYTHONDEVMODE=1 \
+    DIG_SERVICE_EXPECT_SITE="$("$REFCHECK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')" \
+    timeout --kill-after=30 900 \
+    "$REFCHECK/venv/bin/python" -W error -m pytest -W error -q -p no:cacheprovider tests
 
 step "pytest against the installed wheel on every CPython >= 3.11, and the sdist (scripts/test-wheels.sh)"
 bash scripts/test-wheels.sh "$WHEEL"

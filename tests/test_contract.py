@@ -11,7 +11,9 @@ held to one contract.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from dig_service import (
     ServiceHandle,
     ShutdownDeadlineExceeded,
     ShutdownReason,
+    ShutdownReport,
     ShutdownToken,
     StartContext,
     StopContext,
@@ -61,6 +64,8 @@ class ContractNode(NodeLifecycle):
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.calls: list[str] = []
+        # The hooks that ran to their end (returned by themselves).
+        self.finished: list[str] = []
         self.entered = {hook: asyncio.Event() for hook in HOOKS}
         self.injected: dict[str, InjectedFailure] = {}
         # Ends every "shielded" wait once the row is over, so that no task
@@ -98,6 +103,7 @@ class ContractNode(NodeLifecycle):
         self._enter(hook, ctx)
         act: str = self.spec.get(hook, "ok")
         if act == "ok":
+            self.finished.append(hook)
             return
         if act == "fail":
             raise self._fail(hook)
@@ -111,12 +117,19 @@ class ContractNode(NodeLifecycle):
             await asyncio.sleep(float(act.removeprefix("sleep:")))
         else:
             raise AssertionError(f"unknown act {act!r} for {hook}")
+        self.finished.append(hook)
 
     async def _task(self, name: str, does: str, shutdown: ShutdownToken) -> None:
         if does == "until_shutdown":
             await shutdown.cancelled()
         elif does == "ignore_shutdown":
             await asyncio.Event().wait()
+        elif does == "ignore_shutdown_shielded":
+            while not self.release.is_set():
+                try:
+                    await self.release.wait()
+                except asyncio.CancelledError:
+                    continue
         elif does == "fail":
             raise self._fail(f"task {name}")
         elif does != "return":
@@ -148,6 +161,7 @@ class ContractNode(NodeLifecycle):
             ctx.shutdown.cancel(self.reason)
         elif act != "return":
             raise AssertionError(f"unknown run act {act!r}")
+        self.finished.append("run")
 
     async def on_stop(self, ctx: StopContext) -> None:
         await self._act("on_stop", ctx)
@@ -183,7 +197,9 @@ async def play(row: dict[str, Any]) -> None:
     via: str = shutdown.get("via", "request")
     origin: str = shutdown.get("from", "loop")
 
+    requested_at: float | None = None
     if at == "before_start":
+        requested_at = time.monotonic()
         request(handle, reason, origin)
     starting = asyncio.ensure_future(service.start())
     if at is not None and at != "before_start":
@@ -192,6 +208,7 @@ async def play(row: dict[str, Any]) -> None:
         if not entered.done():
             entered.cancel()
             pytest.fail(f"the row requests shutdown in `{at}`, but start() returned first")
+        requested_at = time.monotonic()
         if via == "cancel_start":
             starting.cancel()
         else:
@@ -206,8 +223,9 @@ async def play(row: dict[str, Any]) -> None:
         outcome = "cancelled"
     except ServiceError as err:
         outcome = err
+    elapsed = None if requested_at is None else time.monotonic() - requested_at
     try:
-        await check(row, expect, node, service, outcome)
+        await check(row, expect, node, service, outcome, elapsed)
     finally:
         node.release.set()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -221,8 +239,15 @@ async def check(
     node: ContractNode,
     service: Service[ContractNode, None, None],
     outcome: ExitStatus | BaseException | str,
+    elapsed: float | None,
 ) -> None:
     assert node.calls == expect["hooks"], f"hooks run: {node.calls}"
+    if "finished" in expect:
+        assert node.finished == expect["finished"], f"hooks that ran to their end: {node.finished}"
+    if "elapsed" in expect:
+        assert elapsed is not None, "the row expects a time but requests no shutdown"
+        bounds = expect["elapsed"]
+        assert bounds["min"] <= elapsed <= bounds["max"], f"{elapsed:.3f}s, expected {bounds}"
 
     result: str = expect["result"]
     if result == "AlreadyRunning":
@@ -279,8 +304,44 @@ async def check(
             "stopped": stats.cancelled + stats.aborted,
         }
         assert seen == expect["stats"]
-    assert len(service.tasks) == 0, service.tasks.snapshot()
+    if "report" in expect:
+        report = (status.report if status is not None else None) or getattr(error, "report", None)
+        check_report(expect["report"], report)
+    # A task that swallows cancellation was cancelled and named, but lives on until it
+    # stops swallowing (the row's end releases it): the one task allowed to be live.
+    shielded = {
+        t["name"]
+        for t in row.get("node", {}).get("tasks", [])
+        if t["does"] == "ignore_shutdown_shielded"
+    }
+    live = service.tasks.snapshot()
+    assert all(t.name in shielded for t in live), live
     assert service.tasks.is_closed()
+
+
+def check_report(want: str | dict[str, Any], report: ShutdownReport | None) -> None:
+    if want == "none":
+        assert report is None, report
+        return
+    assert isinstance(want, dict), want
+    assert isinstance(report, ShutdownReport), f"no report: {report!r}"
+    assert [p.name for p in report.phases] == ["run", "join", "on_stop", "post_stop"]
+    for phase in report.phases:
+        if phase.outcome == "skipped":
+            assert phase.duration == 0.0, phase
+    if "phases" in want:
+        seen = {p.name: p.outcome for p in report.phases}
+        assert seen == want["phases"], f"{report}"
+    if "stragglers" in want:
+        assert [s.name for s in report.stragglers] == want["stragglers"], f"{report}"
+    if want.get("stacks"):
+        for straggler in report.stragglers:
+            assert straggler.origin == "python", straggler
+            assert straggler.stack is not None and "in _task" in straggler.stack, straggler
+    if "tasks_at_start" in want:
+        assert report.tasks_at_start == want["tasks_at_start"], f"{report}"
+    assert report.total >= 0.0
+    json.dumps(report.to_dict())
 
 
 def check_exit(word: str, status: ExitStatus, token_reason: ShutdownReason | None) -> None:
@@ -333,7 +394,8 @@ def test_table_rows_are_well_formed() -> None:
     assert len(names) == len(set(names))
     allowed_row = {"name", "spec", "node", "shutdown", "config", "expect", "start_twice", "repeat"}
     allowed_expect = {
-        "hooks", "result", "exit", "exit_code", "cause", "pending", "token", "stats", "waited"
+        "hooks", "result", "exit", "exit_code", "cause", "pending", "token", "stats", "waited",
+        "finished", "elapsed", "report",
     }  # fmt: skip
     for row in ROWS:
         assert set(row) <= allowed_row, row["name"]
@@ -342,4 +404,10 @@ def test_table_rows_are_well_formed() -> None:
         assert {"hooks", "result"} <= set(row["expect"]), row["name"]
         assert set(row.get("node", {})) <= {*HOOKS, "tasks"}, row["name"]
         assert set(row.get("shutdown", {})) <= {"at", "reason", "from", "via"}, row["name"]
-        assert set(row.get("config", {})) <= {"shutdown_deadline", "hook_timeout"}, row["name"]
+        assert set(row.get("config", {})) <= {
+            "shutdown_deadline", "hook_timeout", "stop_reserve"
+        }, row["name"]  # fmt: skip
+        report = row["expect"].get("report", "none")
+        assert report == "none" or set(report) <= {
+            "phases", "stragglers", "stacks", "tasks_at_start"
+        }, row["name"]  # fmt: skip

@@ -5,13 +5,23 @@ Issue 3, bullet 3 (``ServiceConfig``, ``ExitStatus.exit_code``).
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from datetime import timedelta
 
 import pytest
 
-from dig_service import ExitReason, ExitStatus, ServiceConfig, ShutdownReason
+from dig_service import (
+    ExitReason,
+    ExitStatus,
+    PhaseReport,
+    ServiceConfig,
+    ShutdownReason,
+    ShutdownReport,
+    StragglerReport,
+    TaskKind,
+)
 
 GRACEFUL_REASONS = [
     ShutdownReason.UserRequested(),
@@ -104,7 +114,7 @@ def test_service_config_defaults_and_timedelta() -> None:
         config.shutdown_deadline = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout"])
+@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout", "stop_reserve"])
 @pytest.mark.parametrize(
     "bad", [-1.0, math.nan, math.inf, -math.inf, timedelta(seconds=-1)], ids=repr
 )
@@ -119,7 +129,7 @@ def test_service_config_rejects_negative_nan_and_infinite_values(field: str, bad
         ServiceConfig(**{field: bad})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout"])
+@pytest.mark.parametrize("field", ["shutdown_deadline", "hook_timeout", "stop_reserve"])
 @pytest.mark.parametrize("bad", ["30", True, [1]], ids=repr)
 def test_service_config_rejects_non_numbers(field: str, bad: object) -> None:
     """Proves: a non-number (including ``bool``) is a ``TypeError`` naming the field.
@@ -137,3 +147,115 @@ def test_service_config_rejects_a_zero_hook_timeout() -> None:
     """
     with pytest.raises(ValueError, match=r"`hook_timeout` must be > 0 .*use None for no limit"):
         ServiceConfig(hook_timeout=0)
+
+
+def test_stop_reserve_defaults_to_a_quarter_of_the_deadline_capped_at_5s() -> None:
+    """Proves: ``stop_reserve`` defaults to ``min(5, shutdown_deadline / 4)``, takes a
+    ``timedelta``, may equal the deadline, survives a pickle, and ``run`` and the join
+    get the rest of the budget.
+
+    Catches: a default reserve larger than a short deadline (a budget with no room for
+    the join), or a reserve lost when a config crosses a process boundary."""
+    assert ServiceConfig().stop_reserve == 5.0
+    assert ServiceConfig(shutdown_deadline=8).stop_reserve == 2.0
+    assert ServiceConfig(shutdown_deadline=0).stop_reserve == 0.0
+    config = ServiceConfig(2.0, stop_reserve=timedelta(milliseconds=500))
+    assert config.stop_reserve == 0.5 and config.run_and_join_budget == 1.5
+    assert ServiceConfig(2.0, stop_reserve=2.0).run_and_join_budget == 0.0
+    back = pickle.loads(pickle.dumps(config))
+    assert back == config and back.stop_reserve == 0.5
+
+
+def test_a_stop_reserve_larger_than_the_deadline_is_a_value_error_naming_it() -> None:
+    """Proves: ``stop_reserve > shutdown_deadline`` is a ``ValueError`` naming the
+    parameter (and the deadline it exceeds).
+
+    Catches: a reserve that silently makes the budget negative (run and the join cut at
+    once) or exceeds the supervisor's grace period."""
+    with pytest.raises(
+        ValueError, match=r"`stop_reserve` \(3s\) must not exceed `shutdown_deadline`"
+    ):
+        ServiceConfig(shutdown_deadline=2.0, stop_reserve=3.0)
+
+
+# --------------------------------------------------------------------------- ShutdownReport
+
+
+def _report() -> ShutdownReport:
+    return ShutdownReport(
+        reason=ShutdownReason.Fatal("disk on fire"),
+        total=1.8,
+        tasks_at_start=3,
+        phases=[
+            PhaseReport("run", 0.0, "ok"),
+            PhaseReport("join", 1.5, "timed_out"),
+            PhaseReport("on_stop", 0.3, "ok"),
+            PhaseReport("post_stop", 0.0, "skipped"),
+        ],
+        stragglers=[
+            StragglerReport("peer-7", TaskKind.PeerConnection, "python", 12.5, 'File "x.py"'),
+            StragglerReport("sync", TaskKind.BackgroundLoop, "native", 3.0, None),
+        ],
+    )
+
+
+def test_report_to_dict_is_json_and_the_text_names_every_stage_and_straggler() -> None:
+    """Proves: ``to_dict()`` goes through ``json.dumps`` as is and round-trips through
+    ``json.loads`` with every field; the text form names the reason, the total, each stage
+    and each straggler (a Python one with its stack, a native one said to have none).
+
+    Catches: a report with a ``TaskKind`` or ``ShutdownReason`` object in its dict (a
+    JSON log pipeline that crashes on the one record that matters), or a text form that
+    drops stragglers."""
+    report = _report()
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data == {
+        "reason": {"kind": "Fatal", "message": "disk on fire"},
+        "total": 1.8,
+        "tasks_at_start": 3,
+        "phases": [
+            {"name": "run", "duration": 0.0, "outcome": "ok"},
+            {"name": "join", "duration": 1.5, "outcome": "timed_out"},
+            {"name": "on_stop", "duration": 0.3, "outcome": "ok"},
+            {"name": "post_stop", "duration": 0.0, "outcome": "skipped"},
+        ],
+        "stragglers": [
+            {
+                "name": "peer-7",
+                "kind": "PeerConnection",
+                "origin": "python",
+                "age": 12.5,
+                "stack": 'File "x.py"',
+            },
+            {
+                "name": "sync",
+                "kind": "BackgroundLoop",
+                "origin": "native",
+                "age": 3.0,
+                "stack": None,
+            },
+        ],
+    }
+    text = str(report)
+    assert text.startswith("shutdown (fatal: disk on fire) took 1.80s; 3 task(s)"), text
+    assert "\n  join          1.50s  timed_out" in text
+    assert '- peer-7 (PeerConnection, python, age 12.5s), awaiting in:\n      File "x.py"' in text
+    assert "- sync (BackgroundLoop, native, age 3.0s): a native tokio task, no stack" in text
+    assert report.phase("on_stop") == PhaseReport("on_stop", 0.3, "ok")
+
+
+def test_exit_status_carries_its_report_outside_its_value() -> None:
+    """Proves: ``ExitStatus(reason, report=...)`` keeps the report (also through a
+    pickle) without making it part of the status's value; a report that is not a
+    ``ShutdownReport`` is a ``TypeError`` naming ``report``.
+
+    Catches: two identical outcomes comparing unequal because their timings differ, or
+    a report dropped when a status is pickled to another process."""
+    report = _report()
+    status = ExitStatus(ExitReason.RunCompleted(), report=report)
+    assert status.report is report
+    assert status == ExitStatus(ExitReason.RunCompleted())
+    assert ExitStatus(ExitReason.RunCompleted()).report is None
+    assert pickle.loads(pickle.dumps(status)).report == report
+    with pytest.raises(TypeError, match="`report`"):
+        ExitStatus(ExitReason.RunCompleted(), report={"total": 1})  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -366,4 +367,6 @@ def test_ready_is_sent_only_after_on_start_returned(
     finally:
         sock.close()
     kinds = [m.split("\n")[0] for m in received]
-    assert kinds == ["READY=1", "STOPPING=1"], received
+    # Then the shutdown's progress, as STATUS= alone ("stopping: <stage>, N s left").
+    assert kinds[:2] == ["READY=1", "STOPPING=1"], received
+    assert all(re.fullmatch(r"STATUS=stopping: .+, \d+\.\d s left", k) for k in kinds[2:]), received

@@ -257,19 +257,28 @@ async def test_wait_for_exit_from_another_thread_and_event_loop(other_loop: str)
 
 
 @pytest.mark.asyncio
-async def test_start_on_a_token_cancelled_before_start_runs_every_hook_and_exits() -> None:
-    """Proves: a shutdown requested before ``start()`` is kept (first reason wins): the
-    hooks still run in order, the default ``run`` returns at once, and the exit reports
-    that reason.
+async def test_start_on_a_token_cancelled_before_start_runs_no_hook_and_exits() -> None:
+    """Proves: a shutdown requested before ``start()`` is kept (first reason wins): no
+    hook runs (SPEC 7: the service never starts), and the exit reports that reason
+    with a report whose stages are all skipped but the join.
 
-    Catches: a start() that hangs or ignores an early SIGTERM.
+    Catches: a start() that hangs or ignores an early SIGTERM, or that starts the node
+    (opens its stores, binds) only to stop it at once.
     """
     node = ScriptedNode()
     service = Service(node)
     service.request_shutdown(ShutdownReason.ReloadRequested())
     status = await service.start()
     assert status.reason == ExitReason.RequestedShutdown(ShutdownReason.ReloadRequested())
-    assert node.calls == ["pre_start", "on_start", "run", "on_stop", "post_stop"]
+    assert node.calls == []
+    assert status.report is not None
+    outcomes = [(p.name, p.outcome) for p in status.report.phases]
+    assert outcomes == [
+        ("run", "skipped"),
+        ("join", "ok"),
+        ("on_stop", "skipped"),
+        ("post_stop", "skipped"),
+    ]
 
 
 @pytest.mark.asyncio

@@ -181,7 +181,8 @@ async def test_row7_tasks_outliving_the_deadline_are_cancelled_and_named() -> No
     assert sorted(cancelled) == ["stuck-a", "stuck-b"]
     assert node.calls == ALL_HOOKS
     assert len(service.tasks) == 0
-    assert 0.2 <= elapsed < 2.0
+    # run and the join share 0.2 - the default reserve (0.2 / 4) = 0.15 s.
+    assert 0.15 <= elapsed < 2.0
 
 
 async def test_row7_native_task_outliving_the_deadline_is_aborted() -> None:

@@ -584,6 +584,52 @@ async def test_cancelling_an_awaitable_drops_its_rust_future(how: str) -> None:
     assert await asyncio.to_thread(survivor_dropped.wait, WAIT)
 
 
+RUNTIME_SHUTDOWN_SCRIPT = """
+    import asyncio, sys, threading
+    from dig_service import _core
+
+    async def main():
+        dropped = threading.Event()
+        awaiting = asyncio.ensure_future(_core._bridged_sleep(3600, dropped.set))
+        await asyncio.sleep(0.05)
+        # Another thread takes the runtime down under the pending native future.
+        await asyncio.to_thread(_core.shutdown_runtime)
+        assert await asyncio.to_thread(dropped.wait, 10), "the Rust future was not dropped"
+        try:
+            await asyncio.wait_for(awaiting, 10)
+        except RuntimeError as exc:
+            print("raised:", exc)
+        else:
+            print("returned: a result from a dropped future")
+
+    if sys.argv[1] == "uvloop":
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", loop_kinds("asyncio", "uvloop"))
+def test_awaiter_of_a_native_future_dropped_by_a_runtime_shutdown_gets_an_error(
+    kind: str,
+) -> None:
+    """Proves: when the tokio runtime shuts down under a pending native await (its task
+    dropped unfinished), the awaiting coroutine gets a ``RuntimeError`` that says so,
+    promptly, and the process exits cleanly.
+
+    Catches: a bridge whose dropped task settles nothing (pyo3-async-runtimes' did
+    that): the awaiter waits for ever (here: ``wait_for`` times out after 10 s and the
+    test fails on the missing line).
+    """
+    proc = run_script(RUNTIME_SHUTDOWN_SCRIPT, kind)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.strip() == (
+        "raised: the native future was dropped before it finished: the tokio runtime "
+        "shut down under it"
+    ), describe(proc)
+
+
 # --------------------------------------------------------------------------- trap 6
 
 

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         StartContext,
         StopContext,
     )
+    from ._report import PhaseReport, ShutdownReport, StragglerReport
     from ._runner import run
     from ._service import Service
     from ._wire import DisconnectReason, InboundMessage, JsonRpcError, PeerInfo
@@ -77,6 +78,7 @@ __all__ = [
     "OnStopFailed",
     "PeerApi",
     "PeerInfo",
+    "PhaseReport",
     "PreStartFailed",
     "Restart",
     "RestartPolicy",
@@ -89,9 +91,11 @@ __all__ = [
     "ServiceHandle",
     "ShutdownDeadlineExceeded",
     "ShutdownReason",
+    "ShutdownReport",
     "ShutdownToken",
     "StartContext",
     "StopContext",
+    "StragglerReport",
     "SupervisedHandle",
     "TaskHandle",
     "TaskKind",
@@ -133,6 +137,9 @@ _LAZY: dict[str, str] = {
     "Service": "_service",
     "ServiceConfig": "_config",
     "ServiceHandle": "_handle",
+    "PhaseReport": "_report",
+    "ShutdownReport": "_report",
+    "StragglerReport": "_report",
     "DisconnectReason": "_wire",
     "InboundMessage": "_wire",
     "JsonRpcError": "_wire",

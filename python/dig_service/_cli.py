@@ -1,9 +1,11 @@
 """``python -m dig_service``: the command line.
 
 ``python -m dig_service run [MODULE:ATTR] [options]`` runs a service until
-it is told to stop (see ``--help``). Errors in the command line itself — an
-unknown option, a target that cannot be imported, found or turned into a
-``Service`` — are one line on stderr and exit status 2, never a traceback.
+it is told to stop (see ``--help``); ``ps SOCKET`` and ``stop SOCKET`` ask
+one that runs with ``--control-socket SOCKET`` (see ``_ctl``). Errors in
+the command line itself — an unknown option, a target that cannot be
+imported, found or turned into a ``Service`` — are one line on stderr and
+exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -87,24 +89,39 @@ exit status:
   0        graceful stop (requested shutdown, or run() returned)
   1        the service failed: a hook raised, a Fatal shutdown, tasks outlived
            the shutdown deadline, or any other ServiceError
-  2        bad command line or bad TARGET
+  2        bad command line or bad TARGET, the control socket is held by a live
+           process (or is not a socket), or --metrics-addr cannot be served
   128 + n  forced exit by a second signal n (130 for SIGINT, 143 for SIGTERM)
 
 environment:
   NOTIFY_SOCKET   set by systemd (Type=notify): READY=1 is sent after on_start,
-                  STOPPING=1 when shutdown begins (Linux only; ignored elsewhere)
-  WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period
+                  STOPPING=1 when shutdown begins, then STATUS= with the stage
+                  and the time left (Linux only; ignored elsewhere)
+  WATCHDOG_USEC   set by systemd (WatchdogSec=): WATCHDOG=1 every half period,
+                  sent by a timer on the event loop: a stuck loop sends none, so
+                  systemd restarts the service
 
 logging:
   If the target has not configured logging (no handler on the root logger),
-  log records go to stderr at --log-level (default INFO). Nothing is written
-  to stdout by dig-service itself.
+  log records go to stderr at --log-level (default INFO); --log-format json
+  makes every record one JSON object a line. After a shutdown, its report
+  (each stage's time and outcome, every straggler with its stack) is logged
+  once on dig_service.run. Nothing is written to stdout by dig-service itself.
 
 examples:
   python -m dig_service run                              # the demo
   python -m dig_service run myapp.node:MyNode --shutdown-deadline 20
   python -m dig_service run myapp.main:build_service --uvloop
+  python -m dig_service run myapp.node:MyNode --control-socket /run/mynode/control.sock
+  python -m dig_service ps /run/mynode/control.sock
+  python -m dig_service stop /run/mynode/control.sock --wait
+  python -m dig_service run myapp.node:MyNode --metrics-addr :9464
 """
+
+DEFAULT_STALL_WARNING: Final = 1.0
+"""The runner's --stall-warning when none is given."""
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
+"""The host of a --metrics-addr given as a port only."""
 
 
 class TargetError(Exception):
@@ -135,6 +152,44 @@ def _positive_seconds(text: str) -> float:
 
 
 _LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _stall_warning(text: str) -> float:
+    """Seconds (>= 0.01), or 0 for "off"."""
+    if text.strip().lower() in ("off", "none", "0"):
+        return 0.0
+    value = _seconds(text)
+    if value != 0 and value < 0.01:
+        raise argparse.ArgumentTypeError(f"must be at least 0.01 seconds (or off), got {text}")
+    return value
+
+
+def _metrics_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1); an IPv6 host in brackets."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"an IPv6 address goes in brackets, e.g. [::1]:9100; got {text!r}"
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT or PORT (a port number), got {text!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0..65535, got {port}")
+    return host or DEFAULT_METRICS_HOST, port
+
+
+def _socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
 
 
 def _level(text: str) -> str:
@@ -173,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-deadline",
         type=_seconds,
         metavar="S",
-        help="seconds each shutdown stage (run returning, the task join, each of on_stop "
-        "and post_stop) may take once shutdown began; stragglers are then cancelled and "
-        "the exit status is 1 (default: 30, ServiceConfig's)",
+        help="the whole budget of a shutdown, in seconds, from the request until the "
+        "process exits: run and the task join share it minus the stop reserve "
+        "(min(5, S/4)), on_stop and post_stop get the rest; stragglers are then "
+        "cancelled and the exit status is 1 (default: 30, ServiceConfig's). Set the "
+        "supervisor's grace period to S plus a small margin",
     )
     run.add_argument(
         "--hook-timeout",
@@ -192,10 +249,44 @@ def build_parser() -> argparse.ArgumentParser:
         "logger's level; a handler on stderr is added only if none is configured",
     )
     run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default) or json: every log record as one JSON object a line on "
+        'stderr, the shutdown report as structured data in its "report" field',
+    )
+    run.add_argument(
         "--uvloop",
         action="store_true",
         help="run on uvloop instead of the default asyncio loop (pip install uvloop)",
     )
+    run.add_argument(
+        "--control-socket",
+        type=_socket_path,
+        metavar="PATH",
+        help="serve a control socket at PATH (Unix socket, mode 0600, this user only) for "
+        "`ps` and `stop`; a stale one is replaced, a live one is an error (exit 2)",
+    )
+    run.add_argument(
+        "--stall-warning",
+        type=_stall_warning,
+        metavar="S",
+        help="warn, with the event loop thread's stack, when the loop has not turned for S "
+        "seconds (a blocking call in a coroutine); 0 or off disables it (default: "
+        f"{DEFAULT_STALL_WARNING:g}, or the Service's ServiceConfig.stall_warning)",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST defaults to "
+        f"{DEFAULT_METRICS_HOST}; port 0 picks a free one, logged at start; needs "
+        "pip install 'dig-service[metrics]'); an address that cannot be bound is an error "
+        "(exit 2)",
+    )
+    from ._ctl import add_commands
+
+    add_commands(commands, _Parser)
     return parser
 
 
@@ -386,7 +477,7 @@ def _build(
 # --------------------------------------------------------------------------- main
 
 
-def _configure_logging(level: str | None) -> None:
+def _configure_logging(level: str | None, log_format: str = "text") -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(
@@ -396,6 +487,12 @@ def _configure_logging(level: str | None) -> None:
         )
     elif level is not None:
         root.setLevel(level)
+    if log_format == "json":
+        from ._logjson import JsonFormatter
+
+        # Asked for explicitly: every handler of the root logger writes JSON lines.
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def _fail(message: str) -> int:
@@ -420,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (a forced exit does not return)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("ps", "stop"):
+        from ._ctl import main as ctl_main
+
+        return ctl_main(args, PROG)
     if args.command != "run":
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -450,13 +551,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 128 + 2
+    if args.stall_warning is not None and service.config.stall_warning is not None:
+        return _fail(
+            f"target {args.target!r} is a Service with ServiceConfig.stall_warning set, so "
+            "--stall-warning cannot be applied; change it where the Service is built"
+        )
+    stall = DEFAULT_STALL_WARNING if args.stall_warning is None else args.stall_warning
 
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
 
-    from ._runner import run_service
+    from ._control import ControlSocketError
+    from ._runner import MetricsError, run_service
 
     try:
-        outcome = run_service(service, loop_factory=loop_factory)
+        outcome = run_service(
+            service,
+            loop_factory=loop_factory,
+            # JSON lines only: no status line redrawn in place on a terminal.
+            plain_status=args.log_format == "json",
+            control_socket=args.control_socket,
+            stall_warning=stall or None,
+            metrics_addr=args.metrics_addr,
+        )
+    except (ControlSocketError, MetricsError) as exc:
+        return _fail(str(exc))
     except KeyboardInterrupt:  # before the handlers were installed
         return 128 + 2
     if outcome.forced:

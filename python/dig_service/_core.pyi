@@ -7,10 +7,13 @@ from typing import Any, ClassVar, Self, final
 
 from typing_extensions import disjoint_base
 
+from dig_service._report import ShutdownReport
+
 __all__ = [
     "AlreadyRunning",
     "AlreadyStopped",
     "KindStats",
+    "LoopWatchdog",
     "OnStartFailed",
     "OnStopFailed",
     "PreStartFailed",
@@ -44,7 +47,14 @@ __version__: str
 # rust/src/python/errors.py), re-exported by dig_service._errors.
 
 class ServiceError(Exception):
-    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``."""
+    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``.
+
+    Attributes:
+        report: the ``ShutdownReport`` of the shutdown this error ended, set by
+            ``Service.start()`` whenever a shutdown began; ``None`` otherwise.
+    """
+
+    report: ShutdownReport | None
 
 class PreStartFailed(ServiceError):
     """``pre_start`` raised (or timed out); no later hook ran."""
@@ -339,6 +349,41 @@ class TaskRegistry:
     def is_empty(self) -> bool: ...
     def is_closed(self) -> bool: ...
     def __len__(self) -> int: ...
+
+@final
+class LoopWatchdog:
+    """A native thread that warns when an event loop stops turning.
+
+    ``LoopWatchdog(stall_warning, thread_id, label, logger)`` starts the
+    thread (``thread_id`` is ``threading.get_ident()`` of the loop's thread);
+    the loop calls ``beat()`` every ``interval`` seconds; when no beat comes
+    for ``stall_warning`` seconds past its due time, one warning with the
+    loop thread's stack goes to ``logger`` (default ``dig_service.watchdog``),
+    then the stall's length when the loop turns again. ``stop()`` ends the
+    thread and waits for it (GIL released).
+    """
+
+    def __new__(
+        cls,
+        stall_warning: float | timedelta,
+        thread_id: int,
+        label: str,
+        logger: str | None = None,
+    ) -> Self: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def stall_warning(self) -> float: ...
+    @property
+    def stalls(self) -> int: ...
+    @property
+    def lag(self) -> float:
+        """Seconds the loop is behind: how late its last beat came, or how overdue
+        the next one is (a stall shows as a growing lag). Safe from any thread."""
+
+    def beat(self) -> None: ...
+    def is_running(self) -> bool: ...
+    def stop(self) -> None: ...
 
 def spawn_native_sleeper(
     registry: TaskRegistry,

@@ -1,31 +1,30 @@
-"""What the runner shows an operator: the shutdown as it happens, the stragglers
-with the stacks they were stuck in, and the live task snapshot (SIGUSR1).
+"""What the runner shows an operator: the shutdown as it happens, and the live task
+snapshot (SIGUSR1).
 
 From the moment the token fires until the service has stopped, the tasks
-still running and the time left of the current stage's deadline are shown:
-updated in place on stderr when it is a terminal, as plain log lines (logger
-``dig_service.run``) otherwise. When the deadline passes, each straggler is
-named, with the stack a Python task was awaiting in when last seen; tasks
-stuck at the same place are reported together. Nothing is written to
-stdout.
+still running, the time left of the current stage (``run`` and the join share
+``shutdown_deadline - stop_reserve``; the stop hooks get the rest, at least the
+reserve) and of the whole budget are shown: updated in place on stderr when it
+is a terminal, as plain log lines (logger ``dig_service.run``) otherwise, and
+handed to a status callback (systemd's ``STATUS=``). The stragglers, with the
+stacks they were stuck in, are in the service's ``ShutdownReport``, which the
+runner logs once at the end. Nothing is written to stdout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import linecache
 import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from dataclasses import dataclass
+from typing import IO, Final
 
 from ._core import ShutdownToken, TaskRegistry, TaskSummary
-from ._errors import ShutdownDeadlineExceeded
-from ._phase import Phase, hook_task_name
+from ._phase import Phase
 
 __all__ = ["MAX_NAMES", "ServiceView", "ShutdownMonitor", "describe_tasks"]
 
@@ -37,8 +36,6 @@ _PLAIN_EVERY: Final = 1.0
 """Seconds between two plain progress lines (not a terminal)."""
 MAX_NAMES: Final = 8
 """Task names shown on one line."""
-_MAX_STACKS: Final = 1000
-"""At most this many Python tasks have their stacks captured per look during shutdown."""
 _MANY_TASKS: Final = 1000
 """Above this many live tasks, the shutdown display looks at them once a second only."""
 _MAX_SNAPSHOT_LINES: Final = 200
@@ -49,6 +46,7 @@ _STAGE_TEXT: Final = {
     Phase.ON_STOP: "running on_stop",
     Phase.POST_STOP: "running post_stop",
 }
+_STOP_PHASES: Final = (Phase.ON_STOP, Phase.POST_STOP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +59,9 @@ class ServiceView:
     token: ShutdownToken
     registry: TaskRegistry
     deadline: float
-    """``ServiceConfig.shutdown_deadline``."""
+    """``ServiceConfig.shutdown_deadline``: the whole budget of a shutdown."""
+    stop_reserve: float
+    """``ServiceConfig.stop_reserve``: the part of it kept for the stop hooks."""
     hook_timeout: float | None
     """``ServiceConfig.hook_timeout``."""
     phase: Callable[[], Phase]
@@ -97,27 +97,24 @@ def describe_tasks(view: ServiceView) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class _Seen:
-    """The last look at one live task."""
-
-    summary: TaskSummary | None
-    """``None`` for the ``run`` hook, which is not a tracked task."""
-    stack: list[tuple[str, int, str]] = field(default_factory=list)
-    awaiting: str | None = None
-
-
 class ShutdownMonitor:
     """Shows the shutdown as it happens and names what refused to stop."""
 
-    def __init__(self, view: ServiceView, stream: IO[str]) -> None:
+    def __init__(
+        self,
+        view: ServiceView,
+        stream: IO[str],
+        on_status: Callable[[str], object] | None = None,
+    ) -> None:
         self.view = view
         self.stream = stream
         self.tty = _is_tty(stream)
+        self.on_status = on_status
+        """Called with a short status ("stopping: joining 12 tasks, 8.2 s left") at each
+        stage and once a second (the runner sends it to systemd as ``STATUS=``)."""
         self.task: asyncio.Task[None] | None = None
-        self.seen: dict[str, _Seen] = {}
-        self.run_stack: _Seen | None = None
         self.fired_at = 0.0
+        self.stop_started: float | None = None
         self._line_shown = False
         self._filtered: list[logging.Handler] = []
 
@@ -142,96 +139,80 @@ class ShutdownMonitor:
         reason = view.token.reason()
         live = len(view.registry)
         logger.info(
-            "shutdown started (%s): waiting up to %gs per stage for run() and %d task(s)",
+            "shutdown started (%s): a budget of %gs; run() and %d task(s) share %gs, "
+            "on_stop/post_stop get the rest (at least %gs)",
             reason,
             view.deadline,
             live,
+            view.deadline - view.stop_reserve,
+            view.stop_reserve,
         )
         # The display follows the level of this logger, on a terminal too.
         show = logger.isEnabledFor(logging.INFO)
         in_place = self.tty and show
         if in_place:
             self._filter_log_handlers()
-        phase = view.phase()
+        last_phase: Phase | None = None
         stage_start = self.fired_at
         last_plain = time.monotonic()
+        last_status = -math.inf
         last_look = -math.inf
         live_tasks: list[TaskSummary] = []
         while True:
-            await asyncio.sleep(_TICK)
             now = time.monotonic()
-            current = view.phase()
-            if current != phase:
-                phase, stage_start = current, now
+            phase = view.phase()
+            changed = phase != last_phase
+            if changed:
+                last_phase, stage_start = phase, now
+                if phase in _STOP_PHASES and self.stop_started is None:
+                    self.stop_started = now
             # A snapshot of a huge registry is not free: look less often then.
             if len(view.registry) <= _MANY_TASKS or now - last_look >= _PLAIN_EVERY:
-                live_tasks = self._look(phase)
+                live_tasks = view.registry.snapshot()
                 last_look = now
-            if not show:
-                continue
-            budget = self._stage_budget(phase)
-            left = max(0.0, budget - (now - stage_start))
-            if not live_tasks and phase not in (Phase.RUN, Phase.ON_STOP, Phase.POST_STOP):
-                self._clear_line()
-                continue
-            line = self._progress_line(phase, live_tasks, left, budget)
-            if in_place:
-                self._show_line(line)
-            elif now - last_plain >= _PLAIN_EVERY:
-                last_plain = now
-                logger.info("%s", line)
+            left, limit = self._stage_left(phase, now, stage_start)
+            total_left = max(0.0, self.fired_at + view.deadline - now)
+            if self.on_status is not None and (changed or now - last_status >= _PLAIN_EVERY):
+                last_status = now
+                self.on_status(_status_text(phase, len(live_tasks), total_left))
+            if show:
+                if not live_tasks and phase not in (Phase.RUN, *_STOP_PHASES):
+                    self._clear_line()
+                else:
+                    line = self._progress_line(phase, live_tasks, left, limit, total_left)
+                    if in_place:
+                        self._show_line(line)
+                    elif now - last_plain >= _PLAIN_EVERY:
+                        last_plain = now
+                        logger.info("%s", line)
+            await asyncio.sleep(_TICK)
 
-    def _stage_budget(self, phase: Phase) -> float:
+    def _stage_left(self, phase: Phase, now: float, stage_start: float) -> tuple[float, float]:
+        """``(seconds left, seconds allowed)`` of the current stage, as the lifecycle
+        bounds it: ``run``, the join (and a start-up hook the token interrupted) share
+        ``deadline - stop_reserve`` from the token firing; the stop hooks end with the
+        budget, or ``stop_reserve`` after they began if that is later; a stop hook is
+        also bounded by ``hook_timeout`` from its start."""
         view = self.view
-        if phase in (Phase.ON_STOP, Phase.POST_STOP) and view.hook_timeout is not None:
-            return min(view.deadline, view.hook_timeout)
-        return view.deadline
-
-    def _look(self, phase: Phase) -> list[TaskSummary]:
-        """Take the registry's snapshot and the stacks of (up to ``_MAX_STACKS`` of) its
-        Python tasks, and of the ``run`` hook while it is still running."""
-        live = self.view.registry.snapshot()
-        wanted: set[str] = set()
-        for s in live:
-            if s.origin == "python":
-                wanted.add(s.name)
-                if len(wanted) >= _MAX_STACKS:
-                    break
-        want_run = phase is Phase.RUN
-        run_task_name = hook_task_name(Phase.RUN, self.view.label)
-        found: dict[str, asyncio.Task[Any]] = {}
-        run_task: asyncio.Task[Any] | None = None
-        if wanted or want_run:
-            for task in asyncio.all_tasks(self.view.loop):
-                name = task.get_name()
-                if name in wanted:
-                    # Same-named tasks: the first found stands for all; enough to find the bug.
-                    found.setdefault(name, task)
-                elif want_run and name == run_task_name:
-                    run_task = task
-        seen: dict[str, _Seen] = {}
-        for s in live:
-            entry = _Seen(s)
-            same_name = found.get(s.name)
-            if same_name is not None:
-                entry.stack, entry.awaiting = _await_stack(same_name)
-            seen[s.name] = entry
-        # Keep the last non-empty look: the stragglers are gone from the registry by the
-        # time the report is written.
-        if seen or not self.seen:
-            self.seen = seen
-        if run_task is not None:
-            stack, awaiting = _await_stack(run_task)
-            self.run_stack = _Seen(None, stack, awaiting)
-        return live
+        if phase in _STOP_PHASES:
+            began = self.stop_started if self.stop_started is not None else stage_start
+            end = max(self.fired_at + view.deadline, began + view.stop_reserve)
+            if view.hook_timeout is not None:
+                end = min(end, stage_start + view.hook_timeout)
+            return max(0.0, end - now), end - stage_start
+        share = view.deadline - view.stop_reserve
+        return max(0.0, self.fired_at + share - now), share
 
     def _progress_line(
-        self, phase: Phase, live: list[TaskSummary], left: float, budget: float
+        self, phase: Phase, live: list[TaskSummary], left: float, limit: float, total: float
     ) -> str:
         stage = _STAGE_TEXT.get(phase, "stopping")
         names = [s.name for s in live[:MAX_NAMES]]
         more = f" (+{len(live) - MAX_NAMES} more)" if len(live) > MAX_NAMES else ""
-        text = f"shutting down, {stage} ({left:.1f}s of {budget:g}s left)"
+        text = (
+            f"shutting down, {stage} ({left:.1f}s of {limit:.3g}s left; "
+            f"{total:.1f}s of the {self.view.deadline:g}s budget)"
+        )
         if live:
             text += f": {len(live)} task(s) still running: {', '.join(names)}{more}"
         return text
@@ -271,76 +252,6 @@ class ShutdownMonitor:
 
     # ---- reports
 
-    def report_stragglers(self, err: ShutdownDeadlineExceeded) -> None:
-        """Log the tasks that outlived the deadline, with the stack each was awaiting in.
-
-        Tasks stuck at the same place (same kind, origin and stack) are reported
-        together, so a thousand connections blocked in one read make one entry.
-        """
-        now = time.monotonic()
-        groups: dict[tuple[object, ...], list[str]] = {}
-        for name in err.pending_names:
-            groups.setdefault(self._group_key(name), []).append(name)
-        lines = [
-            f"service {self.view.label}: shutdown deadline of {err.deadline:g}s exceeded; "
-            f"{err.pending} task(s) did not stop in time and were cancelled/aborted:"
-        ]
-        budget = _MAX_SNAPSHOT_LINES
-        for shown, names in enumerate(groups.values()):
-            if budget <= 0:
-                rest = sum(len(n) for n in list(groups.values())[shown:])
-                lines.append(f"  ... and {rest} more task(s)")
-                break
-            entry_lines = self._describe_group(names, now)
-            budget -= len(entry_lines)
-            lines.extend(entry_lines)
-        logger.error("%s", "\n".join(lines))
-
-    def _entry(self, name: str) -> _Seen | None:
-        if name == "run" and name not in self.seen:
-            return self.run_stack
-        return self.seen.get(name)
-
-    def _group_key(self, name: str) -> tuple[object, ...]:
-        entry = self._entry(name)
-        if entry is None:
-            return ("unseen",)
-        s = entry.summary
-        if s is None:  # the run hook
-            return ("run", name)
-        if s.origin != "python":
-            return (s.origin, _kind(s))
-        return (s.origin, _kind(s), tuple(entry.stack), entry.awaiting)
-
-    def _describe_group(self, names: list[str], now: float) -> list[str]:
-        name = names[0]
-        entry = self._entry(name)
-        listed = ", ".join(names[:MAX_NAMES])
-        more = f", ... +{len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
-        if entry is None:
-            return [f"  - {listed}{more}: (not seen while shutting down)"]
-        s = entry.summary
-        if s is None:
-            head = f"  - {name} (the node's run hook)"
-        elif len(names) == 1:
-            head = f"  - {name} ({_kind(s)}, {s.origin}, age {_age(now - s.spawned_at)})"
-        else:
-            head = f"  - {len(names)} tasks ({listed}{more}) ({_kind(s)}, {s.origin})"
-        if s is not None and s.origin != "python":
-            what = "a native tokio task" if len(names) == 1 else "native tokio tasks"
-            return [f"{head}: {what}, no Python stack"]
-        if not entry.stack:
-            return [f"{head}: no stack captured"]
-        out = [f"{head}, awaiting in:"]
-        for filename, lineno, func in entry.stack:
-            out.append(f'      File "{filename}", line {lineno}, in {func}')
-            source = linecache.getline(filename, lineno).strip()
-            if source:
-                out.append(f"        {source}")
-        if entry.awaiting:
-            out.append(f"      awaiting {entry.awaiting}")
-        return out
-
     def report_forced(self, code: int) -> None:
         live = self.view.registry.snapshot()
         names = ", ".join(s.name for s in live[:MAX_NAMES])
@@ -356,41 +267,17 @@ class ShutdownMonitor:
         )
 
 
-def _await_stack(task: asyncio.Task[Any]) -> tuple[list[tuple[str, int, str]], str | None]:
-    """Where ``task`` is suspended: the chain of frames down its ``await``\\ s, and the
-    innermost awaited object that is not a coroutine (a future, a native awaitable)."""
-    frames: list[tuple[str, int, str]] = []
-    obj: Any = task.get_coro()
-    for _ in range(128):
-        frame = (
-            getattr(obj, "cr_frame", None)
-            or getattr(obj, "gi_frame", None)
-            or getattr(obj, "ag_frame", None)
-        )
-        if frame is None:
-            break
-        code = frame.f_code
-        frames.append((code.co_filename, frame.f_lineno, code.co_name))
-        nxt = (
-            getattr(obj, "cr_await", None)
-            or getattr(obj, "gi_yieldfrom", None)
-            or getattr(obj, "ag_await", None)
-        )
-        if nxt is None:
-            return frames, None
-        if not any(hasattr(nxt, a) for a in ("cr_frame", "gi_frame", "ag_frame")):
-            return frames, _describe_awaitable(nxt)
-        obj = nxt
-    return frames, None
-
-
-def _describe_awaitable(obj: object) -> str:
-    if type(obj).__name__ == "FutureIter":  # the C implementation of Future.__await__
-        return "an asyncio Future"
-    if isinstance(obj, asyncio.Future):
-        state = "cancelled" if obj.cancelled() else ("done" if obj.done() else "pending")
-        return f"{type(obj).__name__} ({state})"
-    return type(obj).__qualname__
+def _status_text(phase: Phase, live: int, total_left: float) -> str:
+    """The short status systemd shows (``STATUS=``): the stage and the time left."""
+    stage = {
+        Phase.RUN: "waiting for run()",
+        Phase.JOIN: f"joining {live} task{'s' if live != 1 else ''}",
+        Phase.ON_STOP: "running on_stop",
+        Phase.POST_STOP: "running post_stop",
+        Phase.PRE_START: "pre_start interrupted",
+        Phase.ON_START: "on_start interrupted",
+    }.get(phase, str(phase))
+    return f"stopping: {stage}, {total_left:.1f} s left"
 
 
 def _kind(summary: TaskSummary) -> str:

@@ -10,9 +10,11 @@ derived from it (``0`` or ``1``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias, final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, final
 
 from ._core import ShutdownReason
+from ._report import ShutdownReport
 from ._variant import Variant, publish_variants
 
 __all__ = ["ExitReason", "ExitStatus", "check_reason"]
@@ -128,23 +130,34 @@ class ExitStatus:
 
     Args:
         reason: why the service exited (an ``ExitReason`` variant).
+        report: the ``ShutdownReport`` of the shutdown that ended the service
+            (``Service.start()`` always attaches one; keyword-only, default
+            ``None``). Not part of the status's value: two statuses with the
+            same reason compare equal whatever their reports.
 
     ``is_graceful()`` is ``False`` iff ``reason`` is ``ExitReason.RunError``
     or ``ExitReason.RequestedShutdown(ShutdownReason.Fatal(...))``;
     ``exit_code`` is ``0`` if graceful, else ``1``. Immutable; compares by value.
     """
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "report")
     __match_args__ = ("reason",)
     reason: ExitReason
+    report: ShutdownReport | None
 
-    def __init__(self, reason: ExitReason) -> None:
+    def __init__(self, reason: ExitReason, *, report: ShutdownReport | None = None) -> None:
         if not isinstance(reason, ExitReason):
             raise TypeError(
                 "ExitStatus: `reason` must be a dig_service.ExitReason "
                 f"(e.g. ExitReason.RunCompleted()), got {type(reason).__name__}"
             )
+        if report is not None and not isinstance(report, ShutdownReport):
+            raise TypeError(
+                "ExitStatus: `report` must be a dig_service.ShutdownReport or None, "
+                f"got {type(report).__name__}"
+            )
         object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "report", report)
 
     def is_graceful(self) -> bool:
         """``False`` iff the reason is ``RunError`` or ``RequestedShutdown(Fatal(...))``."""
@@ -180,5 +193,12 @@ class ExitStatus:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("ExitStatus is immutable")
 
-    def __reduce__(self) -> tuple[type[ExitStatus], tuple[ExitReason]]:
-        return (ExitStatus, (self.reason,))
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[[ExitReason, ShutdownReport | None], ExitStatus], tuple[Any, ...]]:
+        return (_rebuild_status, (self.reason, self.report))
+
+
+def _rebuild_status(reason: ExitReason, report: ShutdownReport | None) -> ExitStatus:
+    """Unpickle an ``ExitStatus`` (through ``__init__``, so it is validated)."""
+    return ExitStatus(reason, report=report)

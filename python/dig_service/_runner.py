@@ -13,13 +13,22 @@ What an operator gets (SPEC, "Running a service for real"):
   and ``call_soon_threadsafe``; reload and snapshot by signal are off.
 - **A shutdown one can watch.** From the moment the token fires until the
   service has stopped, the tasks still running and the time left of the
-  current stage's deadline are shown, and stragglers are named with their
-  stacks (see ``_display``).
+  current stage and of the whole budget (``shutdown_deadline``) are shown
+  (see ``_display``). At the end the service's ``ShutdownReport`` is logged
+  once, as one record on ``dig_service.run`` (the report as structured data
+  in the record's ``report`` attribute: ``--log-format json`` writes it as
+  JSON): each stage's duration and outcome, and every straggler with the
+  stack it was stuck in.
 - **systemd.** With ``$NOTIFY_SOCKET`` set: ``READY=1`` after ``on_start``,
-  ``STOPPING=1`` when the token fires, ``WATCHDOG=1`` every
-  ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
+  ``STOPPING=1`` when the token fires, then ``STATUS=`` with the stage and
+  the time left ("stopping: joining 12 tasks, 8.2 s left"), and
+  ``WATCHDOG=1`` every ``$WATCHDOG_USEC / 2`` (see ``_systemd``).
 - **An exit code.** ``ExitStatus.exit_code`` (0 graceful, 1 otherwise); 1 for
-  any ``ServiceError``; ``128 + n`` for a forced exit by signal ``n``.
+  any ``ServiceError``; ``128 + n`` for a forced exit by signal ``n``; 2 if
+  the control socket cannot be set up.
+- **A control socket** (``control_socket=PATH``, see ``_control``) from
+  before ``pre_start`` until the service has stopped and every ``shutdown``
+  request that waits for the end has its answer; removed on exit.
 
 Nothing is written to stdout.
 """
@@ -28,19 +37,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
+from ._control import (
+    BoundSocket,
+    ControlServer,
+    ControlSocketError,
+    bind_control_socket,
+    final_outcome,
+)
 from ._core import ShutdownReason
 from ._display import MAX_NAMES, ServiceView, ShutdownMonitor, describe_tasks
 from ._errors import ServiceError, ShutdownDeadlineExceeded
 from ._phase import STARTUP_PHASES, Phase
+from ._report import ShutdownReport
 from ._service import Service
 from ._systemd import Notifier, watchdog_interval
+from ._watchdog import LoopWatch
 
 __all__ = ["run"]
 
@@ -72,6 +92,7 @@ def run(
     *,
     install_signal_handlers: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    control_socket: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run ``service`` on a new event loop until it has stopped; return the exit code.
 
@@ -91,24 +112,47 @@ def run(
     Windows lacks, are not handled.
 
     While the service shuts down, the tasks still running and the time left
-    are shown on stderr (in place, on a terminal) or logged on
-    ``dig_service.run``; stragglers past the deadline are named, with their
-    stacks. With ``$NOTIFY_SOCKET`` set, systemd is told ``READY=1``,
-    ``STOPPING=1`` and, if it asks, ``WATCHDOG=1``.
+    of the budget are shown on stderr (in place, on a terminal) or logged on
+    ``dig_service.run``; at the end the ``ShutdownReport`` is logged once
+    (stragglers named, with their stacks). With ``$NOTIFY_SOCKET`` set,
+    systemd is told ``READY=1``, ``STOPPING=1``, the shutdown's progress as
+    ``STATUS=`` and, if it asks, ``WATCHDOG=1`` while the loop turns.
+
+    With ``control_socket=PATH``, a Unix socket at ``PATH`` (mode 0600,
+    same-uid peers only) answers JSON-RPC requests (``tasks``, ``stats``,
+    ``health``, ``report``, ``shutdown``) until the service has stopped, and
+    is removed on exit (``python -m dig_service ps PATH`` / ``stop PATH``).
+    A stale socket left at ``PATH`` by a dead process is replaced.
 
     Returns:
         ``ExitStatus.exit_code`` (0 graceful, 1 not); 1 if ``start()``
         raised a ``ServiceError`` (which is logged); ``128 + n`` after a
-        forced exit by signal ``n``.
+        forced exit by signal ``n``; 2 (logged, the service not started) if
+        the control socket cannot be set up: ``PATH`` is held by a live
+        process, is not a socket, or its directory is missing.
 
     Raises:
-        TypeError: ``service`` is not a ``Service``.
+        TypeError: ``service`` is not a ``Service``; ``control_socket`` is
+            not a path.
+        ValueError: ``control_socket`` is empty.
         RuntimeError: called from a running event loop, or with
             ``install_signal_handlers=True`` outside the main thread.
     """
-    return run_service(
-        service, install_signal_handlers=install_signal_handlers, loop_factory=loop_factory
-    ).code
+    try:
+        outcome = run_service(
+            service,
+            install_signal_handlers=install_signal_handlers,
+            loop_factory=loop_factory,
+            control_socket=control_socket,
+        )
+    except ControlSocketError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONTROL_SOCKET
+    return outcome.code
+
+
+EXIT_CONTROL_SOCKET: Final = 2
+"""The exit code when the control socket cannot be set up."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +169,24 @@ def run_service(
     install_signal_handlers: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     status_stream: IO[str] | None = None,
+    plain_status: bool = False,
+    control_socket: str | os.PathLike[str] | None = None,
+    stall_warning: float | None = None,
+    metrics_addr: tuple[str, int] | None = None,
 ) -> Outcome:
-    """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown)."""
+    """``run``, telling the CLI whether the exit was forced (it then skips interpreter teardown).
+
+    ``stall_warning`` (the CLI's ``--stall-warning``) runs a loop-stall
+    watchdog around the service when its own ``ServiceConfig.stall_warning``
+    is ``None``. ``metrics_addr`` (the CLI's ``--metrics-addr``) serves
+    ``/metrics`` at ``(host, port)`` from before ``pre_start`` until the loop
+    is closed: the service's ``dig_service.metrics.ServiceCollector`` in
+    ``prometheus_client.REGISTRY``, with whatever else is registered there.
+    Raises ``ControlSocketError`` or ``MetricsError`` if the control socket
+    or the metrics server cannot be set up (before anything else happened).
+    """
     _check_service(service)
+    socket_path = _check_control_socket(control_socket)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -148,8 +207,23 @@ def run_service(
             f"got {type(loop_factory).__name__}"
         )
 
-    loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
-    runner = _Runner(service, loop, status_stream if status_stream is not None else sys.stderr)
+    bound = bind_control_socket(socket_path) if socket_path is not None else None
+    metrics: _Metrics | None = None
+    try:
+        if metrics_addr is not None:
+            metrics = _Metrics(service, *metrics_addr)
+        loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        if bound is not None:
+            bound.remove()
+        raise
+    stream = status_stream if status_stream is not None else sys.stderr
+    runner = _Runner(service, loop, stream, plain_status=plain_status)
+    runner.control_bound = bound
+    if service.config.stall_warning is None:
+        runner.stall_warning = stall_warning
     try:
         asyncio.set_event_loop(loop)
         if install_signal_handlers:
@@ -170,6 +244,76 @@ def run_service(
         runner.close_display()
         asyncio.set_event_loop(None)
         loop.close()
+        if metrics is not None:
+            metrics.close()
+        if bound is not None:
+            bound.remove()
+
+
+class MetricsError(Exception):
+    """``--metrics-addr`` cannot be served (no prometheus-client, address in use...).
+
+    The message is one line; the CLI exits with status 2.
+    """
+
+
+class _Metrics:
+    """The runner's ``/metrics``: the service's collector in the default registry,
+    served over HTTP on a thread of its own until ``close()``."""
+
+    def __init__(self, service: Service[Any, Any, Any], host: str, port: int) -> None:
+        try:
+            from prometheus_client import REGISTRY
+
+            from .metrics import MetricsServer, ServiceCollector
+        except ImportError:
+            raise MetricsError(
+                "--metrics-addr: prometheus-client is not installed "
+                "(pip install 'dig-service[metrics]')"
+            ) from None
+        try:
+            self.collector = ServiceCollector(service, registry=REGISTRY)
+        except ValueError as exc:
+            raise MetricsError(
+                f"--metrics-addr: prometheus_client.REGISTRY already has the service's series "
+                f"({exc}); do not register a ServiceCollector there yourself"
+            ) from None
+        self._registry = REGISTRY
+        try:
+            self.server = MetricsServer(host, port, REGISTRY)
+        except OSError as exc:
+            REGISTRY.unregister(self.collector)
+            raise MetricsError(
+                f"--metrics-addr {_format_addr(host, port)}: cannot listen there: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.server.start()
+        host, port = self.server.address
+        logger.info("metrics on http://%s/metrics", _format_addr(host, port))
+
+    def close(self) -> None:
+        self.server.close()
+        self._registry.unregister(self.collector)
+
+
+def _format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_control_socket(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(
+            "dig_service.run(): `control_socket` must be a path (str or os.PathLike) or None, "
+            f"got {type(value).__name__}"
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError("dig_service.run(): `control_socket` must be a str path, not bytes")
+    if not path:
+        raise ValueError("dig_service.run(): `control_socket` must not be empty")
+    return path
 
 
 def _check_service(service: object) -> None:
@@ -195,7 +339,12 @@ class _Runner:
     """One ``run``: the loop-side state (signals, systemd, the shutdown display)."""
 
     def __init__(
-        self, service: Service[Any, Any, Any], loop: asyncio.AbstractEventLoop, stream: IO[str]
+        self,
+        service: Service[Any, Any, Any],
+        loop: asyncio.AbstractEventLoop,
+        stream: IO[str],
+        *,
+        plain_status: bool = False,
     ) -> None:
         self.service = service
         self.loop = loop
@@ -210,6 +359,7 @@ class _Runner:
             token=self.token,
             registry=self.registry,
             deadline=self.deadline,
+            stop_reserve=service.config.stop_reserve,
             hook_timeout=service.config.hook_timeout,
             phase=self.phases.current,
         )
@@ -223,11 +373,42 @@ class _Runner:
         self._watchdog: asyncio.TimerHandle | None = None
         self._helpers: list[asyncio.Task[Any]] = []
         self._start: asyncio.Task[Any] | None = None
-        self.monitor = ShutdownMonitor(self.view, stream)
+        self.monitor = ShutdownMonitor(self.view, stream, on_status=self._send_status)
+        if plain_status:
+            self.monitor.tty = False  # progress as log records only (--log-format json)
+        self.control_bound: BoundSocket | None = None
+        self.stall_warning: float | None = None
+        self.started_at = time.monotonic()
 
     # ----------------------------------------------------------------- main
 
     async def main(self) -> int:
+        """``_main`` between the control socket's start and close, under the runner's
+        loop-stall watchdog (``--stall-warning``) if any."""
+        control: ControlServer | None = None
+        if self.control_bound is not None:
+            control = ControlServer(
+                self.control_bound, self.service, label=self.label, started_at=self.started_at
+            )
+            await control.start()
+            logger.info("control socket listening on %s", self.control_bound.path)
+        watch = None
+        try:
+            if self.stall_warning is not None:
+                watch = LoopWatch(self.loop, self.stall_warning, self.label)
+                self.service._loop_watch = watch  # for the metrics' loop lag
+            code = await self._main()
+            if control is not None:
+                control.finish(await final_outcome(self.service, code, self.forced))
+                await control.close(grace=0.1 if self.forced else 5.0)
+        finally:
+            if watch is not None:
+                watch.stop()
+            if control is not None:
+                control.abort()
+        return code
+
+    async def _main(self) -> int:
         loop = self.loop
         start = loop.create_task(self.service.start(), name=f"dig_service.main[{self.label}]")
         self._start = start
@@ -262,12 +443,31 @@ class _Runner:
         try:
             status = start.result()
         except ShutdownDeadlineExceeded as err:
-            self.monitor.report_stragglers(err)
+            # No cause to show: the report below names every straggler, with its stack.
+            logger.error("service %s failed: %s", self.label, err)
+            self._log_report(err.report, failed=True)
             return 1
         except ServiceError as err:
             logger.error("service %s failed: %s", self.label, err, exc_info=err)
+            self._log_report(err.report, failed=True)
             return 1
+        self._log_report(status.report, failed=not status.is_graceful())
         return status.exit_code
+
+    def _log_report(self, report: ShutdownReport | None, *, failed: bool) -> None:
+        """Log the shutdown's report once, as one record: readable text as the message,
+        the report as data in the record's ``report`` attribute (``--log-format json``)."""
+        if report is None:
+            return
+        troubled = failed or bool(report.stragglers)
+        troubled = troubled or any(p.outcome in ("failed", "timed_out") for p in report.phases)
+        logger.log(
+            logging.WARNING if troubled else logging.INFO,
+            "service %s: %s",
+            self.label,
+            report,
+            extra={"report": report.to_dict()},
+        )
 
     def finish_service(self) -> None:
         """After a ``KeyboardInterrupt``/``SystemExit`` stopped the loop (raised by a
@@ -446,7 +646,7 @@ class _Runner:
             )
             return
         logger.info(
-            "%s received: shutting down (deadline %gs); send %s again to exit at once",
+            "%s received: shutting down (within %gs); send %s again to exit at once",
             name,
             self.deadline,
             again,
@@ -460,7 +660,7 @@ class _Runner:
             return
         logger.info(
             "%s received: reload requested; shutting down so that the supervisor restarts "
-            "the service (deadline %gs)",
+            "the service (within %gs)",
             name,
             self.deadline,
         )
@@ -478,6 +678,11 @@ class _Runner:
             self._stopping_sent = True
             self._notifier.send("STOPPING=1", f"STATUS=stopping: {reason}")
         self.monitor.start()
+
+    def _send_status(self, text: str) -> None:
+        """The shutdown's progress, for systemd (``STATUS=``)."""
+        if self._notifier is not None:
+            self._notifier.send(f"STATUS={text}")
 
     async def _notify_ready(self) -> None:
         if not await self.phases.wait_started():

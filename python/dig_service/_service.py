@@ -12,7 +12,14 @@ Design notes:
   it without propagating its own cancellation into it (``asyncio.wait``).
   That is what lets a cancelled ``start()`` still wind the service down —
   fire the token, join the tasks, run ``on_stop``/``post_stop`` — bounded by
-  the shutdown deadline, before ``CancelledError`` propagates.
+  the shutdown budget, before ``CancelledError`` propagates.
+- One budget: from the token firing, ``run`` and the join share
+  ``shutdown_deadline - stop_reserve``; ``on_stop`` and ``post_stop`` share
+  what is left, never less than ``stop_reserve``. The moment the token fired
+  is stamped by a future parked on it (``_watch_fire``); every limit is
+  counted from it. At the end of the join's share the stacks of the Python
+  stragglers are taken, then they are cancelled (``_join``), for the
+  ``ShutdownReport``.
 - Each hook runs in its own asyncio task, so that the lifecycle can stop
   waiting for a hook that outlives ``hook_timeout`` (or ``run`` that
   outlives the shutdown deadline) even when the hook swallows cancellation.
@@ -42,12 +49,13 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
 
 from ._config import ServiceConfig
-from ._core import ShutdownReason, ShutdownToken, TaskRegistry
+from ._core import ShutdownReason, ShutdownToken, TaskKind, TaskRegistry, TaskSummary
 from ._errors import (
     AlreadyRunning,
     AlreadyStopped,
@@ -72,7 +80,17 @@ from ._lifecycle import (
     StopContext,
 )
 from ._phase import Phase, hook_task_name
+from ._report import (
+    MAX_STACKS,
+    PHASE_NAMES,
+    PhaseOutcome,
+    PhaseReport,
+    ShutdownReport,
+    StragglerReport,
+    format_task_stack,
+)
 from ._validation import check_node, check_peer_api, check_rpc_api
+from ._watchdog import LoopWatch, watch_running_loop
 
 __all__ = ["Service"]
 
@@ -187,6 +205,16 @@ class Service(Generic[N, A, R]):
         self._torn_down = False
         self._lifecycle_task: asyncio.Task[Any] | None = None
         self._hook_context: contextvars.Context | None = None
+        # The shutdown: when the token fired (loop time), the tasks live then, and what
+        # the report says of each stage.
+        self._fire_watch: asyncio.Future[None] | None = None
+        self._fired_at: float | None = None
+        self._live_at_fire = 0
+        self._phases: dict[str, PhaseReport] = {}
+        self._stragglers: list[StragglerReport] = []
+        # The loop-stall watchdog over the loop start() runs on (its own, or
+        # the runner's): the metrics' loop lag reads it (dig_service.metrics).
+        self._loop_watch: LoopWatch | None = None
 
     # ----------------------------------------------------------------- accessors
 
@@ -271,8 +299,11 @@ class Service(Generic[N, A, R]):
         """Run the lifecycle once and return how it ended.
 
         Order: ``pre_start → on_start → run``; then (once ``run`` returned or
-        the token fired) cancel the token → ``join_all(shutdown_deadline)`` →
-        ``on_stop`` → ``post_stop``.
+        the token fired) cancel the token → join the tasks → ``on_stop`` →
+        ``post_stop``. From the token firing, ``start()`` returns within
+        ``shutdown_deadline`` (plus scheduling slack): ``run`` and the join
+        share ``shutdown_deadline - stop_reserve``, the stop hooks get the
+        rest, never less than ``stop_reserve``.
 
         ==============================================  ==========================================
         situation                                       result
@@ -286,10 +317,15 @@ class Service(Generic[N, A, R]):
         ``run`` raises                                  ``RunFailed``; tasks joined, ``on_stop`` and
                                                         ``post_stop`` still run
         ``on_stop`` or ``post_stop`` raises             ``OnStopFailed``; the later hook still runs
-        tasks (or ``run``) outlive the deadline         stragglers cancelled/aborted;
-        after the token fired                           ``ShutdownDeadlineExceeded``
+        tasks (or ``run``) outlive their share of the   stragglers cancelled/aborted;
+        budget after the token fired                    ``ShutdownDeadlineExceeded``
         a hook outlives ``hook_timeout`` (or, once     that hook's failure, cause ``TimeoutError``
-        the token fired, ``shutdown_deadline``)
+        the token fired, its share of the budget)
+        shutdown requested before ``start()``           no hook runs; ``RequestedShutdown(reason)``
+        shutdown requested while ``pre_start`` runs     ``on_start``/``run`` skipped; tasks joined,
+        (and it returns)                                ``post_stop``; ``RequestedShutdown(reason)``
+        shutdown requested while ``on_start`` runs      ``run`` skipped; tasks joined, ``on_stop``,
+        (and it returns)                                ``post_stop``; ``RequestedShutdown(reason)``
         ``start`` called twice                          ``AlreadyRunning``
         the task awaiting ``start()`` is cancelled      token fired (``UserRequested``), tasks
         (or the lifecycle task itself, as               joined, ``on_stop``/``post_stop`` run, all
@@ -305,6 +341,8 @@ class Service(Generic[N, A, R]):
         run > on_stop > post_stop > join; the others are logged on the
         ``dig_service.service`` logger and added as notes to it. Every
         ``ServiceError`` chains the original exception as ``__cause__``.
+        Whenever a shutdown began, the status (``ExitStatus.report``) or the
+        error (``ServiceError.report``) carries its ``ShutdownReport``.
         After a failed ``pre_start``/``on_start`` the token is cancelled with
         ``ShutdownReason.Fatal(...)`` and the tasks spawned so far are joined.
 
@@ -325,6 +363,13 @@ class Service(Generic[N, A, R]):
                 "single-shot, build a new Service (with a new node) to start again"
             )
         loop = asyncio.get_running_loop()
+        try:
+            watch = watch_running_loop(self._config.stall_warning, self._label)
+        except BaseException:  # no thread for the watchdog: nothing started yet
+            self._slot.abandon(f"service {self._label!r}: the loop-stall watchdog did not start")
+            raise
+        if watch is not None:
+            self._loop_watch = watch
         self._hook_context = contextvars.copy_context()
         lifecycle = loop.create_task(
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
@@ -339,15 +384,19 @@ class Service(Generic[N, A, R]):
         del self
         escape: _Escape | None = None
         try:
-            await asyncio.wait((lifecycle,))
-        except asyncio.CancelledError:
-            me = service()
-            if me is not None:  # always, while the lifecycle runs
-                await me._wind_down_after_cancel(lifecycle)
-                del me
-            escape = _escape_of(lifecycle)
-            if escape is None:
-                raise
+            try:
+                await asyncio.wait((lifecycle,))
+            except asyncio.CancelledError:
+                me = service()
+                if me is not None:  # always, while the lifecycle runs
+                    await me._wind_down_after_cancel(lifecycle)
+                    del me
+                escape = _escape_of(lifecycle)
+                if escape is None:
+                    raise
+        finally:
+            if watch is not None:
+                watch.stop()
         if escape is not None:
             # A hook's BaseException outranks the cancellation. Raised out of
             # the handler, so that its context is left as it was.
@@ -448,7 +497,12 @@ class Service(Generic[N, A, R]):
         Failures are returned, not raised (``start()`` raises them), so that no
         frame of the lifecycle, which holds the service, is in their traceback.
         """
-        outcome = await self._stages()
+        try:
+            outcome = await self._stages()
+        finally:
+            if self._fire_watch is not None and not self._fire_watch.done():
+                self._fire_watch.cancel()
+            self._fire_watch = None
         self._slot.finish(outcome.error if isinstance(outcome, _Escape) else outcome)
         if self._torn_down:
             # Nobody may be waiting for start() any more: say how it ended.
@@ -466,40 +520,77 @@ class Service(Generic[N, A, R]):
         token, tasks = self._token, self._tasks
         start_ctx = StartContext(self._name, token, tasks)
         logger.debug("service %s: starting", self._label)
+        self._watch_fire()
+
+        if token.is_cancelled():
+            # Requested before start(): the service never starts, no hook runs; the
+            # tasks already in its registry are joined (the budget counts from start()).
+            logger.info("service %s: shutdown requested before start(): no hook runs", self._label)
+            reason = ExitReason.RequestedShutdown(_reason_of(token))
+            return await self._wind_down(reason, [], on_stop=False, post_stop=False)
 
         exc = await self._edge_hook(Phase.PRE_START, start_ctx)
+        # A shutdown requested before pre_start ended: then the service has a report.
+        requested = token.is_cancelled()
         if exc is not None:
             primary = self._hook_failure(PreStartFailed, "pre_start", exc)
             self._fire_after("pre_start", exc)
-            join_err = await self._join(self._config.shutdown_deadline)
+            join_err = await self._join(self._share_end())
             self._finish_phase()
             failed = self._outcome([("pre_start", exc, primary), ("joining tasks", None, join_err)])
             assert failed is not None
+            if requested:
+                self._attach(failed, self._report())
             return failed
+        if requested:
+            return await self._startup_interrupted("pre_start", on_start_completed=False)
 
         exc = await self._edge_hook(Phase.ON_START, start_ctx)
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
-            join_err = await self._join(self._config.shutdown_deadline)
-            stop_ctx = StopContext(token, tasks, ExitReason.RunError(exc))
-            post_exc = await self._edge_hook(Phase.POST_STOP, stop_ctx)
-            self._finish_phase()
-            post_err = self._hook_failure(OnStopFailed, "post_stop", post_exc)
-            failed = self._outcome(
-                [
-                    ("on_start", exc, primary),
-                    ("post_stop", post_exc, post_err),
-                    ("joining tasks", None, join_err),
-                ]
+            return await self._wind_down(
+                ExitReason.RunError(exc), [("on_start", exc, primary)], on_stop=False
             )
-            assert failed is not None
-            return failed
+        if token.is_cancelled():
+            return await self._startup_interrupted("on_start", on_start_completed=True)
 
         logger.info("service %s: started", self._label)
         exit_reason, run_exc, run_overran = await self._drive_run()
+        failures: list[tuple[str, BaseException | None, ServiceError | None]] = [
+            ("run", run_exc, self._hook_failure(RunFailed, "run", run_exc))
+        ]
+        return await self._wind_down(exit_reason, failures, run_overran=run_overran)
 
-        join_err = await self._join(0.0 if run_overran else self._config.shutdown_deadline)
+    async def _startup_interrupted(
+        self, hook: str, *, on_start_completed: bool
+    ) -> ExitStatus | ServiceError | _Escape:
+        """The token fired while the start-up hook ``hook`` ran, and it returned: ``run`` is
+        skipped, the service winds down (``on_stop`` only if ``on_start`` completed) and
+        ``start()`` returns ``RequestedShutdown``."""
+        logger.info("service %s: shutdown requested during %s; run is skipped", self._label, hook)
+        reason = ExitReason.RequestedShutdown(_reason_of(self._token))
+        return await self._wind_down(reason, [], on_stop=on_start_completed)
+
+    async def _wind_down(
+        self,
+        exit_reason: ExitReason,
+        failures: list[tuple[str, BaseException | None, ServiceError | None]],
+        *,
+        on_stop: bool = True,
+        post_stop: bool = True,
+        run_overran: bool = False,
+    ) -> ExitStatus | ServiceError | _Escape:
+        """After the token fired: join the tasks in what is left of the share of ``run`` and
+        the join, then ``on_stop`` (if ``on_stop``) and ``post_stop`` (if ``post_stop``) in
+        the stop hooks' window; return the outcome, with its report attached.
+
+        ``failures``: the failures so far (``(stage, exception, error)``), which outrank
+        every later one."""
+        token, tasks = self._token, self._tasks
+        loop = asyncio.get_running_loop()
+        # `run` past its share: the share is spent, every task still live is a straggler.
+        join_err = await self._join(loop.time() if run_overran else self._share_end())
         if run_overran:
             names = [RUN_TASK_NAME]
             if isinstance(join_err, ShutdownDeadlineExceeded):
@@ -508,28 +599,91 @@ class Service(Generic[N, A, R]):
                 logger.error("service %s: joining tasks failed", self._label, exc_info=join_err)
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
+        stop_by = self._stop_end(loop.time())
         stop_ctx = StopContext(token, tasks, exit_reason)
-        on_stop_exc = await self._edge_hook(Phase.ON_STOP, stop_ctx)
-        post_stop_exc = await self._edge_hook(Phase.POST_STOP, stop_ctx)
+        if on_stop:
+            exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
+            failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
+        if post_stop:
+            exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
+            failures.append(("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc)))
         self._finish_phase()
-
-        failed = self._outcome(
-            [
-                ("run", run_exc, self._hook_failure(RunFailed, "run", run_exc)),
-                ("on_stop", on_stop_exc, self._hook_failure(OnStopFailed, "on_stop", on_stop_exc)),
-                (
-                    "post_stop",
-                    post_stop_exc,
-                    self._hook_failure(OnStopFailed, "post_stop", post_stop_exc),
-                ),
-                ("joining tasks", None, join_err),
-            ]
-        )
+        failures.append(("joining tasks", None, join_err))
+        report = self._report()
+        failed = self._outcome(failures)
         if failed is not None:
+            self._attach(failed, report)
             return failed
-        status = ExitStatus(exit_reason)
+        status = ExitStatus(exit_reason, report=report)
         logger.info("service %s: stopped: %s", self._label, status)
         return status
+
+    # ----------------------------------------------------------------- the budget
+
+    def _watch_fire(self) -> None:
+        """Stamp the moment the token fires (loop time) and the tasks live then: the
+        budget and the report count from it. At once if it has fired already."""
+        fired = self._token._park()
+        if fired is None:
+            self._mark_fired()
+            return
+        self._fire_watch = fired
+        me = weakref.ref(self)  # the token (held by every handle) must not hold the service
+
+        def on_fire(f: asyncio.Future[None]) -> None:
+            service = me()
+            if service is not None and not f.cancelled():
+                service._mark_fired()
+
+        fired.add_done_callback(on_fire)
+
+    def _mark_fired(self) -> None:
+        """Record the token's firing, now, unless it was recorded already (first wins)."""
+        if self._fired_at is None:
+            self._fired_at = asyncio.get_running_loop().time()
+            self._live_at_fire = len(self._tasks)
+
+    def _fired(self) -> float:
+        """When the token fired (loop time). Asked only once it has: a firing from
+        another thread whose callback has not run yet is stamped now."""
+        if self._fired_at is None:
+            self._mark_fired()
+        assert self._fired_at is not None
+        return self._fired_at
+
+    def _share_end(self) -> float:
+        """The end of the share of ``run`` and the join (and of a start-up hook the token
+        interrupted): ``shutdown_deadline - stop_reserve`` after the token fired."""
+        return self._fired() + self._config.run_and_join_budget
+
+    def _stop_end(self, start: float) -> float:
+        """The end of the stop hooks' window when they start at ``start``: what is left of
+        the budget, never less than the reserve."""
+        config = self._config
+        return max(self._fired() + config.shutdown_deadline, start + config.stop_reserve)
+
+    def _report(self) -> ShutdownReport:
+        """The report of the shutdown, as it stands now (its end)."""
+        loop = asyncio.get_running_loop()
+        fired = self._fired()
+        if self._fire_watch is not None and not self._fire_watch.done():
+            self._fire_watch.cancel()
+        self._fire_watch = None
+        return ShutdownReport(
+            reason=_reason_of(self._token),
+            total=max(0.0, loop.time() - fired),
+            tasks_at_start=self._live_at_fire,
+            phases=[
+                self._phases.get(name, PhaseReport(name, 0.0, "skipped")) for name in PHASE_NAMES
+            ],
+            stragglers=list(self._stragglers),
+        )
+
+    @staticmethod
+    def _attach(failed: ServiceError | _Escape, report: ShutdownReport) -> None:
+        """Attach ``report`` to the error that is raised (and recorded)."""
+        error = failed.error if isinstance(failed, _Escape) else failed
+        error.report = report
 
     def _outcome(
         self, failures: Sequence[tuple[str, BaseException | None, ServiceError | None]]
@@ -623,49 +777,56 @@ class Service(Generic[N, A, R]):
             context=self._hook_context,
         )
 
-    async def _edge_hook(self, hook: Phase, ctx: object) -> BaseException | None:
+    async def _edge_hook(
+        self, hook: Phase, ctx: object, *, stop_by: float | None = None
+    ) -> BaseException | None:
         """Run one edge hook; return its exception, or ``None`` if it succeeded.
 
-        The hook is bounded by ``hook_timeout`` from its start and, once the
-        token has fired, by ``shutdown_deadline`` from then. A hook that
-        overruns is cancelled (and no longer waited for) and its failure is a
-        ``TimeoutError`` saying which limit it hit.
+        The hook is bounded by ``hook_timeout`` from its start and by its share of the
+        shutdown budget: a start-up hook, once the token fired, by the end of the share
+        of ``run`` and the join; a stop hook by ``stop_by``, the end of the stop hooks'
+        window. A hook that overruns is cancelled (and no longer waited for) and its
+        failure is a ``TimeoutError`` saying which limit it hit. A stop hook's duration
+        and outcome go into the report.
         """
         self._phase = hook
         if hook in (Phase.PRE_START, Phase.ON_START) and self._startup_aborted:
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         task = self._call_hook(hook.value, self._node, ctx)
         if isinstance(task, BaseException):
+            self._record_phase(hook, started, "failed")
             return task
         self._hook_task = task
-        loop = asyncio.get_running_loop()
-        token, config = self._token, self._config
-        hook_timeout, deadline = config.hook_timeout, config.shutdown_deadline
-        started = loop.time()
-        by_deadline = False
-        fired = token._park()  # a plain future: resolved when the token fires
+        token, hook_timeout = self._token, self._config.hook_timeout
+        hook_end = None if hook_timeout is None else started + hook_timeout
+        budget_end: float | None = stop_by
         try:
-            if fired is not None:
-                await self._wait((task, fired), within=hook_timeout, return_when=_FIRST)
-            if not task.done() and token.is_cancelled():
-                budget = deadline
-                if hook_timeout is not None:
-                    budget = min(budget, started + hook_timeout - loop.time())
-                by_deadline = budget == deadline
-                if budget > 0:
-                    await self._wait((task,), within=budget)
+            if stop_by is None:
+                fired = token._park()  # a plain future: resolved when the token fires
+                if fired is not None:
+                    try:
+                        await self._wait((task, fired), within=hook_timeout, return_when=_FIRST)
+                    finally:
+                        if not fired.done():
+                            fired.cancel()
+                if not task.done() and token.is_cancelled():
+                    budget_end = self._share_end()
+            if not task.done() and budget_end is not None:
+                end = budget_end if hook_end is None else min(budget_end, hook_end)
+                await self._wait((task,), within=max(0.0, end - loop.time()))
         finally:
             self._hook_task = None
-            if fired is not None and not fired.done():
-                fired.cancel()
         if not task.done():
             task.cancel()
             _reap(task, self._label, hook)
             await self._wait((task,), within=0)  # one step to handle the cancellation
-            if by_deadline:
+            self._record_phase(hook, started, "timed_out")
+            if budget_end is not None and (hook_end is None or budget_end < hook_end):
                 limit = (
-                    f"the shutdown deadline of {deadline:g}s after the token fired "
-                    "(ServiceConfig.shutdown_deadline)"
+                    f"its share of the shutdown budget ({self._config.shutdown_deadline:g}s "
+                    "from the token firing, ServiceConfig.shutdown_deadline / stop_reserve)"
                 )
             else:
                 limit = f"{hook_timeout:g}s (ServiceConfig.hook_timeout)"
@@ -673,19 +834,29 @@ class Service(Generic[N, A, R]):
                 f"hook `{hook}` of service {self._label!r} did not finish within {limit} "
                 "and was cancelled"
             )
-        return _hook_exception(task)
+        exc = _hook_exception(task)
+        self._record_phase(hook, started, "ok" if exc is None else "failed")
+        return exc
+
+    def _record_phase(self, hook: Phase, started: float, outcome: PhaseOutcome) -> None:
+        """Record a stop hook's duration and outcome for the report."""
+        if hook in (Phase.ON_STOP, Phase.POST_STOP):
+            took = asyncio.get_running_loop().time() - started
+            self._phases[hook.value] = PhaseReport(hook.value, took, outcome)  # type: ignore[arg-type]
 
     async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
-        """Run ``run`` until it returns, bounded by the deadline once the token fired.
+        """Run ``run`` until it returns, bounded by its share of the budget once the token
+        fired.
 
         Returns ``(exit_reason, run_exception, run_overran)``. Whatever the
         outcome, the token has fired when this returns.
         """
-        token, deadline = self._token, self._config.shutdown_deadline
+        token = self._token
         self._phase = Phase.RUN
         run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
         if isinstance(run_task, BaseException):
             self._fire_after("run", run_task)
+            self._run_phase("failed")
             return ExitReason.RunError(run_task), run_task, False
 
         overran = False
@@ -699,8 +870,9 @@ class Service(Generic[N, A, R]):
                 if not fired.done():
                     fired.cancel()
         if not run_task.done():
-            # The token fired first: `run` has the shutdown deadline to return.
-            await self._wait((run_task,), within=deadline)
+            # The token fired first: `run` has its share of the budget to return.
+            loop = asyncio.get_running_loop()
+            await self._wait((run_task,), within=max(0.0, self._share_end() - loop.time()))
             if not run_task.done():
                 overran = True
                 run_task.cancel()
@@ -709,11 +881,12 @@ class Service(Generic[N, A, R]):
 
         if overran:
             logger.error(
-                "service %s: run did not return within the shutdown deadline of %gs "
-                "after the token fired; it was cancelled",
+                "service %s: run did not return within its share of the shutdown budget "
+                "(%gs after the token fired); it was cancelled",
                 self._label,
-                deadline,
+                self._config.run_and_join_budget,
             )
+            self._run_phase("timed_out")
             return ExitReason.RequestedShutdown(_reason_of(token)), None, True
 
         exc = _hook_exception(run_task)
@@ -721,40 +894,130 @@ class Service(Generic[N, A, R]):
             exc = None  # cancelled along with the lifecycle task: run ended by the shutdown
         if exc is not None:
             self._fire_after("run", exc)
+            self._run_phase("failed")
             return ExitReason.RunError(exc), exc, False
         if not token.is_cancelled():
             token.cancel(ShutdownReason.RequestedByRun())
+            self._mark_fired()
             if token.reason() == ShutdownReason.RequestedByRun():
+                self._run_phase("ok")
                 return ExitReason.RunCompleted(), None, False
             # Someone else's reason won the race: it is theirs that is reported.
+        self._run_phase("ok")
         return ExitReason.RequestedShutdown(_reason_of(token)), None, False
 
-    async def _join(self, deadline: float) -> ServiceError | None:
-        """``join_all(deadline)``; return its error instead of raising it.
+    def _run_phase(self, outcome: PhaseOutcome) -> None:
+        """Record ``run``'s stage: from the token firing until ``run`` ended."""
+        took = max(0.0, asyncio.get_running_loop().time() - self._fired())
+        self._phases["run"] = PhaseReport("run", took, outcome)
 
-        A cancellation of the lifecycle task does not cut the join short: it
-        goes on with the time left.
+    async def _join(self, until: float) -> ServiceError | None:
+        """Join the tracked tasks until ``until`` (loop time); return the error instead of
+        raising it, and record the join and its stragglers for the report.
+
+        At ``until``, the stacks of the Python stragglers are taken (before they are
+        cancelled), then ``join_all(0)`` stops every task still live and names them. A
+        cancellation of the lifecycle task does not cut the join short: it goes on to
+        the same end.
         """
         self._phase = Phase.JOIN
         loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        left = deadline
-        while True:
-            try:
-                await self._tasks.join_all(left)
-            except asyncio.CancelledError:
-                self._lifecycle_cancelled()
-                left = max(0.0, end - loop.time())
-                continue
-            except ShutdownDeadlineExceeded as err:
-                # A new one: the deadline as configured (not what was left of
-                # it after a cancellation), and no traceback through our
-                # frames, which hold the service.
-                return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
-            except Exception as exc:  # not expected from the core: report it, keep going
-                what = f"service {self._label!r}: joining tasks failed: {describe_exc(exc)}"
-                return _chain(ServiceError(what), exc.with_traceback(None))
+        started = loop.time()
+        joining = loop.create_task(
+            self._tasks.join_all(_JOIN_FOREVER), name=f"dig_service.join[{self._label}]"
+        )
+        await self._wait((joining,), within=max(0.0, until - loop.time()))
+        seen: _Look | None = None
+        if not joining.done():
+            seen = _look_at_stragglers(self._tasks, loop)
+            joining.cancel()
+        await self._wait((joining,))  # done, or one step to handle the cancellation
+        err: BaseException | None = None
+        if joining.cancelled():
+            while True:
+                try:
+                    await self._tasks.join_all(0.0)
+                except asyncio.CancelledError:
+                    self._lifecycle_cancelled()
+                    continue
+                except Exception as exc:  # reported below
+                    err = exc
+                break
+        else:
+            err = joining.exception()
+        took = loop.time() - started
+        if err is None:
+            self._phases["join"] = PhaseReport("join", took, "ok")
             return None
+        if isinstance(err, ShutdownDeadlineExceeded):
+            self._phases["join"] = PhaseReport("join", took, "timed_out")
+            self._stragglers = _stragglers(err.pending_names, seen)
+            # A new one: the whole budget as the deadline, and no traceback through our
+            # frames, which hold the service.
+            deadline = self._config.shutdown_deadline
+            return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
+        self._phases["join"] = PhaseReport("join", took, "failed")
+        # Not expected from the core: report it, keep going.
+        what = f"service {self._label!r}: joining tasks failed: {describe_exc(err)}"
+        return _chain(ServiceError(what), err.with_traceback(None))
+
+
+_JOIN_FOREVER: Final = 1e9
+"""The deadline the lifecycle hands ``join_all`` while it keeps the real one itself (so
+that it can take the stragglers' stacks before they are cancelled)."""
+
+
+class _Look:
+    """What the lifecycle saw of the live tasks at the join's deadline, before stopping
+    them: their summaries, and the stacks of (up to ``MAX_STACKS`` of) the Python ones."""
+
+    __slots__ = ("stacks", "summaries")
+
+    def __init__(self, summaries: list[TaskSummary], stacks: dict[str, list[str]]) -> None:
+        self.summaries = summaries
+        self.stacks = stacks
+
+
+def _look_at_stragglers(tasks: TaskRegistry, loop: asyncio.AbstractEventLoop) -> _Look:
+    """The registry's snapshot, and the stacks of its Python tasks running on ``loop``
+    (by name, in spawn order for same-named ones), taken while they are still suspended
+    where they were stuck."""
+    summaries = tasks.snapshot()
+    wanted: dict[str, int] = {}
+    for s in summaries:
+        if s.origin == "python" and sum(wanted.values()) < MAX_STACKS:
+            wanted[s.name] = wanted.get(s.name, 0) + 1
+    stacks: dict[str, list[str]] = {}
+    if wanted:
+        for task in asyncio.all_tasks(loop):
+            name = task.get_name()
+            if len(stacks.get(name, ())) < wanted.get(name, 0):
+                stacks.setdefault(name, []).append(format_task_stack(task))
+    return _Look(summaries, stacks)
+
+
+def _stragglers(names: Sequence[str], look: _Look | None) -> list[StragglerReport]:
+    """A report of each straggler ``join_all`` named, with what was seen of it just before
+    (a task spawned after the look has no kind or age to tell: a placeholder)."""
+    by_name: dict[str, list[TaskSummary]] = {}
+    stacks: dict[str, list[str]] = {}
+    if look is not None:
+        for s in look.summaries:
+            by_name.setdefault(s.name, []).append(s)
+        stacks = {name: list(found) for name, found in look.stacks.items()}
+    now = time.monotonic()
+    report = []
+    for name in names:
+        same = by_name.get(name)
+        if not same:
+            report.append(StragglerReport(name, TaskKind.BackgroundLoop, "python", 0.0, None))
+            continue
+        s = same.pop(0)
+        stack = None
+        if s.origin == "python" and stacks.get(name):
+            stack = stacks[name].pop(0)
+        report.append(StragglerReport(name, s.kind, s.origin, max(0.0, now - s.spawned_at), stack))
+    return report
 
 
 class _Escape:

@@ -4,12 +4,19 @@
 //! `Clone` (hook errors are shared through `Arc`) so one failure can be
 //! reported to `start()`'s caller and to every `wait_for_exit()` waiter.
 //! A hook's own error is kept as the [`source`](std::error::Error::source),
-//! never re-formatted into a new error.
+//! never re-formatted into a new error. An error of `start()` that ended a
+//! shutdown carries its [`ShutdownReport`] ([`ServiceError::report`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+
+use crate::report::ShutdownReport;
+
+/// The report a [`ServiceError`] variant carries: `None` until `start()`
+/// attaches one (see [`ServiceError::report`]).
+pub type Report = Option<Arc<ShutdownReport>>;
 
 /// `Result<T, ServiceError>`.
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -18,25 +25,27 @@ pub type Result<T> = std::result::Result<T, ServiceError>;
 #[non_exhaustive]
 #[derive(Error, Debug, Clone)]
 pub enum ServiceError {
-    /// `pre_start` failed; no later hook ran.
+    /// `pre_start` failed; no later hook ran. The second field is the
+    /// shutdown's report when a shutdown had been requested before
+    /// `pre_start` ended (see [`ServiceError::report`]).
     #[error("pre_start failed: {0}")]
-    PreStartFailed(#[source] Arc<anyhow::Error>),
+    PreStartFailed(#[source] Arc<anyhow::Error>, Report),
 
     /// `on_start` failed; `post_stop` ran, `run` and `on_stop` did not.
     #[error("on_start failed: {0}")]
-    OnStartFailed(#[source] Arc<anyhow::Error>),
+    OnStartFailed(#[source] Arc<anyhow::Error>, Report),
 
     /// `run` failed (or panicked); tasks were joined and `on_stop` and
     /// `post_stop` still ran.
     #[error("run failed: {0}")]
-    RunFailed(#[source] Arc<anyhow::Error>),
+    RunFailed(#[source] Arc<anyhow::Error>, Report),
 
     /// `on_stop` or `post_stop` failed; the later hook still ran.
     #[error("on_stop failed: {0}")]
-    OnStopFailed(#[source] Arc<anyhow::Error>),
+    OnStopFailed(#[source] Arc<anyhow::Error>, Report),
 
-    /// Tracked tasks were still live when the deadline passed; they were
-    /// aborted (native) or cancelled (foreign) and are named here.
+    /// Tracked tasks (or `run`) were still live when the deadline passed;
+    /// they were aborted (native) or cancelled (foreign) and are named here.
     ///
     /// The message names the first [`NAMES_SHOWN`] of them and says how
     /// many more there are (ten thousand names make no log line);
@@ -46,12 +55,16 @@ pub enum ServiceError {
         names_preview(pending_names)
     )]
     ShutdownDeadlineExceeded {
-        /// The deadline that was exceeded.
+        /// The deadline that was exceeded (for `Service::start`, the
+        /// service's `shutdown_deadline`: the whole budget).
         deadline: Duration,
         /// How many tasks were live when it passed.
         pending: usize,
         /// Their names, in spawn order.
         pending_names: Vec<String>,
+        /// The shutdown's report, from `Service::start` (`None` from
+        /// [`TaskRegistry::join_all`](crate::TaskRegistry::join_all)).
+        report: Report,
     },
 
     /// `start()` was called on a service that has already been started.
@@ -75,6 +88,12 @@ pub enum ServiceError {
     #[error("the tokio runtime has shut down; the task was not started")]
     RuntimeShutDown,
 
+    /// The service's configuration is inconsistent (the message names the
+    /// knob, e.g. a `stop_reserve` larger than the `shutdown_deadline`);
+    /// `start()` refused to start.
+    #[error("{0}")]
+    InvalidConfig(String),
+
     /// The service's lifecycle was cut short before it finished: its tokio
     /// runtime shut down under it (or the lifecycle task itself panicked).
     /// The token was cancelled, every task stopped and the registry closed;
@@ -87,6 +106,40 @@ pub enum ServiceError {
     /// (see [`RestartPolicy::validate`](crate::RestartPolicy::validate)).
     #[error("invalid RestartPolicy: {0}")]
     InvalidRestartPolicy(String),
+}
+
+impl ServiceError {
+    /// The report of the shutdown this error ended, when `Service::start`
+    /// (or `wait_for_exit`) returned it after a shutdown began: always for
+    /// `OnStartFailed`, `RunFailed`, `OnStopFailed` and the service's
+    /// `ShutdownDeadlineExceeded`; for `PreStartFailed` only when a
+    /// shutdown had been requested before `pre_start` ended (a `pre_start`
+    /// that fails by itself shuts nothing down). `None` for every other
+    /// error.
+    pub fn report(&self) -> Option<&ShutdownReport> {
+        match self {
+            Self::PreStartFailed(_, report)
+            | Self::OnStartFailed(_, report)
+            | Self::RunFailed(_, report)
+            | Self::OnStopFailed(_, report)
+            | Self::ShutdownDeadlineExceeded { report, .. } => report.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// `self` with `report` attached (a no-op for a variant that carries
+    /// none).
+    pub(crate) fn with_report(mut self, new: &Arc<ShutdownReport>) -> Self {
+        match &mut self {
+            Self::PreStartFailed(_, report)
+            | Self::OnStartFailed(_, report)
+            | Self::RunFailed(_, report)
+            | Self::OnStopFailed(_, report)
+            | Self::ShutdownDeadlineExceeded { report, .. } => *report = Some(new.clone()),
+            _ => {}
+        }
+        self
+    }
 }
 
 /// How many straggler names a [`ServiceError::ShutdownDeadlineExceeded`]
@@ -130,6 +183,7 @@ mod tests {
             deadline: Duration::from_secs(1),
             pending: names.len(),
             pending_names: names.clone(),
+            report: None,
         };
         let msg = err.to_string();
         assert_eq!(
@@ -141,6 +195,7 @@ mod tests {
             deadline: Duration::from_secs(1),
             pending: 2,
             pending_names: names[..2].to_vec(),
+            report: None,
         };
         assert!(
             few.to_string().ends_with("running: peer-0, peer-1"),

@@ -15,6 +15,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::report::ShutdownReport;
 use crate::shutdown::ShutdownReason;
 
 /// Why a service's lifecycle ended.
@@ -50,9 +51,32 @@ impl fmt::Display for ExitReason {
 pub struct ExitStatus {
     /// Why the service exited.
     pub reason: ExitReason,
+    /// The shutdown's report (`start()` always attaches one).
+    report: Option<Arc<ShutdownReport>>,
 }
 
 impl ExitStatus {
+    /// A status with no report.
+    pub fn new(reason: ExitReason) -> Self {
+        Self {
+            reason,
+            report: None,
+        }
+    }
+
+    /// `self` with `report` attached.
+    pub fn with_report(mut self, report: Arc<ShutdownReport>) -> Self {
+        self.report = Some(report);
+        self
+    }
+
+    /// The report of the shutdown that ended the service: its reason,
+    /// total time, each stage and every straggler. `Service::start` always
+    /// attaches one (a status returned by `start()` follows a shutdown).
+    pub fn report(&self) -> Option<&ShutdownReport> {
+        self.report.as_deref()
+    }
+
     /// Whether the exit was graceful: `false` iff the reason is
     /// [`ExitReason::RunError`] or
     /// [`ExitReason::RequestedShutdown`]`(`[`ShutdownReason::Fatal`]`)`.
@@ -84,7 +108,7 @@ mod tests {
     use super::*;
 
     fn status(reason: ExitReason) -> ExitStatus {
-        ExitStatus { reason }
+        ExitStatus::new(reason)
     }
 
     /// **Proves:** `is_graceful` / `exit_code` classify every reason: only

@@ -14,8 +14,10 @@
 //! ## Lifecycle
 //!
 //! ```text
-//! pre_start → on_start → run ─┬→ cancel token → join_all(deadline) → on_stop → post_stop
-//!                              └ (run bounded by the deadline once the token fired)
+//! pre_start → on_start → run ─┬→ cancel token → join tasks → on_stop → post_stop
+//!                              └ from the token firing, one budget (shutdown_deadline):
+//!                                run + join share deadline - stop_reserve,
+//!                                the stop hooks get the rest (>= stop_reserve)
 //! ```
 //!
 //! ## Feature flags
@@ -32,6 +34,7 @@ mod config;
 mod error;
 mod exit;
 mod handle;
+mod report;
 mod service;
 mod shutdown;
 mod tasks;
@@ -51,12 +54,15 @@ pub use config::ServiceConfig;
 pub use error::{HookTimeout, Result, ServiceError, NAMES_SHOWN};
 pub use exit::{ExitReason, ExitStatus};
 pub use handle::ServiceHandle;
+pub use report::{
+    PhaseOutcome, PhaseReport, ShutdownPhase, ShutdownReport, StragglerReport, MAX_STACKS,
+};
 pub use service::Service;
 pub use shutdown::{OnCancelGuard, ShutdownReason, ShutdownToken};
 pub use tasks::{
-    ForeignTask, ForeignTaskId, KindStats, Restart, RestartPolicy, Stragglers, SupervisedHandle,
-    TaskFailure, TaskHandle, TaskKind, TaskName, TaskOrigin, TaskOutcome, TaskRegistry, TaskStats,
-    TaskSummary,
+    ForeignTask, ForeignTaskId, KindStats, Restart, RestartPolicy, Straggler, Stragglers,
+    SupervisedHandle, TaskFailure, TaskHandle, TaskKind, TaskName, TaskOrigin, TaskOutcome,
+    TaskRegistry, TaskStats, TaskSummary,
 };
 pub use traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
 pub use wire::{DisconnectReason, InboundMessage, JsonRpcError, PeerId, PeerInfo};

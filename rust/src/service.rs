@@ -3,14 +3,31 @@
 //! # Guarantees of [`Service::start`]
 //!
 //! - **Order.** `pre_start → on_start → run → cancel token →
-//!   join_all(shutdown_deadline) → on_stop → post_stop`.
+//!   join_all → on_stop → post_stop`.
 //! - **Cleanup always runs.** A failed or panicking `run` still gets its
 //!   tasks joined and `on_stop` + `post_stop` called; a failed `on_stop`
 //!   still gets `post_stop`; a failed `on_start` gets `post_stop`.
-//! - **Bounded shutdown.** Once the token has fired, no stage (an edge
-//!   hook, `run`, the task join) blocks longer than
-//!   [`ServiceConfig::shutdown_deadline`]; [`ServiceConfig::hook_timeout`]
-//!   additionally bounds each edge hook from the moment it starts.
+//! - **One shutdown budget.** From the token firing, `start()` returns
+//!   within [`ServiceConfig::shutdown_deadline`] (plus scheduling slack),
+//!   whatever the node does. `run` and the join share `shutdown_deadline -
+//!   stop_reserve` (a start-up hook the token interrupts shares it too);
+//!   `on_stop` and `post_stop` share what is left, never less than
+//!   [`ServiceConfig::stop_reserve`]: a straggler cannot eat the time a
+//!   flush needs. What overruns its share is dropped (a hook, `run`) or
+//!   aborted (a task), and named, never waited for.
+//!   [`ServiceConfig::hook_timeout`] still bounds each edge hook from the
+//!   moment it starts.
+//! - **Shutdown during start-up.** A shutdown requested while `pre_start`
+//!   or `on_start` runs is honoured: the hook sees it on `ctx.shutdown`, no
+//!   later start-up hook runs, `run` is skipped, and the service winds down
+//!   (join, `on_stop` only if `on_start` completed, `post_stop`);
+//!   `start()` returns `RequestedShutdown`. Requested before `start()`, no
+//!   hook runs at all. A start-up hook that ignores the request is dropped
+//!   at the end of its share, and fails.
+//! - **A report.** Whenever a shutdown began, what `start()` returns
+//!   carries a [`ShutdownReport`](crate::ShutdownReport)
+//!   ([`ExitStatus::report`], [`ServiceError::report`]): reason, total
+//!   time, each stage's duration and outcome, every straggler.
 //! - **Panics are failures, not crashes.** A panic inside any hook is
 //!   caught and reported as that hook's failure, with the panic message
 //!   (`"non-string panic payload"` for a payload that is not a string).
@@ -55,12 +72,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceConfig;
 use crate::error::{HookTimeout, Result, ServiceError};
 use crate::exit::{ExitReason, ExitStatus};
 use crate::handle::{ServiceHandle, Shared};
+use crate::report::{
+    FireStamp, Fired, PhaseOutcome, PhaseReport, ShutdownPhase, ShutdownReport, StragglerReport,
+    MAX_STACKS,
+};
 use crate::shutdown::{ShutdownReason, ShutdownToken};
 use crate::tasks::{panic_message, TaskRegistry};
 use crate::traits::{NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext};
@@ -224,28 +246,39 @@ where
     /// |---|---|
     /// | all hooks succeed, token fired from outside | `Ok(ExitStatus { reason: RequestedShutdown(that reason) })` |
     /// | all hooks succeed, `run` returned by itself | `Ok(ExitStatus { reason: RunCompleted })`; the token is cancelled with [`ShutdownReason::RequestedByRun`] so tasks wind down |
+    /// | token fired before `start()` | no hook runs; tasks already in the registry are joined; `Ok(RequestedShutdown(reason))` |
+    /// | token fired while `pre_start` runs, and it returns | `on_start` and `run` skipped; tasks joined, `post_stop`; `Ok(RequestedShutdown(reason))` |
+    /// | token fired while `on_start` runs, and it returns | `run` skipped; tasks joined, `on_stop`, `post_stop`; `Ok(RequestedShutdown(reason))` |
     /// | `pre_start` fails | [`ServiceError::PreStartFailed`]; no later hook runs (tasks it spawned are still stopped: token cancelled with `Fatal`, then joined) |
     /// | `on_start` fails | [`ServiceError::OnStartFailed`]; token cancelled with `Fatal`, tasks joined, then `post_stop` (its `exit_reason` is `RunError` carrying the `on_start` error); `run` / `on_stop` do not run |
     /// | `run` fails or panics | [`ServiceError::RunFailed`]; token cancelled with `Fatal`, tasks joined, `on_stop` and `post_stop` still run |
     /// | `on_stop` or `post_stop` fails | [`ServiceError::OnStopFailed`]; the later hook still runs |
     /// | any hook panics (any payload; also while its future is dropped) | as that hook failing (above); a panic in a dropped hook's `Drop` is logged; the join and the stop hooks run |
     /// | a tracked task fails or panics | logged and counted; the lifecycle goes on (a [critical](TaskRegistry::spawn_critical) task cancels the token with `Fatal`) |
-    /// | tracked tasks outlive `shutdown_deadline` in `join_all` | they are aborted (native) / cancelled (foreign); [`ServiceError::ShutdownDeadlineExceeded`] |
-    /// | `run` outlives `shutdown_deadline` after the token fired | `run` is dropped and every still-live task is stopped at once; `ShutdownDeadlineExceeded` with `"run"` first in `pending_names` |
-    /// | an edge hook outlives `hook_timeout` (or, once the token has fired, `shutdown_deadline`) | that hook's failure, with a [`HookTimeout`] source |
+    /// | tracked tasks outlive the share of `run` and the join | they are aborted (native) / cancelled (foreign); [`ServiceError::ShutdownDeadlineExceeded`] |
+    /// | `run` outlives its share after the token fired | `run` is dropped and every still-live task is stopped at once; `ShutdownDeadlineExceeded` with `"run"` first in `pending_names` |
+    /// | an edge hook outlives `hook_timeout` (or its share of the budget) | that hook's failure, with a [`HookTimeout`] source |
+    /// | `stop_reserve` larger than `shutdown_deadline` | [`ServiceError::InvalidConfig`]; nothing runs |
     /// | `start` called a second time | [`ServiceError::AlreadyRunning`] |
     /// | `start` polled outside a tokio runtime | [`ServiceError::NoRuntime`]; the service is not started (a later `start` may) |
-    /// | the `start()` future is dropped before it finished | token fired (`UserRequested`; an earlier reason wins), a running `pre_start`/`on_start` cut short (its failure), then the wind-down as above (join, `on_stop`, `post_stop`, bounded by the deadline) runs on the runtime; `wait_for_exit` returns the outcome |
+    /// | the `start()` future is dropped before it finished | token fired (`UserRequested`; an earlier reason wins), a running `pre_start`/`on_start` cut short (its failure), then the wind-down as above (join, `on_stop`, `post_stop`, within the budget) runs on the runtime; `wait_for_exit` returns the outcome |
     /// | the runtime shuts down before the lifecycle finished | token cancelled with `Fatal` (unless it had fired), tasks stopped, registry closed; `on_stop`/`post_stop` cannot run (no runtime left); [`ServiceError::LifecycleAborted`] for `wait_for_exit` |
     ///
     /// When several stages fail, the error returned is the first of run >
-    /// on_stop > post_stop > join; the others are logged.
+    /// on_stop > post_stop > join; the others are logged. Whenever a
+    /// shutdown began, the status or error carries its
+    /// [`ShutdownReport`](crate::ShutdownReport).
     pub async fn start(&self) -> Result<ExitStatus> {
         let Ok(rt) = Handle::try_current() else {
             return Err(ServiceError::NoRuntime("Service::start"));
         };
         if !self.shared.begin() {
             return Err(ServiceError::AlreadyRunning);
+        }
+        if let Err(e) = self.config.validate() {
+            // Nothing ran; the waiters get the same error.
+            self.shared.finish(Err(e.clone()));
+            return Err(e);
         }
         let lifecycle = Lifecycle {
             node: self.node.clone(),
@@ -254,6 +287,7 @@ where
             tasks: self.tasks.clone(),
             shared: self.shared.clone(),
             abandoned: CancellationToken::new(),
+            stamp: FireStamp::watch(&self.shutdown, &self.tasks),
         };
         let mut on_drop = WindDownOnDrop {
             shutdown: &self.shutdown,
@@ -299,6 +333,77 @@ struct Lifecycle<N> {
     /// Cancelled when the `start()` future is dropped: a running
     /// `pre_start`/`on_start` is cut short, and no later one starts.
     abandoned: CancellationToken,
+    /// When the token fired, and the tasks live then: the budget counts
+    /// from it.
+    stamp: FireStamp,
+}
+
+/// Which limit, besides `hook_timeout`, bounds an edge hook.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// A start-up hook: once the token fires, it shares the budget of
+    /// `run` and the join (`shutdown_deadline - stop_reserve`).
+    Startup,
+    /// A stop hook: the end of the stop hooks' window.
+    StopBy(Instant),
+}
+
+/// How an edge hook ended, for the result and the report.
+struct HookRun {
+    result: std::result::Result<(), Arc<anyhow::Error>>,
+    report: PhaseReport,
+}
+
+/// What the report says, gathered stage by stage.
+struct Account {
+    phases: [PhaseReport; 4],
+    stragglers: Vec<StragglerReport>,
+}
+
+impl Account {
+    fn new() -> Self {
+        Self {
+            phases: ShutdownPhase::ALL
+                .map(|name| phase(name, Duration::ZERO, PhaseOutcome::Skipped)),
+            stragglers: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, report: PhaseReport) {
+        let slot = ShutdownPhase::ALL
+            .iter()
+            .position(|p| *p == report.name)
+            .expect("every phase has a slot");
+        self.phases[slot] = report;
+    }
+}
+
+fn phase(name: ShutdownPhase, duration: Duration, outcome: PhaseOutcome) -> PhaseReport {
+    PhaseReport {
+        name,
+        duration,
+        outcome,
+    }
+}
+
+/// How a wind-down after the token fired goes on.
+struct WindDown {
+    /// What the stop hooks see, and what `start()` returns if nothing failed.
+    exit_reason: ExitReason,
+    /// The error that outranks every later one (a failed start-up hook or
+    /// `run`, or `run` past its budget).
+    first_error: Option<ServiceError>,
+    /// `run` was dropped past its budget: the join's share is spent.
+    run_overran: bool,
+    /// Whether `on_stop` runs (only after a completed `on_start`).
+    on_stop: bool,
+}
+
+/// `at + d`, or a far future instant when that overflows (a deadline of
+/// `Duration::MAX` means no deadline).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(60 * 60 * 24 * 365 * 30))
 }
 
 impl<N: NodeLifecycle> Lifecycle<N> {
@@ -321,39 +426,122 @@ impl<N: NodeLifecycle> Lifecycle<N> {
         result
     }
 
+    // ----------------------------------------------------------- the budget
+
+    /// When the token fired (and the tasks live then). Read once it has:
+    /// the stamp is taken inside `cancel`, before any waiter wakes; the
+    /// fallback (now) covers a `cancel` still running on another thread.
+    fn fired(&self) -> Fired {
+        self.stamp.get().unwrap_or_else(|| Fired {
+            at: Instant::now(),
+            live: self.tasks.len(),
+        })
+    }
+
+    /// The end of the share of `run` and the join (and of a start-up hook
+    /// the token interrupted): `shutdown_deadline - stop_reserve` after the
+    /// token fired.
+    fn slot_end(&self) -> Instant {
+        let share = self
+            .config
+            .shutdown_deadline
+            .saturating_sub(self.config.effective_stop_reserve());
+        later(self.fired().at, share)
+    }
+
+    /// The end of the stop hooks' window, when they start at `from`: what
+    /// is left of the budget, never less than the reserve.
+    fn stop_end(&self, from: Instant) -> Instant {
+        let budget_end = later(self.fired().at, self.config.shutdown_deadline);
+        budget_end.max(later(from, self.config.effective_stop_reserve()))
+    }
+
+    fn reason(&self) -> ShutdownReason {
+        // Always set: the callers ask once the token fired.
+        self.shutdown
+            .reason()
+            .unwrap_or(ShutdownReason::RequestedByRun)
+    }
+
+    fn report(&self, account: Account) -> Arc<ShutdownReport> {
+        let fired = self.fired();
+        Arc::new(ShutdownReport {
+            reason: self.reason(),
+            total: Instant::now().saturating_duration_since(fired.at),
+            tasks_at_start: fired.live,
+            phases: account.phases.into(),
+            stragglers: account.stragglers,
+        })
+    }
+
+    // ----------------------------------------------------------- the stages
+
     async fn lifecycle(&self) -> Result<ExitStatus> {
         let node = &*self.node;
+        let mut account = Account::new();
+
+        if self.shutdown.is_cancelled() {
+            // Requested before start(): the service never starts, no hook
+            // runs; the tasks already spawned into its registry are joined
+            // (the budget counts from start(), see `FireStamp::watch`).
+            tracing::info!(
+                target: LOG,
+                service = self.shared.name,
+                "shutdown requested before start(): no hook runs"
+            );
+            let down = WindDown {
+                exit_reason: ExitReason::RequestedShutdown(self.reason()),
+                first_error: None,
+                run_overran: false,
+                on_stop: false,
+            };
+            return self.wind_down(down, false, account).await;
+        }
+
         let start_ctx = StartContext {
             name: self.shared.name,
             shutdown: self.shutdown.clone(),
             tasks: &self.tasks,
         };
 
-        if let Err(e) = self
-            .edge_hook("pre_start", true, || node.pre_start(&start_ctx))
-            .await
-        {
-            self.wind_down_failed_start("pre_start", &e).await;
-            return Err(ServiceError::PreStartFailed(e));
+        let pre = self
+            .edge_hook("pre_start", Limit::Startup, || node.pre_start(&start_ctx))
+            .await;
+        // A shutdown began before pre_start ended: then it has a report.
+        let requested = self.shutdown.is_cancelled();
+        if let Err(e) = pre.result {
+            self.fire_after("pre_start", &e);
+            if let Some(join) = self.join(self.slot_end(), &mut account).await {
+                log_suppressed(&join);
+            }
+            let err = ServiceError::PreStartFailed(e, None);
+            return Err(if requested {
+                err.with_report(&self.report(account))
+            } else {
+                err
+            });
+        }
+        if requested {
+            // The shutdown came during pre_start, which returned: no later
+            // start-up hook runs; the stores it opened are closed by post_stop.
+            return self.startup_interrupted("pre_start", false, account).await;
         }
 
-        if let Err(e) = self
-            .edge_hook("on_start", true, || node.on_start(&start_ctx))
-            .await
-        {
-            self.wind_down_failed_start("on_start", &e).await;
-            let stop_ctx = StopContext {
-                shutdown: self.shutdown.clone(),
-                tasks: &self.tasks,
+        let on = self
+            .edge_hook("on_start", Limit::Startup, || node.on_start(&start_ctx))
+            .await;
+        if let Err(e) = on.result {
+            self.fire_after("on_start", &e);
+            let down = WindDown {
                 exit_reason: ExitReason::RunError(e.clone()),
+                first_error: Some(ServiceError::OnStartFailed(e, None)),
+                run_overran: false,
+                on_stop: false,
             };
-            if let Err(post) = self
-                .edge_hook("post_stop", false, || node.post_stop(&stop_ctx))
-                .await
-            {
-                log_suppressed(&ServiceError::OnStopFailed(post));
-            }
-            return Err(ServiceError::OnStartFailed(e));
+            return self.wind_down(down, true, account).await;
+        }
+        if self.shutdown.is_cancelled() {
+            return self.startup_interrupted("on_start", true, account).await;
         }
 
         let run_ctx = RunContext {
@@ -361,9 +549,9 @@ impl<N: NodeLifecycle> Lifecycle<N> {
             tasks: self.tasks.clone(),
         };
         let outcome = self.drive_run(|| node.run(run_ctx)).await;
+        let run_ended = Instant::now();
 
-        let deadline = self.config.shutdown_deadline;
-        let (exit_reason, run_error, join_deadline) = match outcome {
+        let (down, outcome) = match outcome {
             RunOutcome::Returned(Ok(())) => {
                 // `run` returned: wind the tasks down. Another thread may
                 // fire the token at the same moment; the reason that won is
@@ -373,50 +561,102 @@ impl<N: NodeLifecycle> Lifecycle<N> {
                     Some(ShutdownReason::RequestedByRun) | None => ExitReason::RunCompleted,
                     Some(reason) => ExitReason::RequestedShutdown(reason),
                 };
-                (reason, None, deadline)
+                let down = WindDown {
+                    exit_reason: reason,
+                    first_error: None,
+                    run_overran: false,
+                    on_stop: true,
+                };
+                (down, PhaseOutcome::Ok)
             }
             RunOutcome::Returned(Err(e)) => {
                 let e = Arc::new(e);
                 self.shutdown
                     .cancel(ShutdownReason::Fatal(format!("run failed: {e:#}")));
-                let err = ServiceError::RunFailed(e.clone());
-                (ExitReason::RunError(e), Some(err), deadline)
+                let down = WindDown {
+                    exit_reason: ExitReason::RunError(e.clone()),
+                    first_error: Some(ServiceError::RunFailed(e, None)),
+                    run_overran: false,
+                    on_stop: true,
+                };
+                (down, PhaseOutcome::Failed)
             }
             RunOutcome::Overran => {
                 tracing::warn!(
                     target: LOG,
                     service = self.shared.name,
-                    ?deadline,
-                    "run did not return within the shutdown deadline; dropped it"
+                    budget = ?self.config.shutdown_deadline,
+                    "run did not return within its share of the shutdown budget; dropped it"
                 );
-                let reason = self
-                    .shutdown
-                    .reason()
-                    .unwrap_or(ShutdownReason::RequestedByRun);
-                let err = ServiceError::ShutdownDeadlineExceeded {
-                    deadline,
-                    pending: 1,
-                    pending_names: vec!["run".to_owned()],
+                let down = WindDown {
+                    exit_reason: ExitReason::RequestedShutdown(self.reason()),
+                    first_error: Some(ServiceError::ShutdownDeadlineExceeded {
+                        deadline: self.config.shutdown_deadline,
+                        pending: 1,
+                        pending_names: vec!["run".to_owned()],
+                        report: None,
+                    }),
+                    run_overran: true,
+                    on_stop: true,
                 };
-                // The deadline since the token fired is spent: every task
-                // still live is a straggler too.
-                (
-                    ExitReason::RequestedShutdown(reason),
-                    Some(err),
-                    Duration::ZERO,
-                )
+                (down, PhaseOutcome::TimedOut)
             }
         };
+        let run_time = run_ended.saturating_duration_since(self.fired().at);
+        account.set(phase(ShutdownPhase::Run, run_time, outcome));
+        self.wind_down(down, true, account).await
+    }
 
-        let joined = self.tasks.join_all(join_deadline).await;
-        let (run_error, join_error) = match (run_error, joined) {
+    /// The token fired while the start-up hook `hook` ran, and it returned:
+    /// `run` is skipped, the service winds down (`on_stop` only if
+    /// `on_start` completed) and `start()` returns `RequestedShutdown`.
+    async fn startup_interrupted(
+        &self,
+        hook: &'static str,
+        on_start_completed: bool,
+        account: Account,
+    ) -> Result<ExitStatus> {
+        tracing::info!(
+            target: LOG,
+            service = self.shared.name,
+            hook,
+            "shutdown requested during start-up; run is skipped"
+        );
+        let down = WindDown {
+            exit_reason: ExitReason::RequestedShutdown(self.reason()),
+            first_error: None,
+            run_overran: false,
+            on_stop: on_start_completed,
+        };
+        self.wind_down(down, true, account).await
+    }
+
+    /// After the token fired: join the tasks in what is left of the share
+    /// of `run` and the join, then `on_stop` (if `down.on_stop`) and
+    /// `post_stop` (if `post_stop`) in the stop hooks' window; return the
+    /// outcome with its report.
+    async fn wind_down(
+        &self,
+        down: WindDown,
+        post_stop: bool,
+        mut account: Account,
+    ) -> Result<ExitStatus> {
+        let node = &*self.node;
+        let until = if down.run_overran {
+            // The share is spent: every task still live is a straggler.
+            Instant::now()
+        } else {
+            self.slot_end()
+        };
+        let joined = self.join(until, &mut account).await;
+        let (first_error, join_error) = match (down.first_error, joined) {
             (
                 Some(ServiceError::ShutdownDeadlineExceeded {
                     pending,
                     mut pending_names,
                     ..
                 }),
-                Err(ServiceError::ShutdownDeadlineExceeded {
+                Some(ServiceError::ShutdownDeadlineExceeded {
                     pending: more,
                     pending_names: more_names,
                     ..
@@ -424,45 +664,109 @@ impl<N: NodeLifecycle> Lifecycle<N> {
             ) => {
                 pending_names.extend(more_names);
                 let merged = ServiceError::ShutdownDeadlineExceeded {
-                    deadline,
+                    deadline: self.config.shutdown_deadline,
                     pending: pending + more,
                     pending_names,
+                    report: None,
                 };
                 (Some(merged), None)
             }
-            (run_error, joined) => (run_error, joined.err()),
+            (first, joined) => (first, joined),
         };
 
+        let stop_end = self.stop_end(Instant::now());
         let stop_ctx = StopContext {
             shutdown: self.shutdown.clone(),
             tasks: &self.tasks,
-            exit_reason: exit_reason.clone(),
+            exit_reason: down.exit_reason.clone(),
         };
-        let on_stop = self
-            .edge_hook("on_stop", false, || node.on_stop(&stop_ctx))
-            .await;
-        let post_stop = self
-            .edge_hook("post_stop", false, || node.post_stop(&stop_ctx))
-            .await;
+        let mut on_stop_error = None;
+        if down.on_stop {
+            let run = self
+                .edge_hook("on_stop", Limit::StopBy(stop_end), || {
+                    node.on_stop(&stop_ctx)
+                })
+                .await;
+            account.set(run.report);
+            on_stop_error = run.result.err();
+        }
+        let mut post_stop_error = None;
+        if post_stop {
+            let run = self
+                .edge_hook("post_stop", Limit::StopBy(stop_end), || {
+                    node.post_stop(&stop_ctx)
+                })
+                .await;
+            account.set(run.report);
+            post_stop_error = run.result.err();
+        }
 
-        let mut errors = run_error
+        let report = self.report(account);
+        let mut errors = first_error
             .into_iter()
-            .chain(on_stop.err().map(ServiceError::OnStopFailed))
-            .chain(post_stop.err().map(ServiceError::OnStopFailed))
+            .chain(on_stop_error.map(|e| ServiceError::OnStopFailed(e, None)))
+            .chain(post_stop_error.map(|e| ServiceError::OnStopFailed(e, None)))
             .chain(join_error);
         match errors.next() {
-            None => Ok(ExitStatus {
-                reason: exit_reason,
-            }),
+            None => Ok(ExitStatus::new(down.exit_reason).with_report(report)),
             Some(first) => {
                 errors.for_each(|e| log_suppressed(&e));
-                Err(first)
+                Err(first.with_report(&report))
             }
         }
     }
 
-    /// Run `run` until it returns, or until `shutdown_deadline` after the
-    /// token fired.
+    /// Join the tracked tasks until `until`; record the join (and its
+    /// stragglers) in `account`; return its error.
+    async fn join(&self, until: Instant, account: &mut Account) -> Option<ServiceError> {
+        let started = Instant::now();
+        let joined = self
+            .tasks
+            .join_reporting(until.saturating_duration_since(started), MAX_STACKS)
+            .await;
+        let took = started.elapsed();
+        match joined {
+            Ok(None) => {
+                account.set(phase(ShutdownPhase::Join, took, PhaseOutcome::Ok));
+                None
+            }
+            Ok(Some(stragglers)) => {
+                account.set(phase(ShutdownPhase::Join, took, PhaseOutcome::TimedOut));
+                let now = std::time::Instant::now();
+                account.stragglers = stragglers
+                    .tasks
+                    .into_iter()
+                    .map(|s| StragglerReport {
+                        name: s.name.to_string(),
+                        kind: s.kind,
+                        origin: s.origin,
+                        age: now.saturating_duration_since(s.spawned_at),
+                        stack: s.stack,
+                    })
+                    .collect();
+                Some(ServiceError::ShutdownDeadlineExceeded {
+                    deadline: self.config.shutdown_deadline,
+                    pending: stragglers.names.len(),
+                    pending_names: stragglers.names,
+                    report: None,
+                })
+            }
+            Err(e) => {
+                account.set(phase(ShutdownPhase::Join, took, PhaseOutcome::Failed));
+                Some(e)
+            }
+        }
+    }
+
+    /// Cancel the token after the start-up hook `hook` failed, so that the
+    /// tasks spawned so far wind down.
+    fn fire_after(&self, hook: &str, e: &anyhow::Error) {
+        self.shutdown
+            .cancel(ShutdownReason::Fatal(format!("{hook} failed: {e:#}")));
+    }
+
+    /// Run `run` until it returns, or until its share of the budget after
+    /// the token fired has passed.
     async fn drive_run<'a, F>(&self, make: impl FnOnce() -> F + 'a) -> RunOutcome
     where
         F: Future<Output = anyhow::Result<()>> + Unpin + 'a,
@@ -473,7 +777,7 @@ impl<N: NodeLifecycle> Lifecycle<N> {
         };
         let overrun = async {
             self.shutdown.cancelled().await;
-            tokio::time::sleep(self.config.shutdown_deadline).await;
+            tokio::time::sleep_until(self.slot_end()).await;
         };
         tokio::select! {
             biased;
@@ -482,27 +786,44 @@ impl<N: NodeLifecycle> Lifecycle<N> {
         }
     }
 
-    /// Run an edge hook under the hook timeout and (once the token has
-    /// fired) the shutdown deadline, catching panics. A start-up hook
-    /// (`startup`) is also cut short when the `start()` future is dropped,
-    /// and is not started at all once it has been.
+    /// Run an edge hook under the hook timeout and its share of the
+    /// shutdown budget (`limit`), catching panics. A start-up hook is also
+    /// cut short when the `start()` future is dropped, and is not started
+    /// at all once it has been.
     async fn edge_hook<'a, F>(
         &self,
         hook: &'static str,
-        startup: bool,
+        limit: Limit,
         make: impl FnOnce() -> F + 'a,
-    ) -> std::result::Result<(), Arc<anyhow::Error>>
+    ) -> HookRun
     where
         F: Future<Output = anyhow::Result<()>> + Unpin + 'a,
     {
+        let name = match hook {
+            "on_stop" => ShutdownPhase::OnStop,
+            "post_stop" => ShutdownPhase::PostStop,
+            // Start-up hooks have no phase in the report; the slot is unused.
+            _ => ShutdownPhase::Run,
+        };
+        let started = Instant::now();
+        let done = |result: std::result::Result<(), anyhow::Error>, outcome| {
+            if let Err(e) = &result {
+                tracing::debug!(target: LOG, service = self.shared.name, hook, error = ?e, "hook failed");
+            }
+            HookRun {
+                result: result.map_err(Arc::new),
+                report: phase(name, started.elapsed(), outcome),
+            }
+        };
+        let startup = matches!(limit, Limit::Startup);
         if startup && self.abandoned.is_cancelled() {
-            return Err(Arc::new(anyhow::anyhow!(
-                "`{hook}` was not started: the future driving start() was dropped"
-            )));
+            let e =
+                anyhow::anyhow!("`{hook}` was not started: the future driving start() was dropped");
+            return done(Err(e), PhaseOutcome::Failed);
         }
         let fut = match CatchUnwind::call(hook, make) {
             Ok(fut) => fut,
-            Err(e) => return Err(Arc::new(e)),
+            Err(e) => return done(Err(e), PhaseOutcome::Failed),
         };
         let by_hook_timeout = async {
             match self.config.hook_timeout {
@@ -513,10 +834,16 @@ impl<N: NodeLifecycle> Lifecycle<N> {
                 None => std::future::pending().await,
             }
         };
-        let by_deadline = async {
-            self.shutdown.cancelled().await;
-            tokio::time::sleep(self.config.shutdown_deadline).await;
-            self.config.shutdown_deadline
+        let by_budget = async {
+            let end = match limit {
+                Limit::Startup => {
+                    self.shutdown.cancelled().await;
+                    self.slot_end()
+                }
+                Limit::StopBy(end) => end,
+            };
+            tokio::time::sleep_until(end).await;
+            end.saturating_duration_since(started)
         };
         let by_abandon = async {
             if startup {
@@ -525,28 +852,22 @@ impl<N: NodeLifecycle> Lifecycle<N> {
                 std::future::pending::<()>().await;
             }
         };
-        let res = tokio::select! {
+        tokio::select! {
             biased;
-            res = fut => res,
-            after = by_hook_timeout => Err(anyhow::Error::new(HookTimeout { hook, after })),
-            after = by_deadline => Err(anyhow::Error::new(HookTimeout { hook, after })),
-            () = by_abandon => Err(anyhow::anyhow!(
-                "`{hook}` was cancelled: the future driving start() was dropped"
-            )),
-        };
-        if let Err(e) = &res {
-            tracing::debug!(target: LOG, service = self.shared.name, hook, error = ?e, "hook failed");
-        }
-        res.map_err(Arc::new)
-    }
-
-    /// After a failed `pre_start` / `on_start`: stop whatever tasks were
-    /// spawned so far, under the deadline.
-    async fn wind_down_failed_start(&self, hook: &str, e: &anyhow::Error) {
-        self.shutdown
-            .cancel(ShutdownReason::Fatal(format!("{hook} failed: {e:#}")));
-        if let Err(join) = self.tasks.join_all(self.config.shutdown_deadline).await {
-            log_suppressed(&join);
+            res = fut => {
+                let outcome = if res.is_ok() { PhaseOutcome::Ok } else { PhaseOutcome::Failed };
+                done(res, outcome)
+            }
+            after = by_hook_timeout => {
+                done(Err(anyhow::Error::new(HookTimeout { hook, after })), PhaseOutcome::TimedOut)
+            }
+            after = by_budget => {
+                done(Err(anyhow::Error::new(HookTimeout { hook, after })), PhaseOutcome::TimedOut)
+            }
+            () = by_abandon => done(
+                Err(anyhow::anyhow!("`{hook}` was cancelled: the future driving start() was dropped")),
+                PhaseOutcome::Failed,
+            ),
         }
     }
 }

@@ -75,7 +75,9 @@ struct State {
     /// A slab, so that an [`OnCancelGuard`] removes its callback in O(1)
     /// and a guard dropped after the token fired (the slab was drained,
     /// every slot moved to its next generation) removes nothing.
-    callbacks: Slab<Callback>,
+    /// Each with whether it runs before the async waiters wake
+    /// ([`ShutdownToken::on_cancel_before_wake`]).
+    callbacks: Slab<(bool, Callback)>,
     children: Vec<Weak<Inner>>,
 }
 
@@ -256,6 +258,24 @@ impl ShutdownToken {
     where
         F: FnOnce(&ShutdownReason) + Send + 'static,
     {
+        self.register(false, Box::new(callback))
+    }
+
+    /// Like [`on_cancel_guard`](Self::on_cancel_guard), but the callback
+    /// runs before any async waiter wakes (while [`is_cancelled`] still
+    /// reads `false`; the reason is recorded): what it reads is the state
+    /// of the moment the token fired, before any task could react to it.
+    /// The service's shutdown report stamps the firing with it.
+    ///
+    /// [`is_cancelled`]: Self::is_cancelled
+    pub(crate) fn on_cancel_before_wake<F>(&self, callback: F) -> Option<OnCancelGuard>
+    where
+        F: FnOnce(&ShutdownReason) + Send + 'static,
+    {
+        self.register(true, Box::new(callback))
+    }
+
+    fn register(&self, before_wake: bool, callback: Callback) -> Option<OnCancelGuard> {
         let mut st = self.inner.state.lock();
         if st.reason.is_some() {
             drop(st);
@@ -263,7 +283,7 @@ impl ShutdownToken {
         }
         let key = st
             .callbacks
-            .insert(Box::new(callback))
+            .insert((before_wake, callback))
             .expect("more than 2^32 - 1 callbacks on one token");
         Some(OnCancelGuard {
             token: Arc::downgrade(&self.inner),
@@ -288,8 +308,9 @@ fn cancel_inner(root: &Arc<Inner>, reason: ShutdownReason) {
     }
 }
 
-/// Cancel one token: record the reason (unless it has one), wake its
-/// async waiters, run its callbacks and queue its live children.
+/// Cancel one token: record the reason (unless it has one), run its
+/// before-wake callbacks, wake its async waiters, run its other callbacks
+/// and queue its live children.
 fn cancel_one(inner: &Inner, reason: &ShutdownReason, todo: &mut Vec<Arc<Inner>>) {
     let (callbacks, children) = {
         let mut st = inner.state.lock();
@@ -301,8 +322,8 @@ fn cancel_one(inner: &Inner, reason: &ShutdownReason, todo: &mut Vec<Arc<Inner>>
         st.reason = Some(reason.clone());
         (st.callbacks.drain(), std::mem::take(&mut st.children))
     };
-    inner.notify.cancel();
-    for cb in callbacks {
+    let (early, late): (Vec<_>, Vec<_>) = callbacks.into_iter().partition(|(early, _)| *early);
+    let run = |cb: Callback| {
         // A panicking callback must not cut the propagation short: the
         // reason is recorded already, so a retried `cancel` would return at
         // once and the callbacks and children after it would never run.
@@ -313,7 +334,10 @@ fn cancel_one(inner: &Inner, reason: &ShutdownReason, todo: &mut Vec<Arc<Inner>>
                 "an on_cancel callback panicked; the others still run"
             );
         }
-    }
+    };
+    early.into_iter().for_each(|(_, cb)| run(cb));
+    inner.notify.cancel();
+    late.into_iter().for_each(|(_, cb)| run(cb));
     todo.extend(children.iter().filter_map(Weak::upgrade));
 }
 

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dig_service::{
-    ExitReason, ExitStatus, HookTimeout, NodeLifecycle, RunContext, Service, ServiceConfig,
-    ServiceError, ServiceHandle, ShutdownReason, ShutdownToken, StartContext, StopContext,
-    TaskKind, TaskRegistry,
+    ExitReason, ExitStatus, HookTimeout, NodeLifecycle, PhaseOutcome, RunContext, Service,
+    ServiceConfig, ServiceError, ServiceHandle, ShutdownReason, ShutdownReport, ShutdownToken,
+    StartContext, StopContext, TaskKind, TaskOrigin, TaskRegistry,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde::Deserialize;
@@ -91,6 +91,7 @@ struct ShutdownSpec {
 struct ConfigSpec {
     shutdown_deadline: Option<f64>,
     hook_timeout: Option<f64>,
+    stop_reserve: Option<f64>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -105,6 +106,34 @@ struct Expect {
     token: Option<String>,
     stats: Option<Stats>,
     waited: Option<String>,
+    finished: Option<Vec<String>>,
+    elapsed: Option<Bounds>,
+    report: Option<ReportSpec>,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct Bounds {
+    min: f64,
+    max: f64,
+}
+
+/// `expect.report`: `"none"` or a table.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum ReportSpec {
+    None(String),
+    Some(ReportTable),
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct ReportTable {
+    phases: Option<std::collections::BTreeMap<String, String>>,
+    stragglers: Option<Vec<String>>,
+    #[serde(default)]
+    stacks: bool,
+    tasks_at_start: Option<usize>,
 }
 
 #[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -147,10 +176,10 @@ fn reason_name(reason: &ShutdownReason) -> &'static str {
 
 fn error_name(err: &ServiceError) -> &'static str {
     match err {
-        ServiceError::PreStartFailed(_) => "PreStartFailed",
-        ServiceError::OnStartFailed(_) => "OnStartFailed",
-        ServiceError::RunFailed(_) => "RunFailed",
-        ServiceError::OnStopFailed(_) => "OnStopFailed",
+        ServiceError::PreStartFailed(..) => "PreStartFailed",
+        ServiceError::OnStartFailed(..) => "OnStartFailed",
+        ServiceError::RunFailed(..) => "RunFailed",
+        ServiceError::OnStopFailed(..) => "OnStopFailed",
         ServiceError::ShutdownDeadlineExceeded { .. } => "ShutdownDeadlineExceeded",
         ServiceError::AlreadyRunning => "AlreadyRunning",
         ServiceError::AlreadyStopped => "AlreadyStopped",
@@ -163,6 +192,8 @@ struct ContractNode {
     spec: NodeSpec,
     /// The hooks entered, in order; a `watch` so the driver can wait for one.
     calls: watch::Sender<Vec<String>>,
+    /// The hooks that ran to their end (returned by themselves), in order.
+    finished: std::sync::Mutex<Vec<String>>,
     handle: OnceLock<ServiceHandle>,
     /// The row's `shutdown.reason`, for the `run` acts that fire the token
     /// themselves.
@@ -205,7 +236,12 @@ impl ContractNode {
             return Err(InjectedFailure(hook.to_owned()).into());
         }
         self.act(hook, act, shutdown).await;
+        self.finish(hook);
         Ok(())
+    }
+
+    fn finish(&self, hook: &str) {
+        self.finished.lock().unwrap().push(hook.to_owned());
     }
 }
 
@@ -215,7 +251,8 @@ fn spawn_task(tasks: &TaskRegistry, task: &TaskSpec, shutdown: ShutdownToken) {
     let body = async move {
         match does.as_str() {
             "until_shutdown" => shutdown.cancelled().await,
-            "ignore_shutdown" => pending::<()>().await,
+            // A tokio task cannot refuse an abort: "shielded" is "ignore" here.
+            "ignore_shutdown" | "ignore_shutdown_shielded" => pending::<()>().await,
             "fail" => return Err(InjectedFailure(format!("task {name}")).into()),
             "return" => {}
             other => panic!("unknown task behaviour {other:?}"),
@@ -262,6 +299,7 @@ impl NodeLifecycle for ContractNode {
             "request_shutdown" => ctx.shutdown.cancel(self.reason.clone()),
             other => panic!("unknown run act {other:?}"),
         }
+        self.finish("run");
         Ok(())
     }
 
@@ -308,14 +346,18 @@ async fn play(row: &Row) -> Result<(), String> {
         "cancel_start" => true,
         other => panic!("unknown `via` {other:?}"),
     };
-    let config = ServiceConfig::new()
+    let mut config = ServiceConfig::new()
         .with_shutdown_deadline(Duration::from_secs_f64(
             row.config.shutdown_deadline.unwrap_or(5.0),
         ))
         .with_hook_timeout(row.config.hook_timeout.map(Duration::from_secs_f64));
+    if let Some(reserve) = row.config.stop_reserve {
+        config = config.with_stop_reserve(Duration::from_secs_f64(reserve));
+    }
     let node = ContractNode {
         spec: row.node.clone(),
         calls: watch::Sender::new(Vec::new()),
+        finished: std::sync::Mutex::new(Vec::new()),
         handle: OnceLock::new(),
         reason: reason.clone(),
     };
@@ -324,7 +366,9 @@ async fn play(row: &Row) -> Result<(), String> {
     let handle = svc.handle();
     let _ = svc.node().handle.set(handle.clone());
 
+    let mut requested_at = None;
     if spec.at.as_deref() == Some("before_start") {
+        requested_at = Some(std::time::Instant::now());
         request(&handle, reason.clone(), from);
     }
     let outcome = {
@@ -343,6 +387,7 @@ async fn play(row: &Row) -> Result<(), String> {
                         ));
                     }
                 }
+                requested_at = Some(std::time::Instant::now());
                 if cancel_start {
                     Outcome::Cancelled // `start` is dropped at the end of this block
                 } else {
@@ -352,7 +397,8 @@ async fn play(row: &Row) -> Result<(), String> {
             }
         }
     };
-    check(row, &svc, outcome).await
+    let elapsed = requested_at.map(|at| at.elapsed());
+    check(row, &svc, outcome, elapsed).await
 }
 
 macro_rules! ensure {
@@ -367,6 +413,7 @@ async fn check(
     row: &Row,
     svc: &Service<ContractNode, (), ()>,
     outcome: Outcome,
+    elapsed: Option<Duration>,
 ) -> Result<(), String> {
     let expect = &row.expect;
     let (status, error) = match (expect.result.as_str(), outcome) {
@@ -428,6 +475,30 @@ async fn check(
     }
     ensure!(!row.start_twice, "start_twice rows expect AlreadyRunning");
 
+    if let Some(want) = &expect.finished {
+        let finished = svc.node().finished.lock().unwrap().clone();
+        ensure!(
+            &finished == want,
+            "hooks that ran to their end: {finished:?}, expected {want:?}"
+        );
+    }
+    if let Some(bounds) = &expect.elapsed {
+        let took = elapsed
+            .ok_or("the row expects a time but requests no shutdown")?
+            .as_secs_f64();
+        ensure!(
+            bounds.min <= took && took <= bounds.max,
+            "{took:.3}s from the request to start() returning, expected {bounds:?}"
+        );
+    }
+    if let Some(want) = &expect.report {
+        let report = status
+            .as_ref()
+            .and_then(ExitStatus::report)
+            .or_else(|| error.as_ref().and_then(ServiceError::report));
+        check_report(want, report)?;
+    }
+
     let token_reason = svc.shutdown_token().reason();
     if let Some(word) = &expect.exit {
         let status = status.as_ref().ok_or("the row expects an exit status")?;
@@ -479,6 +550,63 @@ async fn check(
             stopped: s.cancelled + s.aborted,
         };
         ensure!(&seen == want, "task stats {seen:?}, expected {want:?}");
+    }
+    Ok(())
+}
+
+fn check_report(want: &ReportSpec, report: Option<&ShutdownReport>) -> Result<(), String> {
+    let want = match want {
+        ReportSpec::None(word) => {
+            assert_eq!(word, "none", "a report word of the table");
+            ensure!(
+                report.is_none(),
+                "a report where none was expected: {report:?}"
+            );
+            return Ok(());
+        }
+        ReportSpec::Some(table) => table,
+    };
+    let report = report.ok_or("no report")?;
+    let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    ensure!(
+        names == ["run", "join", "on_stop", "post_stop"],
+        "phases {names:?}"
+    );
+    for p in &report.phases {
+        ensure!(
+            p.outcome != PhaseOutcome::Skipped || p.duration.is_zero(),
+            "a skipped phase with a duration: {p:?}"
+        );
+    }
+    if let Some(phases) = &want.phases {
+        for p in &report.phases {
+            let want = phases.get(p.name.as_str()).map(String::as_str);
+            ensure!(
+                want == Some(p.outcome.as_str()),
+                "phase {} was {}, expected {want:?}\n{report}",
+                p.name,
+                p.outcome
+            );
+        }
+    }
+    if let Some(names) = &want.stragglers {
+        let seen: Vec<&str> = report.stragglers.iter().map(|s| s.name.as_str()).collect();
+        ensure!(&seen == names, "stragglers {seen:?}, expected {names:?}");
+    }
+    if want.stacks {
+        for s in &report.stragglers {
+            ensure!(
+                s.origin == TaskOrigin::Native && s.stack.is_none(),
+                "a native straggler with a stack (or not native): {s:?}"
+            );
+        }
+    }
+    if let Some(n) = want.tasks_at_start {
+        ensure!(
+            report.tasks_at_start == n,
+            "tasks_at_start {}, expected {n}",
+            report.tasks_at_start
+        );
     }
     Ok(())
 }

@@ -433,7 +433,7 @@ async fn dropped_start_future_cuts_on_start_short() {
         .await
         .expect("the wind-down ended")
         .expect_err("on_start was cut short");
-    assert!(matches!(err, ServiceError::OnStartFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::OnStartFailed(..)), "{err:?}");
     assert!(err.to_string().contains("start() was dropped"), "{err}");
     assert_eq!(seen.log(), ["on_start", "post_stop"]);
 }
@@ -1172,7 +1172,7 @@ async fn panics_in_drops_and_tasks_keep_the_lifecycle() {
     })
     .await;
     let err = res.expect_err("on_start timed out");
-    assert!(matches!(err, ServiceError::OnStartFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::OnStartFailed(..)), "{err:?}");
     assert_eq!(log, ["pre_start", "on_start", "post_stop"]);
 
     let (res, log) = run_panicky(PanicPlan {
@@ -1180,7 +1180,10 @@ async fn panics_in_drops_and_tasks_keep_the_lifecycle() {
         ..PanicPlan::default()
     })
     .await;
-    assert!(matches!(res, Err(ServiceError::OnStopFailed(_))), "{res:?}");
+    assert!(
+        matches!(res, Err(ServiceError::OnStopFailed(..))),
+        "{res:?}"
+    );
     assert_eq!(
         log,
         ["pre_start", "on_start", "run", "on_stop", "post_stop"]
@@ -1207,7 +1210,7 @@ async fn panics_in_drops_and_tasks_keep_the_lifecycle() {
     })
     .await;
     let err = res.expect_err("pre_start panicked");
-    assert!(matches!(err, ServiceError::PreStartFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::PreStartFailed(..)), "{err:?}");
     assert!(err.to_string().contains("before its future"), "{err}");
     assert!(log.is_empty(), "{log:?}");
 }

@@ -112,7 +112,7 @@ async fn on_start_failure_runs_post_stop_only() {
         ..Script::default()
     });
     let err = svc.start().await.unwrap_err();
-    let ServiceError::OnStartFailed(cause) = &err else {
+    let ServiceError::OnStartFailed(cause, ..) = &err else {
         panic!("expected OnStartFailed, got {err:?}");
     };
     assert_eq!(probe.hooks(), strs(&["pre_start", "on_start", "post_stop"]));
@@ -147,7 +147,7 @@ async fn run_failure_still_runs_cleanup() {
         ..Script::default()
     });
     let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::RunFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::RunFailed(..)), "{err:?}");
     assert_eq!(
         probe.hooks(),
         strs(&["pre_start", "on_start", "run", "on_stop", "post_stop"])
@@ -180,7 +180,7 @@ async fn run_panic_is_run_failed_and_cleanup_runs() {
         ..Script::default()
     });
     let err = svc.start().await.unwrap_err();
-    let ServiceError::RunFailed(cause) = &err else {
+    let ServiceError::RunFailed(cause, ..) = &err else {
         panic!("expected RunFailed, got {err:?}");
     };
     assert!(cause.to_string().contains("run exploded"), "{cause}");
@@ -206,7 +206,7 @@ async fn edge_hook_panics_are_hook_failures() {
     });
     let err = svc.start().await.unwrap_err();
     assert!(
-        matches!(&err, ServiceError::PreStartFailed(e) if e.to_string().contains("pre_start exploded"))
+        matches!(&err, ServiceError::PreStartFailed(e, ..) if e.to_string().contains("pre_start exploded"))
     );
     assert_eq!(probe.hooks(), strs(&["pre_start"]));
 
@@ -217,7 +217,7 @@ async fn edge_hook_panics_are_hook_failures() {
     });
     let err = svc.start().await.unwrap_err();
     assert!(
-        matches!(&err, ServiceError::OnStopFailed(e) if e.to_string().contains("on_stop exploded"))
+        matches!(&err, ServiceError::OnStopFailed(e, ..) if e.to_string().contains("on_stop exploded"))
     );
     assert_eq!(probe.hooks().last().map(String::as_str), Some("post_stop"));
 }
@@ -241,7 +241,7 @@ async fn original_error_is_kept_as_source() {
         ..Script::default()
     });
     let err = svc.start().await.unwrap_err();
-    let ServiceError::RunFailed(cause) = &err else {
+    let ServiceError::RunFailed(cause, ..) = &err else {
         panic!("expected RunFailed, got {err:?}");
     };
     // The direct source is the outer context layer ...
@@ -291,7 +291,7 @@ async fn hook_timeout_bounds_edge_hooks() {
     let t0 = Instant::now();
     let err = svc.start().await.unwrap_err();
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
-    assert!(matches!(err, ServiceError::PreStartFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::PreStartFailed(..)), "{err:?}");
     let timeout = hook_timeout_of(&err);
     assert_eq!(timeout.hook, "pre_start");
     assert_eq!(timeout.after, Duration::from_secs(5));
@@ -306,21 +306,24 @@ async fn hook_timeout_bounds_edge_hooks() {
         cfg,
     );
     let err = svc.start().await.unwrap_err();
-    assert!(matches!(err, ServiceError::OnStopFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::OnStopFailed(..)), "{err:?}");
     assert_eq!(hook_timeout_of(&err).hook, "on_stop");
     assert_eq!(probe.hooks().last().map(String::as_str), Some("post_stop"));
 }
 
 /// **Proves:** without a `hook_timeout`, a stop hook is still bounded by
-/// `shutdown_deadline` (the token has fired by then), and an edge hook
-/// already running when the token fires is bounded by the deadline from
-/// that moment.
+/// the shutdown budget (the token has fired by then: the stop hooks get
+/// what is left of `shutdown_deadline`), and a start-up hook already
+/// running when the token fires shares the budget of `run` and the join,
+/// `shutdown_deadline - stop_reserve` from that moment.
 ///
-/// **Why it matters:** "no stage blocks shutdown longer than the
-/// configured deadline" — a SIGTERM during a slow start-up, or a hanging
-/// flush, must still end the process in bounded time.
+/// **Why it matters:** a SIGTERM during a slow start-up, or a hanging
+/// flush, must still end the process within the one budget a supervisor's
+/// grace period is sized from.
 ///
-/// **Catches:** unbounded hooks when `hook_timeout` is `None`.
+/// **Catches:** unbounded hooks when `hook_timeout` is `None`, or a
+/// start-up hook given the whole deadline (which leaves the reserve of
+/// the stop hooks eaten).
 #[tokio::test(start_paused = true)]
 async fn shutdown_deadline_bounds_edge_hooks_once_token_fired() {
     let cfg = ServiceConfig::new().with_shutdown_deadline(Duration::from_secs(2));
@@ -355,16 +358,20 @@ async fn shutdown_deadline_bounds_edge_hooks_once_token_fired() {
         t0.elapsed()
     });
     let err = res.unwrap_err();
-    assert!(matches!(err, ServiceError::PreStartFailed(_)), "{err:?}");
+    assert!(matches!(err, ServiceError::PreStartFailed(..)), "{err:?}");
     assert_eq!(hook_timeout_of(&err).hook, "pre_start");
-    assert_eq!(t0.elapsed() - fired_at, Duration::from_secs(2));
+    // The default reserve is 2 s / 4: pre_start had 1.5 s of the budget.
+    assert_eq!(t0.elapsed() - fired_at, Duration::from_millis(1500));
+    let report = err.report().expect("a shutdown began: it has a report");
+    assert_eq!(report.total, Duration::from_millis(1500));
 }
 
-/// **Proves:** once the token has fired, `run` is bounded by
-/// `shutdown_deadline`: if it has not returned by then it is dropped, every
-/// still-live task is aborted at once, the result is
-/// `ShutdownDeadlineExceeded` naming `"run"` first and the straggler after
-/// it, and `on_stop` + `post_stop` still run.
+/// **Proves:** once the token has fired, `run` is bounded by its share of
+/// the budget, `shutdown_deadline - stop_reserve`: if it has not returned
+/// by then it is dropped, every still-live task is aborted at once, the
+/// result is `ShutdownDeadlineExceeded` naming `"run"` first and the
+/// straggler after it, `on_stop` + `post_stop` still run, and the report
+/// says so (run and join timed out, the straggler named).
 ///
 /// **Why it matters:** a `run` that ignores the token would otherwise hang
 /// shutdown forever — the 0.1 crate had no bound on it at all.
@@ -389,12 +396,30 @@ async fn run_is_bounded_by_the_deadline_once_token_fired() {
         fired_at = Instant::now();
         svc.request_shutdown(ShutdownReason::UserRequested);
     });
-    assert_eq!(fired_at.elapsed(), Duration::from_secs(3));
+    // 3 s - the default reserve (3 s / 4).
+    assert_eq!(fired_at.elapsed(), Duration::from_millis(2250));
     let err = res.unwrap_err();
+    let report = err.report().expect("a report");
+    let outcomes: Vec<_> = report
+        .phases
+        .iter()
+        .map(|p| (p.name.as_str(), p.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("run", "timed_out"),
+            ("join", "timed_out"),
+            ("on_stop", "ok"),
+            ("post_stop", "ok")
+        ]
+    );
+    let names: Vec<_> = report.stragglers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["stuck"]);
     assert!(
         matches!(
             &err,
-            ServiceError::ShutdownDeadlineExceeded { deadline, pending: 2, pending_names }
+            ServiceError::ShutdownDeadlineExceeded { deadline, pending: 2, pending_names, .. }
                 if *deadline == Duration::from_secs(3) && pending_names == &["run", "stuck"]
         ),
         "{err:?}"
@@ -469,7 +494,7 @@ async fn wait_for_exit_returns_the_start_result() {
         async move { h.wait_for_exit().await }
     });
     let (res, during) = tokio::join!(svc.start(), svc.wait_for_exit());
-    let ServiceError::RunFailed(original) = res.unwrap_err() else {
+    let ServiceError::RunFailed(original, ..) = res.unwrap_err() else {
         panic!("expected RunFailed")
     };
     for seen in [
@@ -478,7 +503,7 @@ async fn wait_for_exit_returns_the_start_result() {
         handle.wait_for_exit().await,
         svc.wait_for_exit().await,
     ] {
-        let Err(ServiceError::RunFailed(e)) = seen else {
+        let Err(ServiceError::RunFailed(e, ..)) = seen else {
             panic!("waiter saw {seen:?}");
         };
         assert!(Arc::ptr_eq(&original, &e));
@@ -652,7 +677,7 @@ async fn test_node_switches() {
             ..TestNode::default()
         })
         .await,
-        Err(ServiceError::PreStartFailed(_))
+        Err(ServiceError::PreStartFailed(..))
     ));
     assert!(matches!(
         run(TestNode {
@@ -660,7 +685,7 @@ async fn test_node_switches() {
             ..TestNode::default()
         })
         .await,
-        Err(ServiceError::OnStartFailed(_))
+        Err(ServiceError::OnStartFailed(..))
     ));
     assert!(matches!(
         run(TestNode {
@@ -668,7 +693,7 @@ async fn test_node_switches() {
             ..TestNode::default()
         })
         .await,
-        Err(ServiceError::RunFailed(_))
+        Err(ServiceError::RunFailed(..))
     ));
     assert!(matches!(
         run(TestNode {
@@ -677,7 +702,7 @@ async fn test_node_switches() {
             ..TestNode::default()
         })
         .await,
-        Err(ServiceError::OnStopFailed(_))
+        Err(ServiceError::OnStopFailed(..))
     ));
     let t0 = Instant::now();
     let status = run(TestNode {
@@ -688,4 +713,31 @@ async fn test_node_switches() {
     .unwrap();
     assert_eq!(t0.elapsed(), Duration::from_secs(90));
     assert!(matches!(status.reason, ExitReason::RunCompleted));
+}
+
+/// **Proves:** a `stop_reserve` larger than the `shutdown_deadline` is
+/// refused by `start()` before anything runs, with an error naming both
+/// knobs; the waiters get the same error, and no hook was entered.
+///
+/// **Catches:** a negative share for `run` and the join (every task cut at
+/// once) accepted silently, or an error that does not say which knob.
+#[tokio::test]
+async fn a_stop_reserve_above_the_deadline_is_refused_before_any_hook() {
+    let cfg = ServiceConfig::new()
+        .with_shutdown_deadline(Duration::from_secs(2))
+        .with_stop_reserve(Duration::from_secs(3));
+    let (svc, probe) = service_with(Script::default(), cfg);
+    let err = svc.start().await.unwrap_err();
+    assert!(matches!(err, ServiceError::InvalidConfig(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`stop_reserve`") && msg.contains("`shutdown_deadline`"),
+        "{msg}"
+    );
+    assert!(probe.hooks().is_empty(), "{:?}", probe.hooks());
+    assert!(matches!(
+        svc.wait_for_exit().await,
+        Err(ServiceError::InvalidConfig(_))
+    ));
+    assert!(err.report().is_none());
 }

@@ -183,6 +183,7 @@ async fn python_task_ignoring_the_token_is_cancelled_at_the_deadline() {
             deadline,
             pending,
             pending_names,
+            ..
         } => {
             assert_eq!(deadline, SHORT);
             assert_eq!(pending, 1);

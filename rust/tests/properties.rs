@@ -551,10 +551,10 @@ fn check(
         }
         (Err(kind), Err(err)) => {
             let ok = match (kind, err) {
-                (Error::PreStart, ServiceError::PreStartFailed(_))
-                | (Error::OnStart, ServiceError::OnStartFailed(_))
-                | (Error::Run, ServiceError::RunFailed(_))
-                | (Error::OnStop, ServiceError::OnStopFailed(_)) => true,
+                (Error::PreStart, ServiceError::PreStartFailed(..))
+                | (Error::OnStart, ServiceError::OnStartFailed(..))
+                | (Error::Run, ServiceError::RunFailed(..))
+                | (Error::OnStop, ServiceError::OnStopFailed(..)) => true,
                 (
                     Error::Deadline,
                     ServiceError::ShutdownDeadlineExceeded {

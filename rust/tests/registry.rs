@@ -219,6 +219,7 @@ async fn deadline_error_names_stragglers_in_spawn_order() {
         deadline,
         pending,
         pending_names,
+        ..
     } = &err
     else {
         panic!("unexpected {err:?}");

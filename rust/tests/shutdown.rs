@@ -148,7 +148,7 @@ async fn stuck_task_surfaces_deadline_exceeded() {
     assert!(
         matches!(
             &err,
-            ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, deadline }
+            ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, deadline, .. }
                 if pending_names == &["stuck"] && *deadline == Duration::from_millis(30)
         ),
         "{err:?}"
@@ -158,11 +158,13 @@ async fn stuck_task_surfaces_deadline_exceeded() {
 }
 
 /// **Proves:** through a `Service`, a stuck task yields
-/// `ShutdownDeadlineExceeded` naming it after exactly `shutdown_deadline`,
-/// and `on_stop` + `post_stop` still run afterwards.
+/// `ShutdownDeadlineExceeded` naming it once the share of `run` and the
+/// join is spent (`shutdown_deadline - stop_reserve`: 4 s - 1 s), and
+/// `on_stop` + `post_stop` still run afterwards, inside the budget.
 ///
 /// **Why it matters:** the deadline is the operator's promise about how
-/// long a stop takes; cleanup must still happen when it is exceeded.
+/// long a stop takes; cleanup must still happen when it is exceeded, and
+/// in time.
 ///
 /// **Catches:** the 0.1 hard-coded 30 s join, or a skipped cleanup tail
 /// after a join failure.
@@ -185,7 +187,7 @@ async fn service_reports_stuck_tasks_and_still_cleans_up() {
         fired = Instant::now();
         svc.request_shutdown(ShutdownReason::UserRequested);
     });
-    assert_eq!(fired.elapsed(), Duration::from_secs(4));
+    assert_eq!(fired.elapsed(), Duration::from_secs(3));
     let err = res.unwrap_err();
     assert!(
         matches!(&err, ServiceError::ShutdownDeadlineExceeded { pending: 1, pending_names, .. } if pending_names == &["stuck"]),

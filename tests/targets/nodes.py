@@ -69,6 +69,42 @@ class Stubborn(Basic):
         await super().on_start(ctx)
 
 
+class SlowFlush(Stubborn):
+    """Stragglers (a Python one and a native one) and an ``on_stop`` that flushes for 0.3 s:
+    the flush must run to its end inside the budget, whatever the stragglers do."""
+
+    NAME = "slow-flush"
+
+    async def on_stop(self, ctx: StopContext) -> None:
+        mark("on_stop flushing")
+        await asyncio.sleep(0.3)
+        mark("on_stop flushed")
+
+
+class StuckInPreStart(NodeLifecycle):
+    """``pre_start`` replays a journal until the shutdown is requested (it watches
+    ``ctx.shutdown``); every hook reports on stdout."""
+
+    NAME = "stuck-in-pre-start"
+
+    async def pre_start(self, ctx: StartContext) -> None:
+        mark("pre_start replaying")
+        await ctx.shutdown.cancelled()
+        mark("pre_start stopped replaying")
+
+    async def on_start(self, ctx: StartContext) -> None:
+        mark("on_start ran")
+
+    async def run(self, ctx: RunContext) -> None:
+        mark("run ran")
+
+    async def on_stop(self, ctx: StopContext) -> None:
+        mark("on_stop ran")
+
+    async def post_stop(self, ctx: StopContext) -> None:
+        mark("post_stop ran")
+
+
 class FatalNode(Basic):
     """A critical task fails shortly after start: the token fires with ``Fatal``."""
 

@@ -48,6 +48,16 @@ def resolve(fut: asyncio.Future[Any], value: Any = None) -> None:
         fut.set_result(value)
 
 
+def settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Settle ``fut`` with a native future's outcome (``error`` if it failed), unless
+    ``fut`` is already done (the awaiting coroutine was cancelled)."""
+    if not fut.done():
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+
+
 class _Joinable(Protocol):
     def _try_close(self, fut: asyncio.Future[None]) -> bool: ...
     def _stop_stragglers(self, deadline: float) -> None: ...

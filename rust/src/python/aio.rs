@@ -69,6 +69,11 @@ glue!(
     resolve
 );
 glue!(
+    /// `settle(future, value, error)`: settle a future with a native future's
+    /// outcome unless it is done.
+    settle
+);
+glue!(
     /// `join_all(registry, deadline)`: the coroutine `TaskRegistry.join_all()` returns.
     join_all
 );

@@ -28,7 +28,16 @@ __all__ = [
 
 
 class ServiceError(Exception):
-    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``."""
+    """Base class of every error raised by a ``Service`` or its ``TaskRegistry``.
+
+    Attributes:
+        report: the ``dig_service.ShutdownReport`` of the shutdown this error
+            ended, set by ``Service.start()`` whenever a shutdown began;
+            ``None`` otherwise (a ``pre_start`` failure, ``AlreadyRunning``,
+            an error of ``TaskRegistry.join_all``).
+    """
+
+    report: object = None
 
 
 class PreStartFailed(ServiceError):

@@ -84,6 +84,7 @@ pub(crate) fn service_err(py: Python<'_>, err: &ServiceError) -> PyErr {
             deadline,
             pending,
             pending_names,
+            ..
         } => deadline_exceeded(py, deadline.as_secs_f64(), *pending, pending_names.clone()),
         other => PyRuntimeError::new_err(other.to_string()),
     }

@@ -15,6 +15,7 @@
 //!   the cancellations run after the core's registry lock is released.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::thread::ThreadId;
 
 use pyo3::prelude::*;
@@ -23,15 +24,41 @@ use pyo3::types::PyList;
 use super::aio;
 use super::exit::attach_unless_exiting;
 use super::interop::call_on_loop;
+use super::release::release;
 use crate::tasks::ForeignTask;
 
-/// An asyncio task as the core registry sees it.
+/// An asyncio task as the core registry sees it. Its references are
+/// released attached wherever it is dropped (`release.rs`): the core may
+/// drop an entry on any thread.
 pub(crate) struct PyForeign {
     /// The asyncio task.
-    pub(crate) task: Py<PyAny>,
+    pub(crate) task: ManuallyDrop<Py<PyAny>>,
     /// The loop it runs on, and that loop's thread.
-    pub(crate) event_loop: Py<PyAny>,
+    pub(crate) event_loop: ManuallyDrop<Py<PyAny>>,
     pub(crate) thread: ThreadId,
+}
+
+impl PyForeign {
+    pub(crate) fn new(task: Py<PyAny>, event_loop: Py<PyAny>, thread: ThreadId) -> Self {
+        Self {
+            task: ManuallyDrop::new(task),
+            event_loop: ManuallyDrop::new(event_loop),
+            thread,
+        }
+    }
+}
+
+impl Drop for PyForeign {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the fields are not used after.
+        let refs = unsafe {
+            (
+                ManuallyDrop::take(&mut self.task),
+                ManuallyDrop::take(&mut self.event_loop),
+            )
+        };
+        release(refs);
+    }
 }
 
 impl ForeignTask for PyForeign {

@@ -14,6 +14,10 @@
 //! - Registries and tokens remember the fork generation they were made in.
 //!   One inherited from the parent raises a clear `RuntimeError` in the child
 //!   instead of touching its (possibly held) locks and hanging.
+//! - No thread of ours releases a Python reference unattached (see
+//!   `release.rs`): PyO3 would defer it onto a list behind a lock that a
+//!   fork can copy held, and the child's first call into `_core` drains
+//!   that list.
 //! - Where there is no `fork()` (Windows: `os` has no `register_at_fork`),
 //!   nothing is registered and the generation stays 0.
 

@@ -228,7 +228,7 @@ impl PyTaskHandle {
             HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
             HandleInner::Native { done, .. } => {
                 let mut done = done.clone();
-                super::runtime::into_awaitable(py, async move {
+                super::bridge::into_awaitable(py, async move {
                     let outcome = match done.wait_for(Option::is_some).await {
                         Ok(v) => v.clone().unwrap_or(Err(TaskFailure::Aborted)),
                         Err(_) => Err(TaskFailure::Aborted),

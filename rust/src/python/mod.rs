@@ -20,14 +20,18 @@
 //! | [`errors`] | the `ServiceError` family (`errors.py`) and core errors → Python |
 //! | [`aio`] | the asyncio glue coroutines and callbacks (`aio.py`) |
 //! | [`native`] | native tokio tasks spawned from Python |
-//! | [`runtime`] | the tokio runtime and the future → awaitable bridge |
+//! | [`runtime`] | the tokio runtime: lazy, fork-safe, shut down once at exit |
+//! | [`bridge`] | a Rust future as an asyncio awaitable |
+//! | [`release`] | Python references released attached, never deferred (fork-safe) |
 //! | [`pyfuture`] | a Python coroutine awaited from Rust, cancelled when Rust gives up |
 //! | [`logbridge`] | Rust `tracing` → Python `logging` |
+//! | [`watchdog`] | a native thread that notices a stalled event loop |
 //! | [`fork`] | `os.fork()`: a child never hangs on its parent's locks |
 //! | [`exit`] | interpreter exit never aborts with threads still running |
 //! | [`interop`] | what they share: stdlib objects, argument checks, clocks |
 
 mod aio;
+mod bridge;
 mod errors;
 mod exit;
 mod foreign;
@@ -40,11 +44,13 @@ mod native;
 mod policy;
 mod pyfuture;
 mod registry;
+mod release;
 mod running_loop;
 mod runtime;
 mod spawn;
 mod supervise;
 mod token;
+mod watchdog;
 
 use pyo3::prelude::*;
 
@@ -72,6 +78,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<policy::PyRestart>()?;
     m.add_class::<policy::PyRestartPolicy>()?;
     m.add_class::<supervise::PySupervisedHandle>()?;
+    m.add_class::<watchdog::PyLoopWatchdog>()?;
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::runtime_started, m)?)?;

@@ -103,7 +103,7 @@ struct OnDrop(Option<Py<PyAny>>);
 impl Drop for OnDrop {
     fn drop(&mut self) {
         if let Some(cb) = self.0.take() {
-            let _ = super::attach_unless_exiting(|py| {
+            let _ = super::release::with_attached(cb, |py, cb| {
                 let _ = cb.bind(py).call0();
             });
         }
@@ -123,7 +123,7 @@ pub(crate) fn _bridged_sleep<'py>(
     let _inside = super::exit::enter()?;
     let secs = seconds_arg(seconds, "_bridged_sleep()", "seconds")?;
     let guard = OnDrop(Some(on_drop.unbind()));
-    runtime::into_awaitable(py, async move {
+    super::bridge::into_awaitable(py, async move {
         let _guard = guard;
         tokio::time::sleep(duration(secs)).await;
         Ok(None::<bool>)

@@ -19,6 +19,8 @@ use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::prelude::*;
 use tokio::sync::oneshot;
 
+use super::release::{release, with_attached};
+
 type Outcome = PyResult<Py<PyAny>>;
 
 /// Feeds the oneshot from the `concurrent.futures.Future`'s done callback.
@@ -90,8 +92,10 @@ impl Future for PyCoroutineFuture {
             Poll::Pending => Poll::Pending,
             Poll::Ready(res) => {
                 // Completed: nothing to cancel on drop. The handle is released
-                // on this thread only if it can attach; else PyO3 defers it.
-                self.handle = None;
+                // attached (see `release.rs`).
+                if let Some(handle) = self.handle.take() {
+                    release(handle);
+                }
                 Poll::Ready(res.unwrap_or_else(|_| {
                     Err(CancelledError::new_err(
                         "the Python task ended without reporting a result",
@@ -107,9 +111,13 @@ impl Drop for PyCoroutineFuture {
         if let Some(handle) = self.handle.take() {
             // `concurrent.futures.Future.cancel` is thread-safe and cancels
             // the asyncio task behind it on its own loop.
-            let _ = super::attach_unless_exiting(|py| {
+            let _ = with_attached(handle, |py, handle| {
                 let _ = handle.bind(py).call_method0(pyo3::intern!(py, "cancel"));
             });
+        }
+        // An outcome sent but never polled is a Python object too.
+        if let Ok(outcome) = self.rx.try_recv() {
+            release(outcome);
         }
     }
 }

@@ -26,12 +26,13 @@ use pyo3::types::PyString;
 
 use super::aio;
 use super::errors;
-use super::exit::{self, attach_unless_exiting};
+use super::exit;
 use super::foreign::StopBatch;
 use super::fork;
 use super::handle::PyTaskHandle;
 use super::interop::{call_on_loop, monotonic_of, seconds_arg, type_name};
 use super::kinds::PyTaskKind;
+use super::release::{with_attached, Attached};
 use super::spawn::Flag;
 use super::token::PyShutdownToken;
 use crate::shutdown::ShutdownToken;
@@ -148,10 +149,11 @@ impl PyTaskRegistry {
         let _inside = exit::enter()?;
         let py = fut.py();
         let event_loop = fut.call_method0(pyo3::intern!(py, "get_loop"))?.unbind();
-        let fut = fut.clone().unbind();
+        // Released attached even if the core drops the callback uncalled.
+        let refs = Attached::new((event_loop, fut.clone().unbind()));
         let thread = thread::current().id();
         Ok(self.core()?.try_close(move || {
-            attach_unless_exiting(|py| {
+            with_attached(refs.into_inner(), |py, (event_loop, fut)| {
                 if let Ok(resolve) = aio::resolve(py) {
                     call_on_loop(event_loop.bind(py), thread, resolve, &[fut.into_bound(py)]);
                 }

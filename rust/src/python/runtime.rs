@@ -1,5 +1,5 @@
-//! The tokio runtime behind the Python bindings, and the bridge that turns
-//! a Rust future into an asyncio awaitable.
+//! The tokio runtime behind the Python bindings (a Rust future becomes an
+//! asyncio awaitable in `bridge.rs`).
 //!
 //! Guarantees:
 //! - **Lazy.** `import dig_service` starts no thread; the runtime is built
@@ -20,22 +20,14 @@
 //!   worker threads do not exist in the child), and builds its own on first
 //!   use. The runtime's own threads never take that lock: a spawn from one
 //!   of them goes to its own runtime.
-//! - **Quiet after loop close.** A completion that arrives after its event
-//!   loop closed is dropped without "Event loop is closed" noise.
 
 use std::cell::Cell;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple};
-use pyo3_async_runtimes::generic::{ContextExt, JoinError, Runtime as GenericRuntime};
-use pyo3_async_runtimes::TaskLocals;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 struct Owned {
@@ -225,215 +217,4 @@ pub(crate) fn shut_down_for_good(py: Python<'_>) {
     if let Some(o) = taken {
         stop(py, o);
     }
-}
-
-// ---------------------------------------------------------------------------
-// pyo3-async-runtimes glue: our runtime as a `generic::Runtime`.
-
-pub(crate) struct DigRuntime;
-
-/// Why a bridged future did not produce a value.
-pub(crate) enum BridgeJoinError {
-    Join(tokio::task::JoinError),
-    /// There was no runtime to run it on (the interpreter is exiting): the
-    /// future was dropped unpolled.
-    NoRuntime,
-}
-
-impl JoinError for BridgeJoinError {
-    fn is_panic(&self) -> bool {
-        matches!(self, Self::Join(e) if e.is_panic())
-    }
-    fn into_panic(self) -> Box<dyn std::any::Any + Send + 'static> {
-        match self {
-            Self::Join(e) => e.into_panic(),
-            Self::NoRuntime => Box::new("dig_service: no tokio runtime"),
-        }
-    }
-}
-
-type BoxJoin = Pin<Box<dyn Future<Output = Result<(), BridgeJoinError>> + Send>>;
-
-/// Where the bridge spawns: a runtime thread's own runtime (no lock: the
-/// thread may be the one that shuts it down, or be inherited across a
-/// fork by nobody), else this process's runtime. `None` once the runtime is
-/// gone for good (interpreter exit): the caller drops the work.
-fn spawn_handle() -> Option<Handle> {
-    if on_runtime_thread() {
-        if let Ok(h) = Handle::try_current() {
-            return Some(h);
-        }
-    }
-    // A Python thread: `into_awaitable` checked the runtime just before
-    // (`handle`), so it is running unless an explicit `shutdown_runtime()`
-    // or the exit hook took it down in between.
-    match current() {
-        Ok(Some(h)) => Some(h),
-        Ok(None) => build().ok(),
-        Err(_) => None,
-    }
-}
-
-fn dropped() -> BoxJoin {
-    Box::pin(std::future::ready(Err(BridgeJoinError::NoRuntime)))
-}
-
-impl GenericRuntime for DigRuntime {
-    type JoinError = BridgeJoinError;
-    type JoinHandle = BoxJoin;
-
-    fn spawn<F>(fut: F) -> Self::JoinHandle
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        match spawn_handle() {
-            Some(h) => {
-                let join = h.spawn(fut);
-                Box::pin(async move { join.await.map_err(BridgeJoinError::Join) })
-            }
-            None => {
-                drop(fut);
-                dropped()
-            }
-        }
-    }
-
-    fn spawn_blocking<F>(f: F) -> Self::JoinHandle
-    where
-        F: FnOnce() + Send + 'static,
-    {
-        match spawn_handle() {
-            Some(h) => {
-                // pyo3-async-runtimes attaches in `f` (to set a result): not
-                // on a thread that outlived the exit hook's shutdown.
-                let join = h.spawn_blocking(move || {
-                    if !super::exit::runtime_gone() {
-                        f();
-                    }
-                });
-                Box::pin(async move { join.await.map_err(BridgeJoinError::Join) })
-            }
-            None => {
-                drop(f);
-                dropped()
-            }
-        }
-    }
-}
-
-tokio::task_local! {
-    static LOCALS: TaskLocals;
-}
-
-impl ContextExt for DigRuntime {
-    fn scope<F, R>(locals: TaskLocals, fut: F) -> Pin<Box<dyn Future<Output = R> + Send>>
-    where
-        F: Future<Output = R> + Send + 'static,
-    {
-        Box::pin(LOCALS.scope(locals, fut))
-    }
-
-    fn get_task_locals() -> Option<TaskLocals> {
-        LOCALS.try_with(|l| l.clone()).ok()
-    }
-}
-
-/// The event loop as pyo3-async-runtimes sees it: the real loop, except
-/// that every callback posted to it with `call_soon_threadsafe` (the
-/// bridge's completions) runs inside the exit gate (see `exit.rs`), and a
-/// post to a loop that has closed is dropped quietly.
-///
-/// A completion (`set_result` on the Python future) schedules the
-/// future's callbacks, which on asyncio's loop runs Python code, and in
-/// debug mode reads source files: the loop's thread can lose the GIL there.
-/// Inside the gate, the `atexit` hook waits for it; after the hook, a
-/// daemon thread's loop drops the completion instead (nobody will see it).
-#[pyclass(module = "dig_service._core", frozen)]
-pub(crate) struct BridgeLoop {
-    event_loop: Py<PyAny>,
-}
-
-#[pymethods]
-impl BridgeLoop {
-    fn create_future<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.event_loop
-            .bind(py)
-            .call_method0(pyo3::intern!(py, "create_future"))
-    }
-
-    #[pyo3(signature = (callback, *args, context = None))]
-    fn call_soon_threadsafe(
-        &self,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let py = callback.py();
-        let event_loop = self.event_loop.bind(py);
-        let gated = std::iter::once(run_gated(py)?.clone())
-            .chain(std::iter::once(callback.clone()))
-            .chain(args.iter())
-            .collect::<Vec<_>>();
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(pyo3::intern!(py, "context"), context)?;
-        match event_loop.call_method(
-            pyo3::intern!(py, "call_soon_threadsafe"),
-            PyTuple::new(py, gated)?,
-            Some(&kwargs),
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let closed = event_loop
-                    .call_method0(pyo3::intern!(py, "is_closed"))
-                    .and_then(|c| c.is_truthy())
-                    .unwrap_or(false);
-                if closed {
-                    Ok(()) // nobody is waiting on a closed loop
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-/// `callback(*args)` inside the exit gate; nothing once the interpreter is
-/// exiting (see [`BridgeLoop`]).
-#[pyfunction(signature = (callback, *args))]
-pub(crate) fn _run_gated(callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> PyResult<()> {
-    let Ok(_inside) = super::exit::enter() else {
-        return Ok(());
-    };
-    callback.call1(args)?;
-    Ok(())
-}
-
-fn run_gated(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static CELL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    CELL.get_or_try_init(py, || {
-        Ok::<_, PyErr>(wrap_pyfunction!(_run_gated, py)?.into_any().unbind())
-    })
-    .map(|f| f.bind(py))
-}
-
-/// Turn `fut` into an asyncio awaitable on the running loop.
-///
-/// Cancelling the awaitable drops `fut` (pyo3-async-runtimes does this). If
-/// the loop is closed by the time `fut` completes, the completion is
-/// dropped quietly ([`BridgeLoop`]).
-pub(crate) fn into_awaitable<'py, F, T>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
-where
-    F: Future<Output = PyResult<T>> + Send + 'static,
-    T: for<'a> IntoPyObject<'a> + Send + 'static,
-{
-    handle(py)?;
-    let event_loop = super::running_loop::running_loop(py, "a native await")?;
-    let view = Bound::new(
-        py,
-        BridgeLoop {
-            event_loop: event_loop.unbind(),
-        },
-    )?;
-    let locals = TaskLocals::new(view.into_any()).copy_context(py)?;
-    pyo3_async_runtimes::generic::future_into_py_with_locals::<DigRuntime, _, T>(py, locals, fut)
 }

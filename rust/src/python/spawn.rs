@@ -100,11 +100,11 @@ pub(crate) fn spawn<'py>(
     let (task, may_have_run) = create_task(&event_loop, coro, name_str, refuse)?;
     // The task exists: from here on a failure cancels it before its
     // first step (so its coroutine never runs) and leaves nothing live.
-    let foreign = Arc::new(PyForeign {
-        task: task.clone().unbind(),
-        event_loop: event_loop.clone().unbind(),
-        thread: thread::current().id(),
-    });
+    let foreign = Arc::new(PyForeign::new(
+        task.clone().unbind(),
+        event_loop.clone().unbind(),
+        thread::current().id(),
+    ));
     let id = match core.track_foreign(name_text, kind, foreign.clone()) {
         Ok(id) => id,
         Err(e) => {

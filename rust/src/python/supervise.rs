@@ -148,8 +148,8 @@ impl PySupervisedHandle {
                 // task's record: while the registry tracks it, the task is
                 // live and the registry's reference is invisible here.
                 if Arc::strong_count(t) == 1 && Arc::strong_count(&self.foreign) == 1 {
-                    visit.call(&t.task)?;
-                    visit.call(&t.event_loop)?;
+                    visit.call(&*t.task)?;
+                    visit.call(&*t.event_loop)?;
                 }
             }
         }
@@ -425,11 +425,11 @@ pub(crate) fn supervise<'py>(
             return Err(e);
         }
     };
-    *foreign.task.lock() = Some(Arc::new(PyForeign {
-        task: task.clone().unbind(),
-        event_loop: event_loop.clone().unbind(),
-        thread: thread::current().id(),
-    }));
+    *foreign.task.lock() = Some(Arc::new(PyForeign::new(
+        task.clone().unbind(),
+        event_loop.clone().unbind(),
+        thread::current().id(),
+    )));
     // Relaxed: see `LateForeign::cancel` (both under the GIL).
     if foreign.cancel_requested.load(Ordering::Relaxed) {
         cancel_on_loop(py, &event_loop, thread::current().id(), &task);

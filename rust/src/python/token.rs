@@ -25,6 +25,7 @@ use super::exit;
 use super::fork;
 use super::interop::call_on_loop;
 use super::kinds::PyShutdownReason;
+use super::release::{release, with_attached};
 use super::running_loop::running_loop;
 use crate::shutdown::ShutdownToken;
 
@@ -39,6 +40,15 @@ struct LoopWaiters {
 struct Waiters {
     hooked: bool,
     loops: Vec<LoopWaiters>,
+}
+
+impl Drop for Waiters {
+    /// The last holder may be the core token's hook, dropped on any thread.
+    fn drop(&mut self) {
+        if !self.loops.is_empty() {
+            release(std::mem::take(&mut self.loops));
+        }
+    }
 }
 
 type SharedWaiters = Arc<Mutex<Waiters>>;
@@ -141,7 +151,7 @@ fn wake(waiters: &SharedWaiters) {
     if loops.is_empty() {
         return;
     }
-    super::attach_unless_exiting(|py| {
+    with_attached(loops, |py, loops| {
         let Ok(wake_all) = aio::wake_all(py) else {
             return;
         };

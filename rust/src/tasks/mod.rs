@@ -338,6 +338,28 @@ pub struct TaskRegistry {
 pub struct Stragglers {
     /// Names of the live tasks, in spawn order.
     pub names: Vec<String>,
+    /// The same tasks, in the same order, with what a shutdown report
+    /// tells of each (kind, origin, spawn time, stack).
+    pub tasks: Vec<Straggler>,
+}
+
+/// One task found still running by [`TaskRegistry::close_and_stop_all`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct Straggler {
+    /// The name given at spawn.
+    pub name: TaskName,
+    /// Its kind.
+    pub kind: TaskKind,
+    /// Native tokio task or foreign (Python) task.
+    pub origin: TaskOrigin,
+    /// When it was spawned (to within a tick of the coarse clock).
+    pub spawned_at: std::time::Instant,
+    /// Where a foreign task was waiting, as text ([`ForeignTask::stack`]),
+    /// asked just before it was cancelled; `None` for a native task, and
+    /// past the `max_stacks` first foreign stragglers (see
+    /// [`TaskRegistry::close_and_stop_all_with_stacks`]).
+    pub stack: Option<String>,
 }
 
 impl TaskRegistry {
@@ -659,6 +681,29 @@ impl TaskRegistry {
     /// # }).unwrap();
     /// ```
     pub async fn join_all(&self, deadline: Duration) -> Result<()> {
+        match self.join_reporting(deadline, 0).await? {
+            None => Ok(()),
+            Some(stragglers) => Err(ServiceError::ShutdownDeadlineExceeded {
+                deadline,
+                pending: stragglers.names.len(),
+                pending_names: stragglers.names,
+                report: None,
+            }),
+        }
+    }
+
+    /// [`join_all`](Self::join_all), handing back what a shutdown report
+    /// tells of the stragglers ([`Stragglers::tasks`], with the stacks of
+    /// the first `max_stacks` foreign ones) instead of an error naming
+    /// them: `Ok(None)` when every task ended in time.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoRuntime`], as `join_all`.
+    pub async fn join_reporting(
+        &self,
+        deadline: Duration,
+        max_stacks: usize,
+    ) -> Result<Option<Stragglers>> {
         // A deadline too large to add to `now` (say `Duration::MAX`) means
         // "no deadline", not a panic.
         let until = tokio::time::Instant::now().checked_add(deadline);
@@ -668,7 +713,7 @@ impl TaskRegistry {
             let Some(key) = self.inner.close_or_wait(Box::new(move || {
                 let _ = tx.send(());
             })) else {
-                return Ok(());
+                return Ok(None);
             };
             // Removes the wake-up if this future is dropped while waiting.
             let _wait = IdleWait {
@@ -689,9 +734,9 @@ impl TaskRegistry {
                 }
             };
             if timed_out {
-                let stragglers = self.close_and_stop_all();
+                let stragglers = self.close_and_stop_all_with_stacks(max_stacks);
                 if stragglers.names.is_empty() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 tracing::warn!(
                     target: "dig_service::tasks",
@@ -699,11 +744,7 @@ impl TaskRegistry {
                     names = %crate::error::names_preview(&stragglers.names),
                     "shutdown deadline exceeded; stopping stragglers"
                 );
-                return Err(ServiceError::ShutdownDeadlineExceeded {
-                    deadline,
-                    pending: stragglers.names.len(),
-                    pending_names: stragglers.names,
-                });
+                return Ok(Some(stragglers));
             }
         }
     }
@@ -725,6 +766,16 @@ impl TaskRegistry {
     /// Close the registry, abort every native task and cancel every foreign
     /// one; return the names of those that were live.
     pub fn close_and_stop_all(&self) -> Stragglers {
+        self.close_and_stop_all_with_stacks(0)
+    }
+
+    /// [`close_and_stop_all`](Self::close_and_stop_all), and also ask the
+    /// first `max_stacks` foreign stragglers (in spawn order) where they
+    /// are waiting ([`ForeignTask::stack`]) just before cancelling them,
+    /// for a shutdown report. Each answer may run foreign code (a Python
+    /// task's stack is formatted under the GIL): keep `max_stacks` small.
+    pub fn close_and_stop_all_with_stacks(&self, max_stacks: usize) -> Stragglers {
+        let epoch = Epoch::now();
         let mut live = Vec::new();
         let mut natives = Vec::new();
         let mut foreign = Vec::new();
@@ -752,11 +803,17 @@ impl TaskRegistry {
                         }
                     }
                     Control::Foreign(f) => {
-                        foreign.push((e.spawned_at, e.name.to_string(), f.clone()));
+                        foreign.push((e.spawned_at, e.name.clone(), e.kind, f.clone()));
                         continue;
                     }
                 }
-                live.push((e.spawned_at, e.name.to_string()));
+                live.push((
+                    e.spawned_at,
+                    e.name.clone(),
+                    e.kind,
+                    TaskOrigin::Native,
+                    None,
+                ));
             }
             reaped
         };
@@ -768,19 +825,37 @@ impl TaskRegistry {
         }
         // A foreign task that ended before the deadline but whose completion
         // is still queued on its loop is not a straggler. Asked outside the
-        // lock: the owner's check may need its own lock (the GIL).
-        for (at, name, f) in foreign {
+        // lock: the owner's check may need its own lock (the GIL). In spawn
+        // order, so that the stacks asked for are the oldest tasks'.
+        foreign.sort_unstable_by_key(|(at, ..)| *at);
+        let mut stacks_left = max_stacks;
+        for (at, name, kind, f) in foreign {
             if !f.is_finished() {
+                let stack = if stacks_left > 0 {
+                    stacks_left -= 1;
+                    f.stack()
+                } else {
+                    None
+                };
                 f.cancel();
-                live.push((at, name));
+                live.push((at, name, kind, TaskOrigin::Python, stack));
             }
         }
         // Slots are reused, so slot order is not spawn order; the stamps,
         // unique and in spawn order, restore it.
-        live.sort_unstable_by_key(|(at, _)| *at);
-        Stragglers {
-            names: live.into_iter().map(|(_, name)| name).collect(),
-        }
+        live.sort_unstable_by_key(|(at, ..)| *at);
+        let names = live.iter().map(|(_, name, ..)| name.to_string()).collect();
+        let tasks = live
+            .into_iter()
+            .map(|(at, name, kind, origin, stack)| Straggler {
+                name,
+                kind,
+                origin,
+                spawned_at: epoch.instant_of(at),
+                stack,
+            })
+            .collect();
+        Stragglers { names, tasks }
     }
 
     /// Whether `join_all` has closed the registry.

@@ -167,6 +167,16 @@ pub trait ForeignTask: Send + Sync + 'static {
     fn is_finished(&self) -> bool {
         false
     }
+
+    /// Where the task is waiting, as text (for an asyncio task, its stack:
+    /// the chain of frames down its `await`s), for a shutdown report.
+    /// Asked of a straggler just before it is [cancelled](Self::cancel),
+    /// only when the caller wants stacks
+    /// ([`TaskRegistry::close_and_stop_all_with_stacks`]); called with no
+    /// registry lock held. `None`: nothing to tell.
+    fn stack(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Identifies a foreign task in its registry; see
