@@ -19,6 +19,7 @@ from harness import KIND, NAME, Config, Dur, Report, Stamp, check, interleaved, 
 from dig_service import Restart, RestartPolicy, ShutdownToken, TaskRegistry
 
 P12_N = 10_000
+P12_N_QUICK = 2_000
 
 
 async def fail() -> None:
@@ -81,7 +82,7 @@ async def p12_plain_nop(n: int) -> dict[str, Dur]:
 
 
 def bench_p12(cfg: Config, loop: str, report: Report) -> None:
-    n = P12_N
+    n = P12_N_QUICK if cfg.mode == "quick" else P12_N
     print(f"\nP12 [{loop}] a supervised task failing at once, restarted {n:,} times")
     got = interleaved(
         loop,
