@@ -568,3 +568,47 @@ async def test_a_stopped_supervised_task_is_collected() -> None:
         await asyncio.sleep(0)
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_is_not_restarted(loop_name: str, interrupt: type[BaseException]) -> None:
+    """Proves a ``KeyboardInterrupt`` or ``SystemExit`` from an incarnation is not restarted
+    (even under a permanent policy): it leaves the loop as asyncio makes it, the token
+    fires (``UserRequested`` for Ctrl-C, ``Fatal`` for ``SystemExit``), and the task leaves
+    the registry during the loop's teardown.
+
+    Catches: a supervisor that swallows Ctrl-C and restarts the task, so the process
+    cannot be interrupted.
+    """
+    import uvloop
+
+    token, reg = fresh()
+    calls = 0
+
+    async def body() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("first")
+        raise interrupt()
+
+    async def main() -> None:
+        reg.supervise("interrupted", BG, body, policy=RestartPolicy(**QUICK))
+        await asyncio.sleep(3600)
+
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+    logging.getLogger("dig_service.tasks").disabled = True
+    try:
+        with pytest.raises(interrupt), asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+    finally:
+        logging.getLogger("dig_service.tasks").disabled = False
+    assert calls == 2
+    stats = reg.stats()
+    assert (stats.restarted, stats.live, stats.failed) == (1, 0, 1)
+    reason = token.reason()
+    if interrupt is KeyboardInterrupt:
+        assert reason == ShutdownReason.UserRequested()
+    else:
+        assert isinstance(reason, ShutdownReason.Fatal) and "SystemExit" in reason.message
