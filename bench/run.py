@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """dig_service performance suite: the targets of SPEC section 5.
 
-One entry point for P1-P5, P7 and P8 (P6 is the Rust bench
+One entry point for P1-P5, P7, P8 and P12 (P6 is the Rust bench
 ``cargo bench --bench registry``; ``--rust`` runs it from here too)::
 
     .venv/bin/python bench/run.py                 # full run, default asyncio loop
@@ -55,13 +55,16 @@ What each target measures (the interpretation is ours where the spec is terse):
   statement; threads counted in ``/proc/self/task`` before and after the
   import, after loading the native core, and after running Python tasks
   through a registry (the tokio runtime must not start for those).
+- P12: a supervised task that fails at once, restarted with zero backoff 10k times, vs
+  10k plain tasks that fail at once, spawned one after another (each awaited before the
+  next); the ``dig_service.tasks`` logger disabled in both (see ``p12_supervise.py``).
 - P8: ``snapshot()`` with 100k live registry tasks (each named ``peer-<i>``),
   several calls on each of a few fresh loops.
 
 Layout: ``harness.py`` (clocks, samples, statistics, the report) and one
 module a target (``p1_spawn.py``, ``p2_wake.py``, ``p3_join.py``,
 ``p4_deadline.py``, ``p5_memory.py``, ``p6_native.py``, ``p7_import.py``,
-``p8_snapshot.py``); this file is the entry point.
+``p8_snapshot.py``, ``p12_supervise.py``); this file is the entry point.
 
 Exit status 1 when a target is missed. ``--no-assert`` ignores the timing
 targets (noisy on shared machines) but still fails on the functional checks
@@ -87,6 +90,7 @@ from p5_memory import bench_p5, p5_child
 from p6_native import bench_p6
 from p7_import import bench_p7
 from p8_snapshot import bench_p8
+from p12_supervise import bench_p12, p12_plain, p12_plain_nop, p12_supervised
 
 __all__ = ["CASES", "main", "run_on"]
 
@@ -100,6 +104,9 @@ CASES: dict[str, Callable[[int], Coroutine[Any, Any, dict[str, Dur]]]] = {
     "p2.event": p2_event,
     "p3.join_all": p3_join_all,
     "p3.gather": p3_gather,
+    "p12.supervised": p12_supervised,
+    "p12.plain": p12_plain,
+    "p12.plain_nop": p12_plain_nop,
 }
 
 """The cases a child process samples (``--_child sample``), by id; also what
@@ -191,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_p2(cfg, loop, report)
         if want("P3"):
             bench_p3(cfg, loop, report)
+        if want("P12"):
+            bench_p12(cfg, loop, report)
     main_loop = loops[0]
     if want("P4"):
         bench_p4(cfg, main_loop, report)

@@ -54,6 +54,7 @@ TASK_FACTORY_MODULES = frozenset(
         "test_start_contract",
         "test_lifecycle",
         "test_task_factories",
+        "test_supervise",
     }
 )
 """Test modules whose async tests also run under the task factories below.

@@ -159,3 +159,22 @@ def test_the_layout_names_the_real_files() -> None:
     assert "rust/src/tasks/reap.rs" in paths and "python/dig_service/_runner.py" in paths
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert not missing, f"the README's Layout names files that do not exist: {missing}"
+
+
+def test_the_supervised_tasks_example_prints_what_the_guide_says(tmp_path: Path) -> None:
+    """Proves: the "Supervised tasks" example runs, restarts its failing sync twice, and
+    prints exactly the lines the guide shows after it.
+
+    Catches: a guide whose supervision example drifted from the API or the behaviour.
+    """
+    text = GUIDE.read_text()
+    section = text[text.index("### Supervised tasks") :]
+    code = re.search(r"<!-- runnable -->\s*```python\n(.*?)```", section, re.S)
+    shown = re.search(r"It prints[^\n]*\n\n```text\n(.*?)```", section, re.S)
+    assert code is not None and shown is not None
+    assert "supervise(" in code[1]
+    proc = run_python(code[1], tmp_path, "supervised.py")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == shown[1].splitlines()
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr
+    assert "failed again, restarting in" in proc.stderr

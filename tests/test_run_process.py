@@ -677,3 +677,44 @@ def test_log_format_json_writes_one_json_object_a_line_with_the_report(
     assert by_name["stubborn-worker"]["kind"] == "PeerConnection"
     assert "in hold_forever" in by_name["stubborn-worker"]["stack"]
     assert by_name["stubborn-native"]["stack"] is None
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def test_a_crash_looping_supervised_task_gives_up_with_fatal(spawn: type[Proc]) -> None:
+    """A critical supervised task that keeps failing is restarted ``max_restarts`` times,
+    each restart logged (the first with its traceback, the next on one line), then gives
+    up: the token fires with ``Fatal("task 'flaky-sync' gave up after 3 restarts in W s:
+    ...")``, the service stops on its own (stop hooks run) and the exit status is 1.
+
+    Catches: a crash loop that never ends, a give-up that does not stop the service, a
+    traceback per restart (a flooded log), a Fatal reason without the task or its error."""
+    proc = spawn("targets.supervised:CrashLoop")
+    assert proc.finish() == 1, proc.output
+    err = "\n".join(proc.stderr)
+    assert "task 'flaky-sync' (BackgroundLoop) failed, restarting in" in err, proc.output
+    assert err.count("failed again, restarting in") == 2, proc.output
+    assert err.count("Traceback (most recent call last)") == 2, proc.output  # first + give-up
+    assert "gave up after 3 restarts in" in err
+    assert "(attempt 2)" in err and "(attempt 4)" in err
+    fatal = [line for line in proc.stdout if "Fatal" in line]
+    assert fatal and "task 'flaky-sync' gave up after 3 restarts in " in fatal[0], proc.output
+    assert "ConnectionRefusedError: full node refused the connection (attempt 4)" in fatal[0]
+    assert "post_stop ran" in proc.stdout
+
+
+def test_sigusr1_snapshot_shows_restarts(spawn: type[Proc]) -> None:
+    """SIGUSR1's snapshot shows a supervised task once, with how often it restarted, and
+    the registry's restart count in its header.
+
+    Catches: a supervised task listed once per incarnation, restarts missing from the
+    snapshot."""
+    proc = spawn("targets.supervised:Restarting")
+    proc.wait_for("^restarted 3$")
+    proc.send(signal.SIGUSR1)
+    proc.wait_for(r"live task\(s\).*restarted \d+")
+    proc.wait_for(r"^\s+reconnect\s+PeerConnection\s+python\s+\d+\.\ds  restarted \d+x$")
+    proc.send(signal.SIGTERM)
+    assert proc.finish() == 0, proc.output
+    assert sum("reconnect " in line for line in proc.stderr if "restarted" in line) == 1

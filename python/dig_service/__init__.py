@@ -28,8 +28,11 @@ if TYPE_CHECKING:
     from ._config import ServiceConfig
     from ._core import (
         KindStats,
+        Restart,
+        RestartPolicy,
         ShutdownReason,
         ShutdownToken,
+        SupervisedHandle,
         TaskHandle,
         TaskKind,
         TaskRegistry,
@@ -77,6 +80,8 @@ __all__ = [
     "PeerInfo",
     "PhaseReport",
     "PreStartFailed",
+    "Restart",
+    "RestartPolicy",
     "RpcApi",
     "RunContext",
     "RunFailed",
@@ -91,6 +96,7 @@ __all__ = [
     "StartContext",
     "StopContext",
     "StragglerReport",
+    "SupervisedHandle",
     "TaskHandle",
     "TaskKind",
     "TaskRegistry",
@@ -102,6 +108,9 @@ __all__ = [
 # Where each public name lives; loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
     "KindStats": "_core",
+    "Restart": "_core",
+    "RestartPolicy": "_core",
+    "SupervisedHandle": "_core",
     "ShutdownReason": "_core",
     "ShutdownToken": "_core",
     "TaskHandle": "_core",

@@ -17,11 +17,14 @@ __all__ = [
     "OnStartFailed",
     "OnStopFailed",
     "PreStartFailed",
+    "Restart",
+    "RestartPolicy",
     "RunFailed",
     "ServiceError",
     "ShutdownDeadlineExceeded",
     "ShutdownReason",
     "ShutdownToken",
+    "SupervisedHandle",
     "TaskHandle",
     "TaskKind",
     "TaskRegistry",
@@ -233,6 +236,79 @@ class TaskHandle:
         """
 
 @final
+class Restart:
+    """When a supervised task is restarted."""
+
+    Permanent: ClassVar[Restart]
+    """Restarted whenever it ends (returns or raises) while the service runs."""
+    Transient: ClassVar[Restart]
+    """Restarted only when it raises."""
+    Temporary: ClassVar[Restart]
+    """Never restarted."""
+
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+
+@final
+class RestartPolicy:
+    """How a supervised task is restarted, and when it gives up.
+
+    Every field is checked here, naming the field: a policy that exists is valid.
+    """
+
+    def __new__(
+        cls,
+        restart: Restart = ...,
+        max_restarts: int = 5,
+        within: float | timedelta = 60.0,
+        backoff: float | timedelta = 0.1,
+        max_backoff: float | timedelta = 30.0,
+        critical: bool = True,
+    ) -> Self: ...
+    @property
+    def restart(self) -> Restart: ...
+    @property
+    def max_restarts(self) -> int: ...
+    @property
+    def within(self) -> float: ...
+    @property
+    def backoff(self) -> float: ...
+    @property
+    def max_backoff(self) -> float: ...
+    @property
+    def critical(self) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
+
+@final
+class SupervisedHandle:
+    """A supervised task: its name, kind and restarts; stop it for good, or await its end.
+
+    Awaiting it returns when the task ended cleanly or by shutdown, and raises the last
+    error when it stopped after a failure (gave up, or a failure not restarted).
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> TaskKind: ...
+    @property
+    def restarts(self) -> int: ...
+    def abort(self) -> None: ...
+    def is_finished(self) -> bool: ...
+    def __await__(self) -> Generator[Any]: ...
+    def _incarnation(self) -> Coroutine[Any, Any, Any]:
+        """Internal: start an incarnation; the coroutine the factory made."""
+
+    def _ended(self, exc: BaseException | None, cancelled: bool) -> float | None:
+        """Internal: an incarnation ended; the delay before the next, or None to stop."""
+
+    def __call__(self, task: Any, /) -> None:
+        """Internal: the done callback of the handle's own asyncio task."""
+
+@final
 class TaskRegistry:
     """Named, tracked tasks (asyncio and tokio) joined under one deadline."""
 
@@ -247,6 +323,14 @@ class TaskRegistry:
         *,
         critical: bool = False,
     ) -> TaskHandle: ...
+    def supervise(
+        self,
+        name: str,
+        kind: TaskKind,
+        factory: Callable[[], Coroutine[Any, Any, Any]],
+        *,
+        policy: RestartPolicy = ...,
+    ) -> SupervisedHandle: ...
     def join_all(self, deadline: float | timedelta) -> Coroutine[Any, Any, None]: ...
     def _try_close(self, fut: Future[None]) -> bool:
         """Internal (the body of ``join_all``): close the registry and return ``True`` if

@@ -5,7 +5,10 @@ It shows, in a few dozen log lines, what the scaffold does for a service:
 - a **heartbeat** ``BackgroundLoop`` that logs the live task count every second;
 - a few **simulated peer connections** (``PeerConnection`` tasks) that feed
   inbound messages to the ``PeerApi`` and, at shutdown, take a moment to say
-  goodbye (so the shutdown display has something to show);
+  goodbye (so the shutdown display has something to show). They are
+  *supervised* (``TaskRegistry.supervise``, transient): ``peer-0`` drops its
+  connection once, a few seconds in, and is reconnected by its supervisor
+  after a short backoff (the log shows the restart; SIGUSR1 its count);
 - a periodic **Maintenance** task;
 - a **native tokio task** (``origin == "native"``) tracked by the same registry;
 - an **RpcApi** answering ``get_tasks`` (the live snapshot), ``healthz`` and
@@ -18,6 +21,7 @@ SIGHUP (reload), or ``stop_node``. SIGUSR1 logs the task snapshot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -25,7 +29,14 @@ import time
 from typing import Any, ClassVar, Final
 
 from ._config import ServiceConfig
-from ._core import ShutdownReason, ShutdownToken, TaskKind, spawn_native_sleeper
+from ._core import (
+    Restart,
+    RestartPolicy,
+    ShutdownReason,
+    ShutdownToken,
+    TaskKind,
+    spawn_native_sleeper,
+)
 from ._handle import ServiceHandle
 from ._lifecycle import NodeLifecycle, PeerApi, RpcApi, RunContext, StartContext, StopContext
 from ._service import Service
@@ -39,6 +50,13 @@ PEERS: Final = 3
 HEARTBEAT_EVERY: Final = 1.0
 MAINTENANCE_EVERY: Final = 5.0
 MESSAGE_EVERY: Final = 2.5
+DROP_AFTER: Final = 2
+"""``peer-0``'s first connection drops after this many messages (a simulated reset)."""
+PEER_POLICY: Final = RestartPolicy(
+    Restart.Transient, max_restarts=5, within=60.0, backoff=1.0, max_backoff=30.0, critical=False
+)
+"""A peer connection that fails is reconnected (1 s, then 2 s, 4 s... with jitter); more
+than 5 failures a minute and the node gives that peer up, without stopping the service."""
 
 
 def _peer_id(i: int) -> bytes:
@@ -114,13 +132,19 @@ class DemoNode(NodeLifecycle):
         self.peer_api = peer_api if peer_api is not None else DemoPeerApi()
         self.peers = peers
         self.beats = 0
+        self.connections = 0
 
     async def pre_start(self, ctx: StartContext) -> None:
         logger.info("demo: opening the (imaginary) store")
 
     async def on_start(self, ctx: StartContext) -> None:
         for i in range(self.peers):
-            ctx.tasks.spawn(f"peer-{i}", TaskKind.PeerConnection, self._peer(i, ctx.shutdown))
+            ctx.tasks.supervise(
+                f"peer-{i}",
+                TaskKind.PeerConnection,
+                functools.partial(self._peer, i, ctx.shutdown),
+                policy=PEER_POLICY,
+            )
         ctx.tasks.spawn("maintenance", TaskKind.Maintenance, self._maintenance(ctx.shutdown))
         spawn_native_sleeper(ctx.tasks, "native-sync", 24 * 3600.0, honor_shutdown=True)
         logger.info(
@@ -161,7 +185,10 @@ class DemoNode(NodeLifecycle):
             await _sleep_or_shutdown(HEARTBEAT_EVERY, ctx.shutdown)
 
     async def _peer(self, i: int, shutdown: ShutdownToken) -> None:
+        """One connection to peer ``i`` (an incarnation of the supervised ``peer-i``)."""
         peer = _peer_id(i)
+        self.connections += 1
+        first = self.connections <= self.peers
         await self.peer_api.on_peer_connected(
             peer, PeerInfo(peer, f"203.0.113.{10 + i}:9444", "full_node")
         )
@@ -169,6 +196,10 @@ class DemoNode(NodeLifecycle):
         while not await _sleep_or_shutdown(MESSAGE_EVERY + i * 0.3, shutdown):
             opcode = (opcode + 1) % 256
             await self.peer_api.on_message(peer, InboundMessage(opcode, os.urandom(16)))
+            if i == 0 and first and opcode == DROP_AFTER:
+                reason = "connection reset by peer (simulated)"
+                await self.peer_api.on_peer_disconnected(peer, DisconnectReason.Transport(reason))
+                raise ConnectionResetError(reason)
         # A polite goodbye takes a moment: the shutdown display shows it.
         await asyncio.sleep(0.2 + 0.2 * i)
         await self.peer_api.on_peer_disconnected(peer, DisconnectReason.LocalClose())

@@ -82,7 +82,7 @@ def describe_tasks(view: ServiceView) -> str:
     stats = view.registry.stats()
     head += (
         f"; spawned {stats.spawned}, completed {stats.completed}, failed {stats.failed}, "
-        f"cancelled {stats.cancelled}, aborted {stats.aborted}"
+        f"cancelled {stats.cancelled}, aborted {stats.aborted}, restarted {stats.restarted}"
     )
     if not live:
         return head
@@ -90,7 +90,9 @@ def describe_tasks(view: ServiceView) -> str:
     lines = [head, f"  {'NAME':<{width}}  {'KIND':<14}  {'ORIGIN':<6}  AGE"]
     for s in live[:_MAX_SNAPSHOT_LINES]:
         kind, age = variant_name(s.kind), format_age(now - s.spawned_at)
-        lines.append(f"  {s.name:<{width}}  {kind:<14}  {s.origin:<6}  {age}")
+        line = f"  {s.name:<{width}}  {kind:<14}  {s.origin:<6}  {age}"
+        # A supervised task that has restarted says so (and how often).
+        lines.append(f"{line}  restarted {s.restarts}x" if s.restarts else line)
     if len(live) > _MAX_SNAPSHOT_LINES:
         lines.append(f"  ... and {len(live) - _MAX_SNAPSHOT_LINES} more")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ raises are raised by the ``_core`` methods it calls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 
@@ -93,3 +93,60 @@ async def join_all(registry: _Joinable, deadline: float) -> None:
         if timed_out:
             break
     registry._stop_stragglers(deadline)
+
+
+class _Supervised(Protocol):
+    def _incarnation(self) -> Coroutine[Any, Any, Any]: ...
+    def _ended(self, exc: BaseException | None, cancelled: bool) -> float | None: ...
+
+
+class _Token(_Parkable, Protocol):
+    def is_cancelled(self) -> bool: ...
+
+
+async def supervise(handle: _Supervised, token: _Token) -> None:
+    """The coroutine of a supervised task: its incarnations, and the waits between them.
+
+    Every decision is the core's: ``handle._ended`` asks it, logs, and fires the token
+    when told to; this loop only carries the decision out. Returns when the task ended
+    cleanly or by shutdown; raises the last error when it stopped after a failure; a
+    cancel (``abort()``, the join's deadline, the loop's teardown) stops it for good.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    while True:
+        try:
+            await handle._incarnation()
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled, or closed with its loop: stopped for good.
+            handle._ended(None, True)
+            raise
+        except BaseException as exc:
+            delay = handle._ended(exc, task.cancelling() > 0)
+            if delay is None:
+                raise
+        else:
+            delay = handle._ended(None, task.cancelling() > 0)
+            if delay is None:
+                return
+        if not await _backoff(delay, token):
+            return
+
+
+async def _backoff(delay: float, token: _Token) -> bool:
+    """Wait ``delay`` seconds, or until ``token`` fires: whether to go on (it has not fired).
+
+    A zero delay still yields one loop turn, so a crash loop never holds the loop.
+    """
+    if delay > 0:
+        fut = token._park()
+        if fut is None:
+            return False
+        timer = asyncio.get_running_loop().call_later(delay, resolve, fut, _TIMED_OUT)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+    else:
+        await asyncio.sleep(0)
+    return not token.is_cancelled()

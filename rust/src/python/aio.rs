@@ -77,3 +77,7 @@ glue!(
     /// `join_all(registry, deadline)`: the coroutine `TaskRegistry.join_all()` returns.
     join_all
 );
+glue!(
+    /// `supervise(handle, token)`: the coroutine of a supervised task.
+    supervise
+);

@@ -215,7 +215,6 @@ pub(crate) fn log_task_exception(
 
 /// Log `msg` at `level` on the `dig_service.tasks` logger, with `exc`'s
 /// traceback when one is given.
-#[allow(dead_code)] // wip
 pub(crate) fn log_task(
     py: Python<'_>,
     level: crate::tasks::Level,

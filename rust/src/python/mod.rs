@@ -41,12 +41,14 @@ mod interop;
 mod kinds;
 mod logbridge;
 mod native;
+mod policy;
 mod pyfuture;
 mod registry;
 mod release;
 mod running_loop;
 mod runtime;
 mod spawn;
+mod supervise;
 mod token;
 mod watchdog;
 
@@ -73,6 +75,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<registry::PyTaskSummary>()?;
     m.add_class::<registry::PyTaskStats>()?;
     m.add_class::<registry::PyKindStats>()?;
+    m.add_class::<policy::PyRestart>()?;
+    m.add_class::<policy::PyRestartPolicy>()?;
+    m.add_class::<supervise::PySupervisedHandle>()?;
     m.add_class::<watchdog::PyLoopWatchdog>()?;
     m.add_function(wrap_pyfunction!(native::spawn_native_sleeper, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::shutdown_runtime, m)?)?;

@@ -56,6 +56,11 @@ impl PyTaskRegistry {
         }
     }
 
+    /// The Python token.
+    pub(crate) fn shutdown_py<'py>(&self, py: Python<'py>) -> &Bound<'py, PyShutdownToken> {
+        self.shutdown.bind(py)
+    }
+
     /// The core token.
     pub fn shutdown_core(&self) -> &ShutdownToken {
         self.core.shutdown()
@@ -108,6 +113,24 @@ impl PyTaskRegistry {
         critical: Flag<'py>,
     ) -> PyResult<Bound<'py, PyTaskHandle>> {
         super::spawn::spawn(slf, name, kind, coro, critical)
+    }
+
+    /// Run a supervised task: `factory()` makes each incarnation's
+    /// coroutine, and `policy` says when an incarnation that ended is
+    /// replaced by a new one (SPEC 8). Every argument is checked before
+    /// anything is tracked, and `factory` is first called on the task.
+    #[pyo3(
+        signature = (name, kind, factory, *, policy = None),
+        text_signature = "($self, name, kind, factory, *, policy=RestartPolicy())"
+    )]
+    fn supervise<'py>(
+        slf: &Bound<'py, Self>,
+        name: &Bound<'py, PyAny>,
+        kind: &Bound<'py, PyAny>,
+        factory: &Bound<'py, PyAny>,
+        policy: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, super::supervise::PySupervisedHandle>> {
+        super::supervise::supervise(slf, name, kind, factory, policy)
     }
 
     /// Wait for every tracked task up to `deadline` seconds, then stop the

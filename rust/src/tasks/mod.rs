@@ -86,17 +86,15 @@ use crate::error::{Result, ServiceError};
 use crate::shutdown::ShutdownToken;
 use critical::Critical;
 pub use name::TaskName;
-#[allow(unused_imports)] // wip: used by the Python driver (next commit)
-pub(crate) use policy::End;
+#[cfg(feature = "python")]
+pub(crate) use policy::{End, Step};
 pub use policy::{Restart, RestartPolicy};
-#[allow(unused_imports)] // wip
-pub(crate) use policy::{Step, Stop};
 use reap::{ended_shards, Ended, Outcomes, Padded, REAP_AT};
 use slab::{Key, Slab};
 use stamp::{Epoch, Stamp};
 pub use supervise::SupervisedHandle;
-#[allow(unused_imports)] // wip
-pub(crate) use supervise::{Decision, Level, Log, Supervisor};
+#[cfg(feature = "python")]
+pub(crate) use supervise::{Level, Supervisor};
 pub(crate) use types::panic_message;
 use types::{bucket, BUCKETS};
 pub use types::{

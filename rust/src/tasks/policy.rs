@@ -170,7 +170,7 @@ pub(crate) enum End {
     Returned,
     /// It failed (an error, a panic, a factory that failed to make it).
     Failed,
-    #[allow(dead_code)] // wip
+    #[cfg_attr(not(feature = "python"), allow(dead_code))]
     /// It was cancelled (a foreign task cancelled by someone else, or its
     /// event loop tearing down): never restarted.
     Cancelled,

@@ -330,7 +330,7 @@ impl TaskRegistry {
     /// each incarnation. The owner runs the incarnations and the waits, and
     /// calls [`finish_foreign`](Self::finish_foreign) once, when the task
     /// stops for good.
-    #[allow(dead_code)] // wip
+    #[cfg(feature = "python")]
     pub(crate) fn supervise_foreign(
         &self,
         name: TaskName,
