@@ -170,7 +170,13 @@ if [ "$TEST_SDIST" != "0" ]; then
     "${BEST_EXE[$minor]}" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     # Share the repository's cargo target directory so that the dependencies
-    # built before are reused (the crate itself is built from the sdist).
+    # built before are reused, but never the crate itself: cargo names its
+    # artefact by paths relative to the package root (the same for the sdist
+    # and the checkout), and the sdist's files carry a fixed old mtime, so a
+    # dig-service library built there before (by `maturin develop --release`,
+    # or by an earlier run from an older sdist) looks fresh and would be
+    # installed in place of the sdist's code.
+    cargo clean -q --release -p dig-service --manifest-path "$ROOT/Cargo.toml" --target-dir "$ROOT/target"
     CARGO_TARGET_DIR="$ROOT/target" "$venv/bin/python" -m pip install -q "${sdists[0]}[test]"
     (cd / && "$venv/bin/python" -c "$CHECK_INSTALLED")
     (cd / && "$venv/bin/python" - <<'EOF')
