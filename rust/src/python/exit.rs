@@ -123,7 +123,16 @@ pub(crate) fn attach_unless_exiting<R>(f: impl for<'py> FnOnce(Python<'py>) -> R
     if runtime_gone() && super::runtime::on_runtime_thread() {
         return None;
     }
+    let _fork = no_thread_state().then(super::fork::hold_off);
     Python::try_attach(f)
+}
+
+/// Whether this thread has no Python thread state: attaching will make one
+/// (and detaching drop it), under a lock a fork must not copy held (see
+/// `fork.rs`).
+pub(crate) fn no_thread_state() -> bool {
+    // SAFETY: callable without the GIL; reads this thread's own state.
+    unsafe { pyo3::ffi::PyGILState_GetThisThreadState() }.is_null()
 }
 
 /// The `atexit` hook: see the module docs.

@@ -18,10 +18,22 @@
 //!   `release.rs`): PyO3 would defer it onto a list behind a lock that a
 //!   fork can copy held, and the child's first call into `_core` drains
 //!   that list.
+//! - No thread of ours is making or dropping a Python thread state when
+//!   the process forks. A thread with none (a tokio thread, the watchdog)
+//!   gets one each time it attaches and drops it when it detaches, and
+//!   CPython makes it under its runtime-wide lock without holding the GIL:
+//!   a fork at that moment copies the lock held, and the child hangs in
+//!   CPython's own `PyOS_AfterFork_Child` (1 fork in about 2,000 under
+//!   load, while tokio threads completed native awaits). So such a thread
+//!   attaches only through [`hold_off`], and the `before` hook waits (GIL
+//!   released, at most [`FORK_WAIT`]) until none is attaching, and holds
+//!   new ones back until the fork is done.
 //! - Where there is no `fork()` (Windows: `os` has no `register_at_fork`),
 //!   nothing is registered and the generation stays 0.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -48,9 +60,77 @@ pub(crate) fn check(made_in: u64, what: &str) -> PyResult<()> {
     }
 }
 
+/// Set by the `before` hook, cleared after the fork (in both processes).
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+/// Threads without a Python thread state inside an attach ([`hold_off`]).
+static ATTACHING: AtomicUsize = AtomicUsize::new(0);
+
+/// How long the `before` hook waits for attaching threads (an attach lasts
+/// a call; the bound keeps a fork from waiting on a thread that waits for
+/// something the forking thread holds).
+const FORK_WAIT: Duration = Duration::from_secs(1);
+
+/// Held by a thread without a Python thread state while it attaches.
+pub(crate) struct HoldOff(());
+
+impl Drop for HoldOff {
+    fn drop(&mut self) {
+        // SeqCst: see `hold_off`.
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Wait out a fork in progress, then count this thread as attaching until
+/// the guard is dropped (for a thread with no Python thread state: see the
+/// module docs).
+pub(crate) fn hold_off() -> HoldOff {
+    loop {
+        // SeqCst, with the `before` hook's store and load: of "this
+        // increment, then the load of FORKING" and "the hook's store of
+        // FORKING, then its load of ATTACHING", one comes first in the
+        // single total order, so either the hook sees this thread counted
+        // (and waits for it) or this thread sees the fork (and backs off).
+        while FORKING.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_micros(100));
+        }
+        ATTACHING.fetch_add(1, Ordering::SeqCst);
+        if !FORKING.load(Ordering::SeqCst) {
+            return HoldOff(());
+        }
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `os.register_at_fork(before=...)`: hold back new attaches by threads
+/// without a thread state, and wait (GIL released) for those inside one.
+#[pyfunction]
+pub(crate) fn _before_fork(py: Python<'_>) {
+    // SeqCst: see `hold_off`.
+    FORKING.store(true, Ordering::SeqCst);
+    if ATTACHING.load(Ordering::SeqCst) > 0 {
+        // They need the GIL to finish.
+        py.detach(|| {
+            let until = Instant::now() + FORK_WAIT;
+            while ATTACHING.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+                thread::sleep(Duration::from_micros(50));
+            }
+        });
+    }
+}
+
+/// `os.register_at_fork(after_in_parent=...)`: attaches may go on.
+#[pyfunction]
+pub(crate) fn _after_fork_in_parent() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
 #[pyfunction]
 pub(crate) fn _after_fork_in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
+    // The child has one thread: nobody else is attaching here.
+    ATTACHING.store(0, Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
     super::runtime::reset_in_child();
 }
 
@@ -62,6 +142,8 @@ pub(crate) fn install(m: &Bound<'_, PyModule>) -> PyResult<()> {
         return Ok(());
     }
     let kwargs = pyo3::types::PyDict::new(m.py());
+    kwargs.set_item("before", m.getattr("_before_fork")?)?;
+    kwargs.set_item("after_in_parent", m.getattr("_after_fork_in_parent")?)?;
     kwargs.set_item("after_in_child", m.getattr("_after_fork_in_child")?)?;
     os.call_method("register_at_fork", (), Some(&kwargs))?;
     Ok(())

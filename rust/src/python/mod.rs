@@ -86,6 +86,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
     m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
     kinds::remember_restore(m)?;
+    m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork_in_parent, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(exit::_shutdown_at_exit, m)?)?;
     fork::install(m)?;

@@ -435,6 +435,8 @@ fn attach<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Option<R> {
     if EXITING.load(Ordering::SeqCst) {
         return None;
     }
+    // This thread has no Python thread state: wait out a fork (`fork.rs`).
+    let _fork = super::fork::hold_off();
     Python::try_attach(f)
 }
 
