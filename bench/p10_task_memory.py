@@ -126,7 +126,7 @@ def bench_p10(cfg: Config, loop: str, report: Report) -> None:
     for (variant, traced), v in sorted(got.items()):
         what = "tracemalloc (Python heap)" if traced else "RSS"
         print(
-            f"    {variant:<9} {what:<26} median {med[(variant, traced)]:7.1f} B/task   "
+            f"    {variant:<10} {what:<26} median {med[(variant, traced)]:7.1f} B/task   "
             f"min {min(v):7.1f}   max {max(v):7.1f}   n={len(v)}"
         )
     reg = med[("registry", False)]
