@@ -10,11 +10,17 @@ SPEC 5: "``import dig_service`` and first use of ``Service``: <= 50 ms over
   modules, asyncio among them, and builds a token and a registry); timed from
   before the import until the service exists;
 - baseline, in another fresh interpreter: ``import asyncio``;
-- target: ``median(candidate) - median(baseline) <= 50 ms``.
+- the same candidate in a third fresh interpreter that imports ``asyncio``
+  first (untimed): what ``dig_service`` adds over ``import asyncio``,
+  measured directly;
+- target: both ``median(candidate) - median(baseline)`` and the median of
+  the third <= 50 ms. The difference of two medians from different
+  processes is fragile on a loaded machine (``import asyncio`` alone moved
+  from 56 to 105 ms between runs here), so the verdict takes the worse of
+  the two readings.
 
-Shown as info: the import alone, the first use alone, the same first use
-with ``asyncio`` imported beforehand (what a program that already uses
-asyncio pays), and one ``start()``/shutdown of that service.
+Shown as info: the import alone, the first use alone, and one
+``start()``/shutdown of that service.
 
 Threads are counted in ``/proc/self/task`` (what ``threading.active_count()``
 misses: threads a native library starts) and the tokio runtime is asked
@@ -135,25 +141,17 @@ def bench_p7(cfg: Config, report: Report) -> None:
         print(s.line())
     report.keep("P7", [total, imp, use, base, pre_use, start])
     over = total.median("wall") - base.median("wall")
+    direct = pre_use.median("wall")
     report.add(
         Row(
             "P7",
             "-",
-            "import + first Service, over import asyncio (medians)",
-            f"{fmt_s(over)} ({fmt_s(total.median('wall'))} - {fmt_s(base.median('wall'))})",
-            f"<= {LIMIT * 1e3:.0f} ms",
-            over <= LIMIT,
-            value=over,
-        )
-    )
-    report.add(
-        Row(
-            "P7",
-            "-",
-            "the same with asyncio imported first (median, info)",
-            fmt_s(pre_use.median("wall")),
-            "info",
-            None,
+            "import + first Service over import asyncio: difference; asyncio first",
+            f"{fmt_s(over)} ({fmt_s(total.median('wall'))} - {fmt_s(base.median('wall'))}); "
+            f"{fmt_s(direct)}",
+            f"both <= {LIMIT * 1e3:.0f} ms",
+            max(over, direct) <= LIMIT,
+            value=max(over, direct),
         )
     )
     everything = runs + pre
