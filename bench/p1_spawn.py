@@ -1,5 +1,6 @@
 """P1: spawn and complete N trivial coroutines through ``TaskRegistry`` vs
-``loop.create_task`` + a set, ``asyncio.TaskGroup`` and an anyio task group.
+``loop.create_task`` + a set, ``asyncio.TaskGroup``, an anyio task group, and
+untracked ``loop.create_task`` alone (the floor: no tracking at all).
 """
 
 from __future__ import annotations
@@ -61,6 +62,24 @@ async def p1_bare(n: int) -> dict[str, Dur]:
     return {"main": t0.elapsed()}
 
 
+async def p1_untracked(n: int) -> dict[str, Dur]:
+    """The floor: ``loop.create_task`` and nothing else (no set, no callback).
+
+    Only the last task is kept, to know when all are done: tasks run in the
+    order they were created and each ``nop()`` ends in its first step, so the
+    last one done means every one is. The same ``sleep(0)`` poll as the others.
+    """
+    loop = asyncio.get_running_loop()
+    t0 = Stamp.now()
+    for _ in range(n):
+        task = loop.create_task(nop())
+    while not task.done():  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    dt = t0.elapsed()
+    check(task.done() and task.exception() is None, "P1 untracked: last task done")
+    return {"main": dt}
+
+
 async def p1_bare_hoisted(n: int) -> dict[str, Dur]:
     create = asyncio.get_running_loop().create_task
     tasks: set[asyncio.Task[None]] = set()
@@ -102,6 +121,7 @@ def bench_p1(cfg: Config, loop: str, report: Report) -> None:
             ("asyncio.TaskGroup", "p1.taskgroup"),
             ("anyio task group", "p1.anyio"),
             ("create_task + set (hoisted)", "p1.bare_hoisted"),
+            ("create_task alone (untracked)", "p1.untracked"),
         ],
         cfg.repeats,
         n,
@@ -112,3 +132,4 @@ def bench_p1(cfg: Config, loop: str, report: Report) -> None:
     ratio_row(report, "P1", loop, s[0], s[2], 1.00, strict=True)
     ratio_row(report, "P1", loop, s[0], s[3], None)
     ratio_row(report, "P1", loop, s[0], s[4], None)
+    ratio_row(report, "P1", loop, s[0], s[5], 1.30)
