@@ -6,7 +6,7 @@
 #   bash bench/all_versions.sh --quick --no-assert
 #   bash bench/all_versions.sh --only P1,P7,P9,P10,P11 --loop both
 #
-# Interpreters: pyenv's versions and python3.N on PATH, the newest patch
+# Interpreters (scripts/cpython-versions.sh): pyenv's versions, python3.N and python3 on PATH, the newest patch
 # release of each minor version, GIL builds only (the abi3 wheel does not
 # install on free-threaded ones). The wheel: dist/'s manylinux2014 abi3 wheel
 # (built with `bash scripts/build-wheels.sh` if dist/ has none); the venvs
@@ -30,35 +30,9 @@ fi
 [ "${#wheels[@]}" -eq 1 ] || die "expected one manylinux2014 abi3 wheel in dist/, found ${#wheels[@]}"
 WHEEL="${wheels[0]}"
 
-probe() {
-    "$1" - 2>/dev/null <<'PY' || true
-import platform, sys, sysconfig
-if (platform.python_implementation() == "CPython" and sys.version_info >= (3, 11)
-        and not sysconfig.get_config_var("Py_GIL_DISABLED")):
-    print(f"{sys.version_info[0]}.{sys.version_info[1]}\t{sys.version_info[2]}\t{sys.executable}")
-PY
-}
-
-candidates=()
-if command -v pyenv >/dev/null 2>&1; then
-    for exe in "$(pyenv root)"/versions/*/bin/python3; do candidates+=("$exe"); done
-fi
-for minor in $(seq 11 20); do
-    exe="$(command -v "python3.$minor" || true)"
-    [ -n "$exe" ] && candidates+=("$exe")
-done
-
-declare -A BEST_PATCH=() BEST_EXE=()
-for exe in "${candidates[@]}"; do
-    line="$(probe "$exe")"
-    [ -n "$line" ] || continue
-    IFS=$'\t' read -r minor patch real <<<"$line"
-    if [ -z "${BEST_PATCH[$minor]:-}" ] || [ "$patch" -gt "${BEST_PATCH[$minor]}" ]; then
-        BEST_PATCH[$minor]="$patch"
-        BEST_EXE[$minor]="$real"
-    fi
-done
-mapfile -t MINORS < <(printf '%s\n' "${!BEST_EXE[@]}" | sort -t. -k2,2n)
+# shellcheck source=../scripts/cpython-versions.sh
+source "$ROOT/scripts/cpython-versions.sh"
+find_cpythons
 [ "${#MINORS[@]}" -gt 0 ] || die "no CPython >= 3.11 found (pyenv, or python3.N on PATH)"
 if [ -n "${BENCH_VERSIONS:-}" ]; then
     keep=()

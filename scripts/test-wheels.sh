@@ -43,40 +43,9 @@ fi
 
 # ---------------------------------------------------------------- interpreters
 
-# "MINOR<TAB>EXECUTABLE" for a CPython >= 3.11 with the GIL (abi3 wheels do not
-# install on free-threaded builds); nothing for anything else.
-probe() {
-    "$1" - 2>/dev/null <<'EOF' || true
-import platform, sys, sysconfig
-if (platform.python_implementation() == "CPython" and sys.version_info >= (3, 11)
-        and not sysconfig.get_config_var("Py_GIL_DISABLED")):
-    print(f"{sys.version_info[0]}.{sys.version_info[1]}\t{sys.version_info[2]}\t{sys.executable}")
-EOF
-}
-
-candidates=()
-if command -v pyenv >/dev/null 2>&1; then
-    for exe in "$(pyenv root)"/versions/*/bin/python3; do candidates+=("$exe"); done
-fi
-for minor in $(seq 11 20); do
-    exe="$(command -v "python3.$minor" || true)"
-    [ -n "$exe" ] && candidates+=("$exe")
-done
-exe="$(command -v python3 || true)"
-[ -n "$exe" ] && candidates+=("$exe")
-
-# One interpreter per minor version: the newest patch release found.
-declare -A BEST_PATCH=() BEST_EXE=()
-for exe in "${candidates[@]}"; do
-    line="$(probe "$exe")"
-    [ -n "$line" ] || continue
-    IFS=$'\t' read -r minor patch real <<<"$line"
-    if [ -z "${BEST_PATCH[$minor]:-}" ] || [ "$patch" -gt "${BEST_PATCH[$minor]}" ]; then
-        BEST_PATCH[$minor]="$patch"
-        BEST_EXE[$minor]="$real"
-    fi
-done
-mapfile -t MINORS < <(printf '%s\n' "${!BEST_EXE[@]}" | sort -t. -k2,2n)
+# shellcheck source=cpython-versions.sh
+source "$ROOT/scripts/cpython-versions.sh"
+find_cpythons
 [ "${#MINORS[@]}" -gt 0 ] || die "no CPython >= 3.11 found (pyenv, or python3.N on PATH)"
 for want in $REQUIRE; do
     [ -n "${BEST_EXE[$want]:-}" ] || die "CPython $want is required (WHEEL_TEST_REQUIRE='$REQUIRE') but was not found"
