@@ -116,6 +116,9 @@ impl Variant {
     }
 }
 
+/// SPEC 5 P6: registry / TaskTracker (judged on the multi-thread runtime).
+const TARGET: f64 = 1.15;
+
 fn median(v: &[Duration]) -> Duration {
     let mut s = v.to_vec();
     s.sort();
@@ -218,10 +221,10 @@ fn suite(rt: &Runtime, flavor: &str, args: &Args) -> Vec<Duration> {
     let (reg, shared, tracker, joinset) = (0, 1, 2, 3);
     let over_tracker = ratio(reg, tracker);
     println!(
-        "  -> P6 [{flavor}] TaskRegistry / TaskTracker: {:.3}x (paired {:.3}x)  (target <= 1.30x) {}",
+        "  -> P6 [{flavor}] TaskRegistry / TaskTracker: {:.3}x (paired {:.3}x)  (target <= {TARGET:.2}x) {}",
         over_tracker,
         paired(reg, tracker),
-        if over_tracker <= 1.30 { "ok" } else { "MISSED" }
+        if over_tracker <= TARGET { "ok" } else { "MISSED" }
     );
     println!(
         "  -> P6 [{flavor}] TaskRegistry / JoinSet: {:.3}x (paired {:.3}x)  (info)",

@@ -730,3 +730,60 @@ async fn stats_by_kind_counts_each_kind_and_origin() {
     assert!(r.finish_foreign(id, TaskOutcome::Completed));
     assert!(r.stats_by_kind().iter().all(|s| s.live == 0));
 }
+
+/// **Proves:** a stop that races tasks completing on other workers counts
+/// every task once: the tasks it names as stragglers are exactly the tasks
+/// counted aborted (those that returned after being named included), and
+/// every other task is counted completed.
+///
+/// **Catches:** a completion noted too late for the stop's reap but not
+/// counted aborted, although the stop named it (the ordering between a
+/// task's ended bit and the stop flag), or a task counted twice or lost
+/// (completions are not counted, but derived from the other counts).
+#[test]
+fn a_stop_racing_completions_counts_each_named_task_aborted() {
+    const N: u64 = 2_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut named_any = false;
+    for round in 0..40u64 {
+        let (r, _) = registry();
+        let stragglers = rt.block_on(async {
+            for i in 0..N {
+                r.spawn("racer", TaskKind::RpcHandler, async move {
+                    // Some return at their first poll, some after a few
+                    // polls, each after some work in its last poll, so
+                    // that some are inside that poll when the stop below
+                    // names them, and return after it.
+                    for _ in 0..(i + round) % 3 {
+                        tokio::task::yield_now().await;
+                    }
+                    std::hint::black_box((0..(i % 50) * 100).sum::<u64>());
+                    Ok(())
+                })
+                .unwrap();
+            }
+            r.close_and_stop_all()
+        });
+        named_any |= !stragglers.names.is_empty();
+        rt.block_on(r.join_all(Duration::from_secs(60)))
+            .expect("every task ends once stopped");
+        assert!(r.is_empty());
+        let s = r.stats();
+        assert_eq!(s.spawned, N, "round {round}");
+        assert_eq!(
+            s.aborted as usize,
+            stragglers.names.len(),
+            "round {round}: the named tasks, and only they, count aborted"
+        );
+        assert_eq!(s.completed + s.aborted, N, "round {round}: {s:?}");
+        assert_eq!((s.failed, s.cancelled, s.live), (0, 0, 0), "round {round}");
+    }
+    assert!(
+        named_any,
+        "the stop never found a live task: no race was run"
+    );
+}

@@ -9,8 +9,8 @@
 //!   snapshot and the straggler list the moment it finishes, so memory is
 //!   bounded by live tasks, not by tasks ever spawned (the 0.1 crate kept
 //!   every entry until `join_all`). A native task's entry itself is freed
-//!   in a batch a little later (see `Ended`): when a spawn needs its slot,
-//!   or once several thousand have ended on one thread, and at once when
+//!   in a batch a little later (see `reap`): when a spawn needs its slot,
+//!   or once several thousand wait, and at once when
 //!   the registry empties.
 //! - **One deadline for everything.** [`TaskRegistry::join_all`] waits for
 //!   every live task, including tasks spawned while it waits, until the
@@ -56,10 +56,10 @@
 //!
 //! # Memory ordering
 //!
-//! Two atomics are shared by every task: the live count (`Inner::live`)
-//! and the stop flag (`Inner::stopping`). Everything else is under the
-//! state lock or a per-thread buffer's lock. The argument for each
-//! operation's ordering is written next to it.
+//! Three things are shared by every task: the live count (`Inner::counts`),
+//! the stop flag (`Inner::stopping`) and the bits of ended tasks
+//! (`Inner::ended`, see `reap`). Everything else is under the state lock.
+//! The argument for each operation's ordering is written next to it.
 
 mod critical;
 mod name;
@@ -89,7 +89,7 @@ pub use name::TaskName;
 #[cfg(feature = "python")]
 pub(crate) use policy::{End, Step};
 pub use policy::{Restart, RestartPolicy};
-use reap::{ended_shards, Ended, Outcomes, Padded, REAP_AT};
+use reap::{EndedBits, Outcomes, LEAVE, LIVE, REAP_AT, WAITING_ONE};
 use slab::{Key, Slab};
 use stamp::{Epoch, Stamp};
 pub use supervise::SupervisedHandle;
@@ -159,12 +159,10 @@ struct State {
     spawned: [u64; BUCKETS],
     /// Restarts of supervised tasks, by kind and origin.
     restarted: [u64; BUCKETS],
-    /// Outcomes of the tasks whose entries have left `entries`.
+    /// Outcomes of the ended tasks other than completions (see `reap`).
     ended: Outcomes,
-    /// An empty buffer of slots with capacity: [`Inner::reap`] swaps it
-    /// with each thread's full one, so that a thread's buffer keeps its
-    /// capacity instead of growing again from empty after every reap.
-    reaping: Vec<u32>,
+    /// Slots below this have their bit in `Inner::ended`.
+    covered: u64,
 }
 
 impl State {
@@ -177,7 +175,7 @@ impl State {
             spawned: [0; BUCKETS],
             restarted: [0; BUCKETS],
             ended: Outcomes::default(),
-            reaping: Vec::new(),
+            covered: 0,
         }
     }
 
@@ -196,24 +194,26 @@ impl State {
 }
 
 /// The registry's shared state. `repr(C)` fixes the order: the fields every
-/// task touches from whichever thread it runs on (the live count, the stop
-/// flag) sit right after the `Arc`'s reference counts, which every task
-/// changes anyway, and the state lock, which the spawning thread takes on
-/// every spawn, starts a cache line of its own, so that ending tasks on
-/// other threads do not pull it away.
+/// task touches from whichever thread it runs on (the counts, the stop
+/// flag, the bits' segments) sit right after the `Arc`'s reference counts,
+/// which every task changes anyway, and the state lock, which the spawning
+/// thread takes on every spawn, starts a cache line of its own, so that
+/// ending tasks on other threads do not pull it away.
 #[repr(C)]
 struct Inner {
-    /// Tasks spawned and not yet ended. Incremented under the state lock
-    /// (so `try_close` under the lock sees every spawn), decremented
-    /// without it when a task ends.
-    live: AtomicU64,
+    /// Low half ([`LIVE`]): tasks spawned and not yet ended, incremented
+    /// under the state lock (so `try_close` under the lock sees every
+    /// spawn), decremented without it when a task ends. High half: native
+    /// tasks that completed and wait to be reaped (an estimate, see `reap`),
+    /// added to by the same step that leaves the live count.
+    counts: AtomicU64,
     /// Set (under the state lock, before its reap) by `close_and_stop_all`:
     /// every native task still running stops at its next poll, and a task
-    /// that ends from then on leaves through `finish_stopping`.
+    /// that ends from then on leaves at once (see `Inner::finish_native`).
     stopping: AtomicBool,
     shutdown: ShutdownToken,
-    /// Per-thread buffers of ended native tasks (`ended_shard`).
-    ended: Box<[Padded<Mutex<Ended>>]>,
+    /// The slots of native tasks that completed and wait to be reaped.
+    ended: EndedBits,
     /// Keeps `state` off the cache line of the fields above.
     _line: [u8; 64],
     state: Mutex<State>,
@@ -224,27 +224,36 @@ impl Inner {
         Self {
             shutdown,
             state: Mutex::new(State::new()),
-            live: AtomicU64::new(0),
-            ended: (0..ended_shards()).map(|_| Padded::default()).collect(),
+            counts: AtomicU64::new(0),
+            ended: EndedBits::default(),
             stopping: AtomicBool::new(false),
             _line: [0; 64],
         }
     }
 
-    /// One task fewer: if that was the last, wake the joiners (under the
-    /// lock the live count is exact: spawns increment it under the lock).
+    /// Tasks live now.
     #[inline]
-    fn one_fewer(&self) {
+    fn live(&self) -> u64 {
+        // Acquire: a caller that reads 0 sees every task's end (see
+        // `leave`).
+        self.counts.load(Ordering::Acquire) & LIVE
+    }
+
+    /// Take one task off the live count by adding `step` to the counts
+    /// ([`LEAVE`], or `reap::LEAVE_TO_WAITING` for a native task whose entry
+    /// waits to be reaped); returns the counts before. The caller calls
+    /// `now_idle` if it took the last live task off (`before & LIVE == 1`).
+    #[inline]
+    fn leave(&self, step: u64) -> u64 {
         // AcqRel. Release: everything the task did (its future is dropped
         // before its end is counted, see `watched`) happens-before whoever
-        // reads a count this decrement leads to (`len`, `close_or_wait`:
-        // Acquire). Acquire: the decrement that reaches zero reads the end
-        // of a release sequence made of every earlier decrement, so this
-        // thread has seen every other task's end before `now_idle` wakes
-        // the joiners (who then see it too: the wake-up is a channel send).
-        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.now_idle();
-        }
+        // reads a count this step leads to (`len`, `close_or_wait`:
+        // Acquire). Acquire: the step that takes the last task off reads
+        // the end of a release sequence made of every earlier step, so this
+        // thread has seen every other task's end (and its bit, see `reap`)
+        // before `now_idle` reaps and wakes the joiners (who then see it
+        // too: the wake-up is a channel send).
+        self.counts.fetch_add(step, Ordering::AcqRel)
     }
 
     /// The live count has just dropped to zero: reap, and wake the joiners
@@ -257,7 +266,7 @@ impl Inner {
             // Under the state lock, which a spawn holds while it increments:
             // a spawn since the decrement above is seen, and the joiners are
             // then not woken. Acquire, as every read that may conclude "empty".
-            let idle = if self.live.load(Ordering::Acquire) == 0 {
+            let idle = if self.live() == 0 {
                 st.idle_wakers.drain()
             } else {
                 Vec::new()
@@ -274,13 +283,17 @@ impl Inner {
     /// entry back, to be dropped outside the lock (its payload may need the
     /// GIL).
     fn finish_foreign(&self, k: Key, outcome: TaskOutcome) -> Option<Entry> {
-        let entry = {
+        let (entry, last) = {
             let mut st = self.state.lock();
             let entry = st.entries.remove(k)?;
             st.ended.count(outcome, entry.bucket());
-            entry
+            // Under the state lock, so that `stats` never sees the outcome
+            // counted while the task is still live.
+            (entry, self.leave(LEAVE) & LIVE == 1)
         };
-        self.one_fewer();
+        if last {
+            self.now_idle();
+        }
         Some(entry)
     }
 
@@ -290,11 +303,11 @@ impl Inner {
     fn close_or_wait(&self, wake: IdleWaker) -> Option<Key> {
         let mut st = self.state.lock();
         // Acquire: on 0, `join_all` returns, and the Release of each task's
-        // last decrement (`one_fewer`) makes the tasks' ends visible to the
+        // last step (`leave`) makes the tasks' ends visible to the
         // joiner. The state lock orders the read against spawns, which
         // increment under it: no spawn slips in between the check and the
         // close.
-        if self.live.load(Ordering::Acquire) == 0 {
+        if self.live() == 0 {
             st.closed = true;
             let reaped = self.reap(&mut st);
             drop(st);
@@ -599,27 +612,31 @@ impl TaskRegistry {
                 return Err(ServiceError::AlreadyStopped);
             }
             // Reap rather than grow only when that frees a batch (see
-            // `REAP_AT`). Occupied slots minus live tasks is the number of
-            // ended tasks waiting, give or take a foreign task ending now.
+            // `REAP_AT`).
             let waiting = || {
-                // Relaxed: an estimate; a stale count only moves the reap
-                // to a later spawn.
-                let live = self.inner.live.load(Ordering::Relaxed) as usize;
-                st.entries.len().saturating_sub(live)
+                // Relaxed: an estimate (see `reap`); a stale count only
+                // moves the reap to a later spawn.
+                self.inner.counts.load(Ordering::Relaxed) / WAITING_ONE
             };
-            if st.entries.is_full() && waiting() >= REAP_AT {
+            if st.entries.is_full() && waiting() >= REAP_AT as u64 {
                 reaped = self.inner.reap(&mut st);
             }
             let k = st.insert(entry);
+            // The slot's bit exists before the task can end: the task is
+            // handed to tokio after this section.
+            let slot = slab::index_of(k);
+            if u64::from(slot) >= st.covered {
+                st.covered = self.inner.ended.cover(slot);
+            }
             // Under the state lock, so that `close_or_wait` (which reads the
             // count under it) cannot close a registry while a spawn is half
-            // done. The modification order of `live` alone keeps the count
-            // exact against concurrent decrements: a decrement cannot reach
-            // zero while this task is counted. The increment publishes
+            // done. The modification order of `counts` alone keeps the count
+            // exact against concurrent steps: a step cannot take the last
+            // task off while this task is counted. The increment publishes
             // nothing (readers of an entry take the lock); AcqRel pairs it
-            // with the decrements, at the cost of Relaxed on x86 (one
-            // `lock xadd` either way).
-            self.inner.live.fetch_add(1, Ordering::AcqRel);
+            // with the steps, at the cost of Relaxed on x86 (one `lock xadd`
+            // either way).
+            self.inner.counts.fetch_add(1, Ordering::AcqRel);
             k
         };
         drop(reaped);
@@ -785,14 +802,15 @@ impl TaskRegistry {
             // Under the lock, so that a task parking its waker after this
             // section sees the flag and wakes itself; and before the reap,
             // so that a task ending from now on is either reaped here (and
-            // not named) or leaves by `finish_stopping` (see `finish_native`).
-            // Relaxed: every reader that must see the flag is ordered after
-            // this store by a lock or a wake-up, never by the flag itself:
-            // `park_native` reads it under this state lock; `finish_native`
-            // under a buffer lock that the reap below takes after this store;
-            // `Watched::poll` after the wake-up sent below (tokio orders a
-            // wake before the poll it causes).
-            self.inner.stopping.store(true, Ordering::Relaxed);
+            // not named) or reaps at once (see `finish_native`).
+            // SeqCst for `finish_native`, which sets its task's bit and then
+            // reads the flag, while this section stores the flag and then
+            // reads the bits (the reap below): see there. Every other reader
+            // is ordered after this store by a lock or a wake-up:
+            // `park_native` reads it under this state lock, `Watched::poll`
+            // after the wake-up sent below (tokio orders a wake before the
+            // poll it causes).
+            self.inner.stopping.store(true, Ordering::SeqCst);
             let reaped = self.inner.reap(&mut st);
             for e in st.entries.iter_mut() {
                 match &mut e.control {
@@ -883,9 +901,7 @@ impl TaskRegistry {
 
     /// How many tasks are live.
     pub fn len(&self) -> usize {
-        // Acquire: a caller that reads 0 sees every task's end (see
-        // `Inner::one_fewer`).
-        self.inner.live.load(Ordering::Acquire) as usize
+        self.inner.live() as usize
     }
 
     /// Whether no task is live.
@@ -900,19 +916,23 @@ impl TaskRegistry {
     /// `spawned == completed + failed + cancelled + aborted + live`.
     pub fn stats(&self) -> TaskStats {
         let st = self.inner.state.lock();
-        let mut ended = st.ended;
-        for shard in self.inner.ended.iter() {
-            ended.add(&shard.0.lock().outcomes);
-        }
+        let ended = st.ended;
+        let spawned: u64 = st.spawned.iter().sum();
+        let failed: u64 = ended.failed.iter().sum();
+        // Under the state lock, which every count but a completion's is
+        // made under, before its task leaves the live count (see `reap`).
+        let live = self.inner.live();
         TaskStats {
-            spawned: st.spawned.iter().sum(),
-            completed: ended.completed,
-            failed: ended.failed.iter().sum(),
+            spawned,
+            // What is left: completions are not counted (see `reap`).
+            // Saturating: a straggler that returned is counted aborted by
+            // its reap a moment before it leaves the live count.
+            completed: spawned.saturating_sub(live + failed + ended.cancelled + ended.aborted),
+            failed,
             cancelled: ended.cancelled,
             aborted: ended.aborted,
             restarted: st.restarted.iter().sum(),
-            // Acquire, as `len`.
-            live: self.inner.live.load(Ordering::Acquire),
+            live,
         }
     }
 
@@ -932,11 +952,7 @@ impl TaskRegistry {
             for e in st.entries.iter() {
                 live[e.bucket()] += 1;
             }
-            let mut ended = st.ended;
-            for shard in self.inner.ended.iter() {
-                ended.add(&shard.0.lock().outcomes);
-            }
-            let counts = (st.spawned, st.restarted, ended);
+            let counts = (st.spawned, st.restarted, st.ended);
             drop(st);
             drop(reaped);
             counts
@@ -1104,7 +1120,7 @@ mod tests {
         }
         assert_eq!(r.len(), 1, "only the keeper is live");
         let (occupied, _) = slab_occupied_and_capacity(&r);
-        let bound = 1 + REAP_AT_THREAD * r.inner.ended.len();
+        let bound = 1 + REAP_AT_THREAD;
         assert!(occupied <= bound, "{occupied} entries kept for 1 live task");
         keep_tx.send(()).unwrap();
         keeper.await.unwrap();

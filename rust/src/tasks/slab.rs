@@ -61,6 +61,7 @@ impl<T> Slab<T> {
     }
 
     /// How many slots are occupied.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -138,6 +139,32 @@ impl<T> Slab<T> {
         self.free_head = index;
         self.len -= 1;
         Some(value)
+    }
+
+    /// Remove the value in slot `index`, whichever insertion put it there
+    /// (see [`remove_at`](Self::remove_at)), and drop it where it lies,
+    /// after `take` has moved out what must outlive it: cheaper than moving
+    /// the whole value out. `None` if the slot is vacant.
+    #[inline]
+    pub(crate) fn discard_at<R>(
+        &mut self,
+        index: u32,
+        take: impl FnOnce(&mut T) -> R,
+    ) -> Option<R> {
+        let next_free = self.free_head;
+        let slot = self.slot_mut(index)?;
+        let (generation, taken) = match slot {
+            Slot::Occupied { generation, value } => (*generation, take(value)),
+            Slot::Vacant { .. } => return None,
+        };
+        // Drops the value in place.
+        *slot = Slot::Vacant {
+            generation: generation.wrapping_add(1),
+            next_free,
+        };
+        self.free_head = index;
+        self.len -= 1;
+        Some(taken)
     }
 
     /// The value under `k`, if `k` still names it.
