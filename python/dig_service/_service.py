@@ -50,8 +50,9 @@ import contextvars
 import inspect
 import logging
 import time
+import types
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
 
 from ._config import ServiceConfig
@@ -100,7 +101,8 @@ N = TypeVar("N", bound=NodeLike)
 A = TypeVar("A", bound=PeerApiLike | None)
 R = TypeVar("R", bound=RpcApiLike | None)
 
-_FIRST: Final = asyncio.FIRST_COMPLETED
+_DEFAULT_CONFIG: Final = ServiceConfig()
+"""The config of a ``Service`` given none (immutable: one is enough)."""
 
 RUN_TASK_NAME: Final = "run"
 """How ``run`` is named in ``ShutdownDeadlineExceeded.pending_names`` when it overruns."""
@@ -173,7 +175,7 @@ class Service(Generic[N, A, R]):
         if rpc_api is not None:
             check_rpc_api(rpc_api)
         if config is None:
-            config = ServiceConfig()
+            config = _DEFAULT_CONFIG
         elif not isinstance(config, ServiceConfig):
             raise TypeError(
                 "Service(): `config` must be a dig_service.ServiceConfig or None, "
@@ -385,7 +387,7 @@ class Service(Generic[N, A, R]):
         escape: _Escape | None = None
         try:
             try:
-                await asyncio.wait((lifecycle,))
+                await _first_done(loop, (lifecycle,))
             except asyncio.CancelledError:
                 me = service()
                 if me is not None:  # always, while the lifecycle runs
@@ -430,7 +432,7 @@ class Service(Generic[N, A, R]):
         self._abort_startup()
         while not lifecycle.done():
             try:
-                await asyncio.wait((lifecycle,))
+                await _first_done(lifecycle.get_loop(), (lifecycle,))
             except asyncio.CancelledError:
                 continue
         if lifecycle.cancelled():
@@ -469,22 +471,21 @@ class Service(Generic[N, A, R]):
         self._abort_startup()
 
     async def _wait(
-        self,
-        aws: Iterable[asyncio.Future[Any]],
-        *,
-        within: float | None = None,
-        return_when: str = asyncio.ALL_COMPLETED,
+        self, futs: tuple[asyncio.Future[Any], ...], within: float | None = None
     ) -> None:
-        """``asyncio.wait`` in the lifecycle task, which a cancellation does not cut short:
-        the service winds down instead (``_lifecycle_cancelled``) and the wait goes on,
-        to the same end (``within`` seconds, like ``asyncio.wait``'s ``timeout``)."""
+        """Wait in the lifecycle task until one of ``futs`` is done, or ``within`` seconds
+        have passed (``asyncio.wait`` with ``FIRST_COMPLETED``, lighter), which a
+        cancellation does not cut short: the service winds down instead
+        (``_lifecycle_cancelled``) and the wait goes on, to the same end. Nothing in
+        ``futs`` is cancelled."""
+        for fut in futs:
+            if fut.done():
+                return  # nothing to wait for (asyncio.wait would still take two loop turns)
         loop = asyncio.get_running_loop()
         end = None if within is None else loop.time() + within
-        pending = tuple(aws)
         while True:
-            left = None if end is None else max(0.0, end - loop.time())
             try:
-                await asyncio.wait(pending, timeout=left, return_when=return_when)
+                await _first_done(loop, futs, end)
                 return
             except asyncio.CancelledError:
                 self._lifecycle_cancelled()
@@ -757,9 +758,17 @@ class Service(Generic[N, A, R]):
         return primary
 
     def _call_hook(
-        self, hook: str, target: object, *args: object
-    ) -> asyncio.Task[Any] | BaseException:
-        """Start ``target.hook(*args)`` in its own task (sharing the hooks' context)."""
+        self, hook: str, target: object, *args: object, inline: bool = False
+    ) -> asyncio.Task[Any] | BaseException | None:
+        """Start ``target.hook(*args)`` in its own task (sharing the hooks' context).
+
+        With ``inline``, the hook's first step runs here, at once, in the hooks' context
+        (``_first_step``): if it finishes without suspending, its outcome is returned
+        (``None``, or what it raised) and no task is made; if it suspends, it goes on in
+        its own task, as if it had started there. Nothing can bound a step that does not
+        suspend, in a task or not: every limit of the contract still applies to what
+        follows.
+        """
         loop = asyncio.get_running_loop()
         try:
             fn: Callable[..., object] = getattr(target, hook)
@@ -771,10 +780,16 @@ class Service(Generic[N, A, R]):
                 f"{type(target).__name__}.{hook}() returned {type(awaitable).__name__}, "
                 f"not a coroutine; declare it `async def {hook}(...)`"
             )
+        context = self._hook_context
+        if inline and type(awaitable) is _CoroutineType and context is not None:
+            step = _first_step(context, awaitable)
+            if not isinstance(step, _Suspended):
+                return step
+            awaitable = _Resumed(awaitable, step.yielded)
         return loop.create_task(
             _guarded(awaitable),
             name=hook_task_name(hook, self._label),
-            context=self._hook_context,
+            context=context,
         )
 
     async def _edge_hook(
@@ -794,9 +809,9 @@ class Service(Generic[N, A, R]):
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        task = self._call_hook(hook.value, self._node, ctx)
-        if isinstance(task, BaseException):
-            self._record_phase(hook, started, "failed")
+        task = self._call_hook(hook.value, self._node, ctx, inline=True)
+        if not isinstance(task, asyncio.Task):  # it finished in its first step
+            self._record_phase(hook, started, "ok" if task is None else "failed")
             return task
         self._hook_task = task
         token, hook_timeout = self._token, self._config.hook_timeout
@@ -807,7 +822,7 @@ class Service(Generic[N, A, R]):
                 fired = token._park()  # a plain future: resolved when the token fires
                 if fired is not None:
                     try:
-                        await self._wait((task, fired), within=hook_timeout, return_when=_FIRST)
+                        await self._wait((task, fired), within=hook_timeout)
                     finally:
                         if not fired.done():
                             fired.cancel()
@@ -854,7 +869,8 @@ class Service(Generic[N, A, R]):
         token = self._token
         self._phase = Phase.RUN
         run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
-        if isinstance(run_task, BaseException):
+        if not isinstance(run_task, asyncio.Task):
+            assert run_task is not None  # not inline: a task, or why there is none
             self._fire_after("run", run_task)
             self._run_phase("failed")
             return ExitReason.RunError(run_task), run_task, False
@@ -865,7 +881,7 @@ class Service(Generic[N, A, R]):
             if fired is None:
                 break
             try:
-                await self._wait((run_task, fired), return_when=_FIRST)
+                await self._wait((run_task, fired))
             finally:
                 if not fired.done():
                     fired.cancel()
@@ -921,30 +937,39 @@ class Service(Generic[N, A, R]):
         the same end.
         """
         self._phase = Phase.JOIN
+        tasks = self._tasks
         loop = asyncio.get_running_loop()
         started = loop.time()
-        joining = loop.create_task(
-            self._tasks.join_all(_JOIN_FOREVER), name=f"dig_service.join[{self._label}]"
-        )
-        await self._wait((joining,), within=max(0.0, until - loop.time()))
         seen: _Look | None = None
-        if not joining.done():
-            seen = _look_at_stragglers(self._tasks, loop)
-            joining.cancel()
-        await self._wait((joining,))  # done, or one step to handle the cancellation
         err: BaseException | None = None
-        if joining.cancelled():
-            while True:
-                try:
-                    await self._tasks.join_all(0.0)
-                except asyncio.CancelledError:
-                    self._lifecycle_cancelled()
-                    continue
-                except Exception as exc:  # reported below
-                    err = exc
+        # The body of `join_all(until - now)`, here, so that the stacks can be taken at the
+        # deadline before the stragglers are stopped, with no task of its own.
+        while True:
+            idle: asyncio.Future[Any] = loop.create_future()
+            try:
+                if tasks._try_close(idle):  # closed, with no task live
+                    break
+            except Exception as exc:  # not expected from the core: reported below
+                err = exc.with_traceback(None)
                 break
-        else:
-            err = joining.exception()
+            if loop.time() >= until:
+                seen = _look_at_stragglers(tasks, loop)
+                try:
+                    tasks._stop_stragglers(0.0)  # raises ShutdownDeadlineExceeded
+                except Exception as exc:  # reported below
+                    err = exc.with_traceback(None)
+                break
+            timer = loop.call_at(until, _resolve, idle, _TIMED_OUT)
+            try:
+                timed_out = await idle is _TIMED_OUT
+            except asyncio.CancelledError:
+                self._lifecycle_cancelled()  # the join goes on, to the same end
+                timed_out = False
+            finally:
+                timer.cancel()
+            if timed_out:
+                # At the deadline: one last chance to be closed by now, else stop them.
+                until = min(until, loop.time())
         took = loop.time() - started
         if err is None:
             self._phases["join"] = PhaseReport("join", took, "ok")
@@ -962,9 +987,13 @@ class Service(Generic[N, A, R]):
         return _chain(ServiceError(what), err.with_traceback(None))
 
 
-_JOIN_FOREVER: Final = 1e9
-"""The deadline the lifecycle hands ``join_all`` while it keeps the real one itself (so
-that it can take the stragglers' stacks before they are cancelled)."""
+_TIMED_OUT: Final = object()
+"""What the join's timer resolves its future with."""
+
+
+def _resolve(fut: asyncio.Future[Any], value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 class _Look:
@@ -1059,6 +1088,95 @@ async def _guarded(awaitable: Awaitable[object]) -> object:
         return await awaitable
     except (KeyboardInterrupt, SystemExit) as exc:
         return _Raised(exc)
+
+
+_CoroutineType: Final = types.CoroutineType
+
+
+class _Suspended:
+    """What ``_first_step`` returns when the hook suspended: what it yielded to the loop."""
+
+    __slots__ = ("yielded",)
+
+    def __init__(self, yielded: object) -> None:
+        self.yielded = yielded
+
+
+def _first_step(context: contextvars.Context, coro: Any) -> BaseException | _Suspended | None:
+    """Run ``coro``'s first step in ``context``, as a task's first step would.
+
+    Returns ``None`` if it returned, what it raised (a ``KeyboardInterrupt`` or
+    ``SystemExit`` too: returned, not raised, as ``_guarded`` does), or ``_Suspended``
+    with what it yielded. The exception's traceback starts at the hook's frame (not
+    this one), as in a task.
+    """
+    try:
+        yielded = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    except BaseException as exc:  # the hook's outcome, returned
+        tb = exc.__traceback__
+        return exc.with_traceback(tb.tb_next if tb is not None else None)
+    return _Suspended(yielded)
+
+
+class _Resumed:
+    """A coroutine whose first step already ran (``_first_step``), awaitable so that a
+    task carries it on: the task first sees what that step yielded, then every send and
+    throw goes to the coroutine, as if the task had run it from the start."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: Any, yielded: object) -> None:
+        self._coro = coro
+        self._yielded = yielded
+
+    def __await__(self) -> Any:
+        coro, value = self._coro, self._yielded
+        self._yielded = None
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # delivered to the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _first_done(
+    loop: asyncio.AbstractEventLoop,
+    futs: tuple[asyncio.Future[Any], ...],
+    end: float | None = None,
+) -> None:
+    """Wait until one of ``futs`` is done or the loop's clock reaches ``end``: what
+    ``asyncio.wait(futs, timeout=..., return_when=FIRST_COMPLETED)`` does, with one future
+    and one callback a future instead of a set and a counter. A cancellation of the
+    waiting task cancels only its own waiter, never one of ``futs``."""
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for fut in futs:
+        fut.add_done_callback(wake)
+    timer = None if end is None else loop.call_at(end, wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for fut in futs:
+            fut.remove_done_callback(wake)
 
 
 def _hook_exception(task: asyncio.Task[Any]) -> BaseException | None:
