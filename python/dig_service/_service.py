@@ -31,8 +31,9 @@ Design notes:
   event loop, in any thread. Nothing recorded refers to the service: the
   lifecycle returns its failures instead of raising them (no traceback
   through its frames), ``start()`` drops ``self`` before it raises one, and
-  the service's finalizer holds the slot weakly. A failed service is freed
-  as soon as its owner drops it.
+  no global root refers to the service (its ``__del__`` abandons the slot of a
+  service dropped before it finished). A failed service is freed as soon as
+  its owner drops it.
 - The lifecycle task survives its own cancellation (``asyncio.run`` cancels
   every task when ``main()`` returns): every wait in it turns a
   cancellation into a shutdown request and goes on, so the wind-down still
@@ -49,6 +50,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import sys
 import time
 import types
 import weakref
@@ -69,7 +71,7 @@ from ._errors import (
     describe_exc,
 )
 from ._exit import ExitReason, ExitStatus, check_reason
-from ._handle import ExitSlot, ServiceHandle, abandon_slot
+from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
     NodeLike,
     PeerApi,
@@ -79,6 +81,7 @@ from ._lifecycle import (
     RunContext,
     StartContext,
     StopContext,
+    trusted_context,
 )
 from ._phase import Phase, hook_task_name
 from ._report import (
@@ -100,6 +103,9 @@ logger: Final = logging.getLogger("dig_service.service")
 N = TypeVar("N", bound=NodeLike)
 A = TypeVar("A", bound=PeerApiLike | None)
 R = TypeVar("R", bound=RpcApiLike | None)
+
+_HOOK_NAMES: Final = {phase: str(phase) for phase in Phase}
+"""Each phase's name (a plain ``str``: ``Phase.X.value`` is a Python-level descriptor)."""
 
 _DEFAULT_CONFIG: Final = ServiceConfig()
 """The config of a ``Service`` given none (immutable: one is enough)."""
@@ -192,12 +198,7 @@ class Service(Generic[N, A, R]):
         self._label: str = name or type(node).__name__
         self._token = ShutdownToken()
         self._tasks = TaskRegistry(self._token)
-        self._slot = ExitSlot()
-        # Only a weak reference: the finalizer registry is a global root, and
-        # the slot holds the recorded outcome (a failure's traceback may
-        # reach the node): a strong one kept every failed service alive.
-        finalizer = weakref.finalize(self, abandon_slot, weakref.ref(self._slot))
-        finalizer.atexit = False
+        self._slot = ExitSlot()  # abandoned by __del__ if start() never finished
 
         # Lifecycle state (owned by the loop that runs start()).
         self._phase_value = Phase.CREATED
@@ -217,6 +218,15 @@ class Service(Generic[N, A, R]):
         # The loop-stall watchdog over the loop start() runs on (its own, or
         # the runner's): the metrics' loop lag reads it (dig_service.metrics).
         self._loop_watch: LoopWatch | None = None
+
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # Gone before start() finished (or was ever called): no result will come, the
+        # handles' waiters are released with AlreadyStopped. Nothing at interpreter exit
+        # (a `weakref.finalize` with `atexit = False` did the same, at ~10x the cost of a
+        # Service a start, and its registry was a global root to keep weak).
+        slot: ExitSlot | None = self.__dict__.get("_slot")  # none if __init__ raised
+        if slot is not None and not slot.is_exited() and not _finalizing():
+            slot.abandon("the Service was garbage-collected before its start() finished")
 
     # ----------------------------------------------------------------- accessors
 
@@ -519,7 +529,7 @@ class Service(Generic[N, A, R]):
 
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
         token, tasks = self._token, self._tasks
-        start_ctx = StartContext(self._name, token, tasks)
+        start_ctx = trusted_context(StartContext, self._name, token, tasks)
         logger.debug("service %s: starting", self._label)
         self._watch_fire()
 
@@ -601,7 +611,7 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        stop_ctx = StopContext(token, tasks, exit_reason)
+        stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
         if on_stop:
             exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
             failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
@@ -809,7 +819,7 @@ class Service(Generic[N, A, R]):
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        task = self._call_hook(hook.value, self._node, ctx, inline=True)
+        task = self._call_hook(_HOOK_NAMES[hook], self._node, ctx, inline=True)
         if not isinstance(task, asyncio.Task):  # it finished in its first step
             self._record_phase(hook, started, "ok" if task is None else "failed")
             return task
@@ -855,9 +865,10 @@ class Service(Generic[N, A, R]):
 
     def _record_phase(self, hook: Phase, started: float, outcome: PhaseOutcome) -> None:
         """Record a stop hook's duration and outcome for the report."""
-        if hook in (Phase.ON_STOP, Phase.POST_STOP):
+        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
             took = asyncio.get_running_loop().time() - started
-            self._phases[hook.value] = PhaseReport(hook.value, took, outcome)  # type: ignore[arg-type]
+            name = _HOOK_NAMES[hook]
+            self._phases[name] = PhaseReport(name, took, outcome)  # type: ignore[arg-type]
 
     async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by its share of the budget once the token
@@ -868,7 +879,8 @@ class Service(Generic[N, A, R]):
         """
         token = self._token
         self._phase = Phase.RUN
-        run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
+        run_ctx = trusted_context(RunContext, token, self._tasks)
+        run_task = self._call_hook("run", self._node, run_ctx)
         if not isinstance(run_task, asyncio.Task):
             assert run_task is not None  # not inline: a task, or why there is none
             self._fire_after("run", run_task)

@@ -10,6 +10,7 @@ the signature to declare.
 from __future__ import annotations
 
 import inspect
+import operator
 import weakref
 from typing import Final
 
@@ -35,6 +36,9 @@ _RPC_SIGNATURES: Final = {
 }
 
 
+_OBJECT_GETATTRIBUTE: Final = object.__getattribute__
+_get_hooks: Final = operator.attrgetter(*NODE_HOOKS)
+
 _CHECKED_NODE_TYPES: Final[weakref.WeakKeyDictionary[type, tuple[object, ...]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -48,13 +52,16 @@ def _class_hooks(node: object) -> tuple[object, ...] | None:
     finds them (no instance attribute of that name, no ``__getattribute__`` of its own);
     else ``None``."""
     cls = type(node)
-    if cls.__getattribute__ is not object.__getattribute__:
+    if cls.__getattribute__ is not _OBJECT_GETATTRIBUTE:
         return None
     own = getattr(node, "__dict__", None)
-    if own and any(hook in own for hook in NODE_HOOKS):
+    if own and not own.keys().isdisjoint(NODE_HOOKS):
         return None
-    hooks = tuple(getattr(cls, hook, None) for hook in NODE_HOOKS)
-    return None if None in hooks else hooks
+    try:
+        hooks: tuple[object, ...] = _get_hooks(cls)
+    except AttributeError:
+        return None
+    return hooks
 
 
 def check_node(node: object) -> str | None:
