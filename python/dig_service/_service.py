@@ -20,12 +20,21 @@ Design notes:
   counted from it. At the end of the join's share the stacks of the Python
   stragglers are taken, then they are cancelled (``_join``), for the
   ``ShutdownReport``.
-- Each hook runs in its own asyncio task, so that the lifecycle can stop
-  waiting for a hook that outlives ``hook_timeout`` (or ``run`` that
-  outlives the shutdown deadline) even when the hook swallows cancellation.
-  The hooks share one ``contextvars.Context`` (a copy of the caller's, taken
-  when ``start()`` begins), so a context variable set in ``pre_start`` is
-  seen by ``run``, as if the hooks ran in one task.
+- A hook that suspends runs in its own asyncio task, so that the lifecycle
+  can stop waiting for a hook that outlives ``hook_timeout`` (or ``run``
+  that outlives the shutdown deadline) even when the hook swallows
+  cancellation. An edge hook's first step runs inline, in the lifecycle
+  task (``_first_step``): most edge hooks (the defaults among them) finish
+  there, without a task, a wait or a loop turn, and nothing can bound a
+  step that does not suspend, in a task or not. One that suspends is handed,
+  mid-flight, to its task (``_Resumed``), and every bound applies from
+  there. ``run`` always gets its task. The hooks share one
+  ``contextvars.Context`` (a copy of the caller's, taken when ``start()``
+  begins), so a context variable set in ``pre_start`` is seen by ``run``,
+  as if the hooks ran in one task.
+- The join is ``join_all``'s own loop (``TaskRegistry._try_close``), run in
+  the lifecycle task, so that the stacks of the stragglers can be taken at
+  the deadline before they are stopped: no task of its own.
 - The result of ``start()`` is recorded once in a thread-safe slot shared
   with every ``ServiceHandle`` (``_handle.ExitSlot``); ``wait_for_exit()`` can be awaited on any
   event loop, in any thread. Nothing recorded refers to the service: the
@@ -943,10 +952,11 @@ class Service(Generic[N, A, R]):
         """Join the tracked tasks until ``until`` (loop time); return the error instead of
         raising it, and record the join and its stragglers for the report.
 
-        At ``until``, the stacks of the Python stragglers are taken (before they are
-        cancelled), then ``join_all(0)`` stops every task still live and names them. A
-        cancellation of the lifecycle task does not cut the join short: it goes on to
-        the same end.
+        This is ``TaskRegistry.join_all`` (its body, in the lifecycle task): at ``until``,
+        the stacks of the Python stragglers are taken (before they are cancelled), then
+        ``_stop_stragglers`` stops every task still live and names them, as
+        ``join_all`` does at its deadline. A cancellation of the lifecycle task does not
+        cut the join short: it goes on to the same end.
         """
         self._phase = Phase.JOIN
         tasks = self._tasks
