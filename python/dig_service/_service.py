@@ -20,18 +20,17 @@ Design notes:
   counted from it. At the end of the join's share the stacks of the Python
   stragglers are taken, then they are cancelled (``_join``), for the
   ``ShutdownReport``.
-- A hook that suspends runs in its own asyncio task, so that the lifecycle
-  can stop waiting for a hook that outlives ``hook_timeout`` (or ``run``
-  that outlives the shutdown deadline) even when the hook swallows
-  cancellation. An edge hook's first step runs inline, in the lifecycle
-  task (``_first_step``): most edge hooks (the defaults among them) finish
-  there, without a task, a wait or a loop turn, and nothing can bound a
-  step that does not suspend, in a task or not. One that suspends is handed,
-  mid-flight, to its task (``_Resumed``), and every bound applies from
-  there. ``run`` always gets its task. The hooks share one
-  ``contextvars.Context`` (a copy of the caller's, taken when ``start()``
-  begins), so a context variable set in ``pre_start`` is seen by ``run``,
-  as if the hooks ran in one task.
+- Each hook runs in its own asyncio task, so that the lifecycle can stop
+  waiting for a hook that outlives ``hook_timeout`` (or ``run`` that
+  outlives the shutdown deadline) even when the hook swallows cancellation.
+  The hooks share one ``contextvars.Context`` (a copy of the caller's, taken
+  when ``start()`` begins), so a context variable set in ``pre_start`` is
+  seen by ``run``, as if the hooks ran in one task. An edge hook the node
+  keeps from ``NodeLifecycle`` (it does nothing) is not called at all: no
+  task, no wait, no loop turn. Running other hooks' first step inline in the
+  lifecycle task was tried and left out: on CPython 3.12+ a hook frame that
+  ends with an exception there keeps its caller's frames as ``f_back``, and
+  the recorded failure then keeps the service alive.
 - The join is ``join_all``'s own loop (``TaskRegistry._try_close``), run in
   the lifecycle task, so that the stacks of the stragglers can be taken at
   the deadline before they are stopped: no task of its own.
@@ -61,7 +60,6 @@ import inspect
 import logging
 import sys
 import time
-import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
@@ -82,6 +80,7 @@ from ._errors import (
 from ._exit import ExitReason, ExitStatus, check_reason
 from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
+    NodeLifecycle,
     NodeLike,
     PeerApi,
     PeerApiLike,
@@ -115,6 +114,12 @@ R = TypeVar("R", bound=RpcApiLike | None)
 
 _HOOK_NAMES: Final = {phase: str(phase) for phase in Phase}
 """Each phase's name (a plain ``str``: ``Phase.X.value`` is a Python-level descriptor)."""
+
+_DEFAULT_HOOKS: Final[dict[str, object]] = {
+    hook: getattr(NodeLifecycle, hook) for hook in ("pre_start", "on_start", "on_stop", "post_stop")
+}
+"""``NodeLifecycle``'s edge hooks, which do nothing: a node that keeps one is not called
+for it (``Service._is_default``)."""
 
 _DEFAULT_CONFIG: Final = ServiceConfig()
 """The config of a ``Service`` given none (immutable: one is enough)."""
@@ -777,17 +782,9 @@ class Service(Generic[N, A, R]):
         return primary
 
     def _call_hook(
-        self, hook: str, target: object, *args: object, inline: bool = False
-    ) -> asyncio.Task[Any] | BaseException | None:
-        """Start ``target.hook(*args)`` in its own task (sharing the hooks' context).
-
-        With ``inline``, the hook's first step runs here, at once, in the hooks' context
-        (``_first_step``): if it finishes without suspending, its outcome is returned
-        (``None``, or what it raised) and no task is made; if it suspends, it goes on in
-        its own task, as if it had started there. Nothing can bound a step that does not
-        suspend, in a task or not: every limit of the contract still applies to what
-        follows.
-        """
+        self, hook: str, target: object, *args: object
+    ) -> asyncio.Task[Any] | BaseException:
+        """Start ``target.hook(*args)`` in its own task (sharing the hooks' context)."""
         loop = asyncio.get_running_loop()
         try:
             fn: Callable[..., object] = getattr(target, hook)
@@ -799,17 +796,20 @@ class Service(Generic[N, A, R]):
                 f"{type(target).__name__}.{hook}() returned {type(awaitable).__name__}, "
                 f"not a coroutine; declare it `async def {hook}(...)`"
             )
-        context = self._hook_context
-        if inline and type(awaitable) is _CoroutineType and context is not None:
-            step = _first_step(context, awaitable)
-            if not isinstance(step, _Suspended):
-                return step
-            awaitable = _Resumed(awaitable, step.yielded)
         return loop.create_task(
             _guarded(awaitable),
             name=hook_task_name(hook, self._label),
-            context=context,
+            context=self._hook_context,
         )
+
+    def _is_default(self, hook: str) -> bool:
+        """Whether the node's ``hook`` is ``NodeLifecycle``'s own (it does nothing): found
+        on its class, not shadowed by the instance, and not replaced since import."""
+        node = self._node
+        own = getattr(node, "__dict__", None)
+        return (own is None or hook not in own) and getattr(
+            type(node), hook, None
+        ) is _DEFAULT_HOOKS.get(hook)
 
     async def _edge_hook(
         self, hook: Phase, ctx: object, *, stop_by: float | None = None
@@ -828,9 +828,14 @@ class Service(Generic[N, A, R]):
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        task = self._call_hook(_HOOK_NAMES[hook], self._node, ctx, inline=True)
-        if not isinstance(task, asyncio.Task):  # it finished in its first step
-            self._record_phase(hook, started, "ok" if task is None else "failed")
+        name = _HOOK_NAMES[hook]
+        if self._is_default(name):
+            # NodeLifecycle's hook does nothing: no call, no task, no wait, no loop turn.
+            self._record_phase(hook, started, "ok")
+            return None
+        task = self._call_hook(name, self._node, ctx)
+        if isinstance(task, BaseException):
+            self._record_phase(hook, started, "failed")
             return task
         self._hook_task = task
         token, hook_timeout = self._token, self._config.hook_timeout
@@ -890,8 +895,7 @@ class Service(Generic[N, A, R]):
         self._phase = Phase.RUN
         run_ctx = trusted_context(RunContext, token, self._tasks)
         run_task = self._call_hook("run", self._node, run_ctx)
-        if not isinstance(run_task, asyncio.Task):
-            assert run_task is not None  # not inline: a task, or why there is none
+        if isinstance(run_task, BaseException):
             self._fire_after("run", run_task)
             self._run_phase("failed")
             return ExitReason.RunError(run_task), run_task, False
@@ -1110,68 +1114,6 @@ async def _guarded(awaitable: Awaitable[object]) -> object:
         return await awaitable
     except (KeyboardInterrupt, SystemExit) as exc:
         return _Raised(exc)
-
-
-_CoroutineType: Final = types.CoroutineType
-
-
-class _Suspended:
-    """What ``_first_step`` returns when the hook suspended: what it yielded to the loop."""
-
-    __slots__ = ("yielded",)
-
-    def __init__(self, yielded: object) -> None:
-        self.yielded = yielded
-
-
-def _first_step(context: contextvars.Context, coro: Any) -> BaseException | _Suspended | None:
-    """Run ``coro``'s first step in ``context``, as a task's first step would.
-
-    Returns ``None`` if it returned, what it raised (a ``KeyboardInterrupt`` or
-    ``SystemExit`` too: returned, not raised, as ``_guarded`` does), or ``_Suspended``
-    with what it yielded. The exception's traceback starts at the hook's frame (not
-    this one), as in a task.
-    """
-    try:
-        yielded = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    except BaseException as exc:  # the hook's outcome, returned
-        tb = exc.__traceback__
-        return exc.with_traceback(tb.tb_next if tb is not None else None)
-    return _Suspended(yielded)
-
-
-class _Resumed:
-    """A coroutine whose first step already ran (``_first_step``), awaitable so that a
-    task carries it on: the task first sees what that step yielded, then every send and
-    throw goes to the coroutine, as if the task had run it from the start."""
-
-    __slots__ = ("_coro", "_yielded")
-
-    def __init__(self, coro: Any, yielded: object) -> None:
-        self._coro = coro
-        self._yielded = yielded
-
-    def __await__(self) -> Any:
-        coro, value = self._coro, self._yielded
-        self._yielded = None
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # delivered to the coroutine
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
 
 
 async def _first_done(
