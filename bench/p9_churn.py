@@ -98,7 +98,8 @@ async def one_service(parts: list[float]) -> None:
     t2 = Stamp.now()
     parts[0] += t1.wall - t0.wall
     parts[1] += t2.wall - t1.wall
-    check(status.is_graceful(), f"P9 service exit {status}")
+    if not status.is_graceful():  # the message only on failure: formatting is not the lifecycle's
+        check(False, f"P9 service exit {status}")
 
 
 async def event_worker(event: asyncio.Event, started: Countdown) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from typing import Final, final
 
 from ._core import ShutdownReason, ShutdownToken, TaskRegistry, TaskSummary
 from ._errors import AlreadyStopped
 from ._exit import ExitStatus, check_reason
 
-__all__ = ["ExitSlot", "ServiceHandle", "abandon_slot"]
+__all__ = ["ExitSlot", "ServiceHandle"]
 
 _CREATED: Final = 0
 _RUNNING: Final = 1
@@ -108,12 +107,6 @@ class ExitSlot:
             raise outcome
         assert outcome is not None
         return outcome
-
-
-def abandon_slot(slot_ref: weakref.ref[ExitSlot]) -> None:
-    slot = slot_ref()
-    if slot is not None:  # handles still hold it
-        slot.abandon("the Service was garbage-collected before its start() finished")
 
 
 # --------------------------------------------------------------------------- handle

@@ -16,7 +16,7 @@ registry. *When* each hook runs is the contract of ``Service.start``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Final, Protocol, final
+from typing import ClassVar, Final, Protocol, TypeVar, final
 
 from ._core import ShutdownToken, TaskRegistry
 from ._exit import ExitReason
@@ -35,6 +35,7 @@ __all__ = [
     "RunContext",
     "StartContext",
     "StopContext",
+    "trusted_context",
 ]
 
 NODE_HOOKS: Final = ("pre_start", "on_start", "run", "on_stop", "post_stop")
@@ -57,6 +58,17 @@ def _check(value: object, expected: type, owner: str, field: str) -> None:
 
 # The contexts are immutable records; they compare by identity (eq=False),
 # as the service hands each hook its own.
+
+_Ctx = TypeVar("_Ctx", "StartContext", "RunContext", "StopContext")
+
+
+def trusted_context(cls: type[_Ctx], *values: object) -> _Ctx:
+    """``cls(*values)`` without its checks: for ``Service``, which passes its own token,
+    registry, name and exit reason (the types the checks would find), once a start."""
+    ctx = object.__new__(cls)
+    for field, value in zip(cls.__slots__, values, strict=True):
+        object.__setattr__(ctx, field, value)
+    return ctx
 
 
 @final

@@ -25,14 +25,23 @@ Design notes:
   outlives the shutdown deadline) even when the hook swallows cancellation.
   The hooks share one ``contextvars.Context`` (a copy of the caller's, taken
   when ``start()`` begins), so a context variable set in ``pre_start`` is
-  seen by ``run``, as if the hooks ran in one task.
+  seen by ``run``, as if the hooks ran in one task. An edge hook the node
+  keeps from ``NodeLifecycle`` (it does nothing) is not called at all: no
+  task, no wait, no loop turn. Running other hooks' first step inline in the
+  lifecycle task was tried and left out: on CPython 3.12+ a hook frame that
+  ends with an exception there keeps its caller's frames as ``f_back``, and
+  the recorded failure then keeps the service alive.
+- The join is ``join_all``'s own loop (``TaskRegistry._try_close``), run in
+  the lifecycle task, so that the stacks of the stragglers can be taken at
+  the deadline before they are stopped: no task of its own.
 - The result of ``start()`` is recorded once in a thread-safe slot shared
   with every ``ServiceHandle`` (``_handle.ExitSlot``); ``wait_for_exit()`` can be awaited on any
   event loop, in any thread. Nothing recorded refers to the service: the
   lifecycle returns its failures instead of raising them (no traceback
   through its frames), ``start()`` drops ``self`` before it raises one, and
-  the service's finalizer holds the slot weakly. A failed service is freed
-  as soon as its owner drops it.
+  no global root refers to the service (its ``__del__`` abandons the slot of a
+  service dropped before it finished). A failed service is freed as soon as
+  its owner drops it.
 - The lifecycle task survives its own cancellation (``asyncio.run`` cancels
   every task when ``main()`` returns): every wait in it turns a
   cancellation into a shutdown request and goes on, so the wind-down still
@@ -49,9 +58,10 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
 
 from ._config import ServiceConfig
@@ -68,8 +78,9 @@ from ._errors import (
     describe_exc,
 )
 from ._exit import ExitReason, ExitStatus, check_reason
-from ._handle import ExitSlot, ServiceHandle, abandon_slot
+from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
+    NodeLifecycle,
     NodeLike,
     PeerApi,
     PeerApiLike,
@@ -78,6 +89,7 @@ from ._lifecycle import (
     RunContext,
     StartContext,
     StopContext,
+    trusted_context,
 )
 from ._phase import Phase, hook_task_name
 from ._report import (
@@ -100,7 +112,17 @@ N = TypeVar("N", bound=NodeLike)
 A = TypeVar("A", bound=PeerApiLike | None)
 R = TypeVar("R", bound=RpcApiLike | None)
 
-_FIRST: Final = asyncio.FIRST_COMPLETED
+_HOOK_NAMES: Final = {phase: str(phase) for phase in Phase}
+"""Each phase's name (a plain ``str``: ``Phase.X.value`` is a Python-level descriptor)."""
+
+_DEFAULT_HOOKS: Final[dict[str, object]] = {
+    hook: getattr(NodeLifecycle, hook) for hook in ("pre_start", "on_start", "on_stop", "post_stop")
+}
+"""``NodeLifecycle``'s edge hooks, which do nothing: a node that keeps one is not called
+for it (``Service._is_default``)."""
+
+_DEFAULT_CONFIG: Final = ServiceConfig()
+"""The config of a ``Service`` given none (immutable: one is enough)."""
 
 RUN_TASK_NAME: Final = "run"
 """How ``run`` is named in ``ShutdownDeadlineExceeded.pending_names`` when it overruns."""
@@ -173,7 +195,7 @@ class Service(Generic[N, A, R]):
         if rpc_api is not None:
             check_rpc_api(rpc_api)
         if config is None:
-            config = ServiceConfig()
+            config = _DEFAULT_CONFIG
         elif not isinstance(config, ServiceConfig):
             raise TypeError(
                 "Service(): `config` must be a dig_service.ServiceConfig or None, "
@@ -190,12 +212,7 @@ class Service(Generic[N, A, R]):
         self._label: str = name or type(node).__name__
         self._token = ShutdownToken()
         self._tasks = TaskRegistry(self._token)
-        self._slot = ExitSlot()
-        # Only a weak reference: the finalizer registry is a global root, and
-        # the slot holds the recorded outcome (a failure's traceback may
-        # reach the node): a strong one kept every failed service alive.
-        finalizer = weakref.finalize(self, abandon_slot, weakref.ref(self._slot))
-        finalizer.atexit = False
+        self._slot = ExitSlot()  # abandoned by __del__ if start() never finished
 
         # Lifecycle state (owned by the loop that runs start()).
         self._phase_value = Phase.CREATED
@@ -215,6 +232,15 @@ class Service(Generic[N, A, R]):
         # The loop-stall watchdog over the loop start() runs on (its own, or
         # the runner's): the metrics' loop lag reads it (dig_service.metrics).
         self._loop_watch: LoopWatch | None = None
+
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # Gone before start() finished (or was ever called): no result will come, the
+        # handles' waiters are released with AlreadyStopped. Nothing at interpreter exit
+        # (a `weakref.finalize` with `atexit = False` did the same, at ~10x the cost of a
+        # Service a start, and its registry was a global root to keep weak).
+        slot: ExitSlot | None = self.__dict__.get("_slot")  # none if __init__ raised
+        if slot is not None and not slot.is_exited() and not _finalizing():
+            slot.abandon("the Service was garbage-collected before its start() finished")
 
     # ----------------------------------------------------------------- accessors
 
@@ -385,7 +411,7 @@ class Service(Generic[N, A, R]):
         escape: _Escape | None = None
         try:
             try:
-                await asyncio.wait((lifecycle,))
+                await _first_done(loop, (lifecycle,))
             except asyncio.CancelledError:
                 me = service()
                 if me is not None:  # always, while the lifecycle runs
@@ -430,7 +456,7 @@ class Service(Generic[N, A, R]):
         self._abort_startup()
         while not lifecycle.done():
             try:
-                await asyncio.wait((lifecycle,))
+                await _first_done(lifecycle.get_loop(), (lifecycle,))
             except asyncio.CancelledError:
                 continue
         if lifecycle.cancelled():
@@ -469,22 +495,21 @@ class Service(Generic[N, A, R]):
         self._abort_startup()
 
     async def _wait(
-        self,
-        aws: Iterable[asyncio.Future[Any]],
-        *,
-        within: float | None = None,
-        return_when: str = asyncio.ALL_COMPLETED,
+        self, futs: tuple[asyncio.Future[Any], ...], within: float | None = None
     ) -> None:
-        """``asyncio.wait`` in the lifecycle task, which a cancellation does not cut short:
-        the service winds down instead (``_lifecycle_cancelled``) and the wait goes on,
-        to the same end (``within`` seconds, like ``asyncio.wait``'s ``timeout``)."""
+        """Wait in the lifecycle task until one of ``futs`` is done, or ``within`` seconds
+        have passed (``asyncio.wait`` with ``FIRST_COMPLETED``, lighter), which a
+        cancellation does not cut short: the service winds down instead
+        (``_lifecycle_cancelled``) and the wait goes on, to the same end. Nothing in
+        ``futs`` is cancelled."""
+        for fut in futs:
+            if fut.done():
+                return  # nothing to wait for (asyncio.wait would still take two loop turns)
         loop = asyncio.get_running_loop()
         end = None if within is None else loop.time() + within
-        pending = tuple(aws)
         while True:
-            left = None if end is None else max(0.0, end - loop.time())
             try:
-                await asyncio.wait(pending, timeout=left, return_when=return_when)
+                await _first_done(loop, futs, end)
                 return
             except asyncio.CancelledError:
                 self._lifecycle_cancelled()
@@ -518,7 +543,7 @@ class Service(Generic[N, A, R]):
 
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
         token, tasks = self._token, self._tasks
-        start_ctx = StartContext(self._name, token, tasks)
+        start_ctx = trusted_context(StartContext, self._name, token, tasks)
         logger.debug("service %s: starting", self._label)
         self._watch_fire()
 
@@ -600,7 +625,7 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        stop_ctx = StopContext(token, tasks, exit_reason)
+        stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
         if on_stop:
             exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
             failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
@@ -777,6 +802,15 @@ class Service(Generic[N, A, R]):
             context=self._hook_context,
         )
 
+    def _is_default(self, hook: str) -> bool:
+        """Whether the node's ``hook`` is ``NodeLifecycle``'s own (it does nothing): found
+        on its class, not shadowed by the instance, and not replaced since import."""
+        node = self._node
+        own = getattr(node, "__dict__", None)
+        return (own is None or hook not in own) and getattr(
+            type(node), hook, None
+        ) is _DEFAULT_HOOKS.get(hook)
+
     async def _edge_hook(
         self, hook: Phase, ctx: object, *, stop_by: float | None = None
     ) -> BaseException | None:
@@ -794,7 +828,12 @@ class Service(Generic[N, A, R]):
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        task = self._call_hook(hook.value, self._node, ctx)
+        name = _HOOK_NAMES[hook]
+        if self._is_default(name):
+            # NodeLifecycle's hook does nothing: no call, no task, no wait, no loop turn.
+            self._record_phase(hook, started, "ok")
+            return None
+        task = self._call_hook(name, self._node, ctx)
         if isinstance(task, BaseException):
             self._record_phase(hook, started, "failed")
             return task
@@ -807,7 +846,7 @@ class Service(Generic[N, A, R]):
                 fired = token._park()  # a plain future: resolved when the token fires
                 if fired is not None:
                     try:
-                        await self._wait((task, fired), within=hook_timeout, return_when=_FIRST)
+                        await self._wait((task, fired), within=hook_timeout)
                     finally:
                         if not fired.done():
                             fired.cancel()
@@ -840,9 +879,10 @@ class Service(Generic[N, A, R]):
 
     def _record_phase(self, hook: Phase, started: float, outcome: PhaseOutcome) -> None:
         """Record a stop hook's duration and outcome for the report."""
-        if hook in (Phase.ON_STOP, Phase.POST_STOP):
+        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
             took = asyncio.get_running_loop().time() - started
-            self._phases[hook.value] = PhaseReport(hook.value, took, outcome)  # type: ignore[arg-type]
+            name = _HOOK_NAMES[hook]
+            self._phases[name] = PhaseReport(name, took, outcome)  # type: ignore[arg-type]
 
     async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by its share of the budget once the token
@@ -853,7 +893,8 @@ class Service(Generic[N, A, R]):
         """
         token = self._token
         self._phase = Phase.RUN
-        run_task = self._call_hook("run", self._node, RunContext(token, self._tasks))
+        run_ctx = trusted_context(RunContext, token, self._tasks)
+        run_task = self._call_hook("run", self._node, run_ctx)
         if isinstance(run_task, BaseException):
             self._fire_after("run", run_task)
             self._run_phase("failed")
@@ -865,7 +906,7 @@ class Service(Generic[N, A, R]):
             if fired is None:
                 break
             try:
-                await self._wait((run_task, fired), return_when=_FIRST)
+                await self._wait((run_task, fired))
             finally:
                 if not fired.done():
                     fired.cancel()
@@ -915,36 +956,46 @@ class Service(Generic[N, A, R]):
         """Join the tracked tasks until ``until`` (loop time); return the error instead of
         raising it, and record the join and its stragglers for the report.
 
-        At ``until``, the stacks of the Python stragglers are taken (before they are
-        cancelled), then ``join_all(0)`` stops every task still live and names them. A
-        cancellation of the lifecycle task does not cut the join short: it goes on to
-        the same end.
+        This is ``TaskRegistry.join_all`` (its body, in the lifecycle task): at ``until``,
+        the stacks of the Python stragglers are taken (before they are cancelled), then
+        ``_stop_stragglers`` stops every task still live and names them, as
+        ``join_all`` does at its deadline. A cancellation of the lifecycle task does not
+        cut the join short: it goes on to the same end.
         """
         self._phase = Phase.JOIN
+        tasks = self._tasks
         loop = asyncio.get_running_loop()
         started = loop.time()
-        joining = loop.create_task(
-            self._tasks.join_all(_JOIN_FOREVER), name=f"dig_service.join[{self._label}]"
-        )
-        await self._wait((joining,), within=max(0.0, until - loop.time()))
         seen: _Look | None = None
-        if not joining.done():
-            seen = _look_at_stragglers(self._tasks, loop)
-            joining.cancel()
-        await self._wait((joining,))  # done, or one step to handle the cancellation
         err: BaseException | None = None
-        if joining.cancelled():
-            while True:
-                try:
-                    await self._tasks.join_all(0.0)
-                except asyncio.CancelledError:
-                    self._lifecycle_cancelled()
-                    continue
-                except Exception as exc:  # reported below
-                    err = exc
+        # The body of `join_all(until - now)`, here, so that the stacks can be taken at the
+        # deadline before the stragglers are stopped, with no task of its own.
+        while True:
+            idle: asyncio.Future[Any] = loop.create_future()
+            try:
+                if tasks._try_close(idle):  # closed, with no task live
+                    break
+            except Exception as exc:  # not expected from the core: reported below
+                err = exc.with_traceback(None)
                 break
-        else:
-            err = joining.exception()
+            if loop.time() >= until:
+                seen = _look_at_stragglers(tasks, loop)
+                try:
+                    tasks._stop_stragglers(0.0)  # raises ShutdownDeadlineExceeded
+                except Exception as exc:  # reported below
+                    err = exc.with_traceback(None)
+                break
+            timer = loop.call_at(until, _resolve, idle, _TIMED_OUT)
+            try:
+                timed_out = await idle is _TIMED_OUT
+            except asyncio.CancelledError:
+                self._lifecycle_cancelled()  # the join goes on, to the same end
+                timed_out = False
+            finally:
+                timer.cancel()
+            if timed_out:
+                # At the deadline: one last chance to be closed by now, else stop them.
+                until = min(until, loop.time())
         took = loop.time() - started
         if err is None:
             self._phases["join"] = PhaseReport("join", took, "ok")
@@ -962,9 +1013,13 @@ class Service(Generic[N, A, R]):
         return _chain(ServiceError(what), err.with_traceback(None))
 
 
-_JOIN_FOREVER: Final = 1e9
-"""The deadline the lifecycle hands ``join_all`` while it keeps the real one itself (so
-that it can take the stragglers' stacks before they are cancelled)."""
+_TIMED_OUT: Final = object()
+"""What the join's timer resolves its future with."""
+
+
+def _resolve(fut: asyncio.Future[Any], value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 class _Look:
@@ -1059,6 +1114,33 @@ async def _guarded(awaitable: Awaitable[object]) -> object:
         return await awaitable
     except (KeyboardInterrupt, SystemExit) as exc:
         return _Raised(exc)
+
+
+async def _first_done(
+    loop: asyncio.AbstractEventLoop,
+    futs: tuple[asyncio.Future[Any], ...],
+    end: float | None = None,
+) -> None:
+    """Wait until one of ``futs`` is done or the loop's clock reaches ``end``: what
+    ``asyncio.wait(futs, timeout=..., return_when=FIRST_COMPLETED)`` does, with one future
+    and one callback a future instead of a set and a counter. A cancellation of the
+    waiting task cancels only its own waiter, never one of ``futs``."""
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for fut in futs:
+        fut.add_done_callback(wake)
+    timer = None if end is None else loop.call_at(end, wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for fut in futs:
+            fut.remove_done_callback(wake)
 
 
 def _hook_exception(task: asyncio.Task[Any]) -> BaseException | None:

@@ -10,6 +10,8 @@ the signature to declare.
 from __future__ import annotations
 
 import inspect
+import operator
+import weakref
 from typing import Final
 
 from ._lifecycle import NODE_HOOKS, PEER_API_METHODS, RPC_API_METHODS
@@ -34,9 +36,41 @@ _RPC_SIGNATURES: Final = {
 }
 
 
+_OBJECT_GETATTRIBUTE: Final = object.__getattribute__
+_get_hooks: Final = operator.attrgetter(*NODE_HOOKS)
+
+_CHECKED_NODE_TYPES: Final[weakref.WeakKeyDictionary[type, tuple[object, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Node classes whose hooks passed the check, with the hook objects that passed: a node
+of such a class whose hooks are still those objects (looked up on the class, not shadowed
+by the instance) needs no new check (``Service(...)`` is made once a start)."""
+
+
+def _class_hooks(node: object) -> tuple[object, ...] | None:
+    """The node's hooks as its class defines them, if that is where its attribute lookup
+    finds them (no instance attribute of that name, no ``__getattribute__`` of its own);
+    else ``None``."""
+    cls = type(node)
+    if cls.__getattribute__ is not _OBJECT_GETATTRIBUTE:
+        return None
+    own = getattr(node, "__dict__", None)
+    if own and not own.keys().isdisjoint(NODE_HOOKS):
+        return None
+    try:
+        hooks: tuple[object, ...] = _get_hooks(cls)
+    except AttributeError:
+        return None
+    return hooks
+
+
 def check_node(node: object) -> str | None:
     """Check ``node``'s hooks and ``NAME``; return its ``NAME``."""
-    _check_async_methods(node, NODE_HOOKS, "node", "NodeLifecycle", _NODE_SIGNATURES)
+    hooks = _class_hooks(node)
+    if hooks is None or _CHECKED_NODE_TYPES.get(type(node)) != hooks:
+        _check_async_methods(node, NODE_HOOKS, "node", "NodeLifecycle", _NODE_SIGNATURES)
+        if hooks is not None:
+            _CHECKED_NODE_TYPES[type(node)] = hooks
     name = getattr(node, "NAME", None)
     if name is not None and not isinstance(name, str):
         raise TypeError(

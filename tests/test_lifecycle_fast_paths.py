@@ -1,0 +1,193 @@
+"""The cheap paths of a service's start and stop (P9): edge hooks a node keeps from
+``NodeLifecycle`` are not called (no task), a failure of a hook the node overrides keeps
+no lifecycle frame alive, and ``Service(...)``'s cached check of a node class still sees
+a hook made synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import uvloop
+from _support import ScriptedNode
+
+from dig_service import (
+    ExitReason,
+    NodeLifecycle,
+    PreStartFailed,
+    RunContext,
+    Service,
+    StartContext,
+    StopContext,
+)
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+loops = pytest.mark.parametrize("loop_factory", list(LOOPS.values()), ids=list(LOOPS))
+
+
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
+class Defaults(NodeLifecycle):
+    """Every hook ``NodeLifecycle``'s; ``run`` returns at once."""
+
+    NAME = "defaults"
+
+    async def run(self, ctx: RunContext) -> None:
+        pass
+
+
+def tasks_made(loop_factory: Callable[[], asyncio.AbstractEventLoop], node: object) -> list[str]:
+    """The names of the tasks made while ``Service(node).start()`` runs (a task factory
+    records them), after checking that it returned ``RunCompleted``."""
+    made: list[asyncio.Task[Any]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(factory)
+        try:
+            status = await Service(node).start()  # type: ignore[type-var]
+        finally:
+            loop.set_task_factory(None)
+        assert status.reason == ExitReason.RunCompleted(), status
+
+    names: list[str] = []
+    run(loop_factory, main())
+    names.extend(task.get_name() for task in made)
+    return names
+
+
+@loops
+def test_default_edge_hooks_cost_no_task(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a node that keeps ``NodeLifecycle``'s edge hooks gets no task for them
+    (only the lifecycle's and ``run``'s are made), while a hook it overrides, on its
+    class, on an instance, or by replacing the class attribute, is called, in its task
+    ``dig_service.<hook>[<name>]``.
+
+    Catches: the default hooks run in tasks again (three loop turns each, P9), or a
+    hook the node overrides skipped as if it were the default.
+    """
+    base = ["dig_service.lifecycle[defaults]", "dig_service.run[defaults]"]
+    assert tasks_made(loop_factory, Defaults()) == base
+
+    calls: list[str] = []
+
+    class OnStart(Defaults):
+        async def on_start(self, ctx: StartContext) -> None:
+            calls.append("class")
+
+    assert tasks_made(loop_factory, OnStart()) == [
+        *base[:1],
+        "dig_service.on_start[defaults]",
+        base[1],
+    ]
+
+    async def on_stop(ctx: StopContext) -> None:
+        calls.append("instance")
+
+    shadowed = Defaults()
+    shadowed.on_stop = on_stop  # type: ignore[method-assign]
+    assert tasks_made(loop_factory, shadowed) == [*base, "dig_service.on_stop[defaults]"]
+
+    class Replaced(Defaults):
+        pass
+
+    async def post_stop(self: object, ctx: StopContext) -> None:
+        calls.append("replaced")
+
+    Replaced.post_stop = post_stop  # type: ignore[method-assign]
+    assert tasks_made(loop_factory, Replaced()) == [*base, "dig_service.post_stop[defaults]"]
+    assert calls == ["class", "instance", "replaced"]
+
+
+@loops
+def test_a_hook_failure_holds_no_lifecycle_frame(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: the traceback of an exception a hook raises at once starts at the hook's
+    own frame, no frame of the lifecycle (which holds the service) is in it or behind
+    its outermost frame (``f_back``), and a failed service is freed once its owner drops
+    it, on every CPython.
+
+    Catches: a hook stepped inline in the lifecycle task (tried for P9): on CPython 3.12+
+    a frame that ends with an exception links its caller's frame as ``f_back``, so the
+    recorded failure, and every kept handle, kept the service and its node alive.
+    """
+    boom = ValueError("boom")
+
+    async def pre_start(ctx: StartContext) -> None:
+        raise boom
+
+    svc = Service(ScriptedNode(pre_start=pre_start))
+    handle = svc.handle()
+    with pytest.raises(PreStartFailed) as info:
+        run(loop_factory, svc.start())
+    assert info.value.__cause__ is boom
+    lifecycle = {"_lifecycle", "_stages", "_edge_hook", "_call_hook", "start"}
+    tb = boom.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    back = frames[0].f_back if frames else None
+    while back is not None:
+        frames.append(back)
+        back = back.f_back
+    names = [f.f_code.co_name for f in frames]
+    assert "pre_start" in names, names
+    assert not lifecycle & set(names), names
+    ref = weakref.ref(svc)
+    del svc, info
+    gc.collect()
+    assert ref() is None, "the failed service is still alive"
+    assert handle.is_running() is False
+
+
+class Plain(NodeLifecycle):
+    NAME = "plain"
+
+
+def test_the_node_check_is_cached_but_sees_a_hook_made_synchronous() -> None:
+    """Proves: ``Service(...)`` refuses a node whose hook is a plain function even when a
+    node of the same class passed before: replaced on the class, or shadowed on the
+    instance; a class whose check passed is still accepted.
+
+    Catches: a per-class cache of the check that trusts the class it saw once (a
+    synchronous hook accepted, found only when ``start()`` runs it).
+    """
+
+    class Node(NodeLifecycle):
+        async def on_start(self, ctx: StartContext) -> None:
+            pass
+
+    Service(Node())
+    Service(Node())  # cached: still fine
+    shadowed = Node()
+    shadowed.on_start = lambda ctx: None  # type: ignore[method-assign, assignment, return-value]
+    with pytest.raises(TypeError, match="on_start"):
+        Service(shadowed)
+
+    def sync_on_start(self: Any, ctx: StartContext) -> None:
+        pass
+
+    Node.on_start = sync_on_start  # type: ignore[method-assign, assignment]
+    with pytest.raises(TypeError, match="on_start"):
+        Service(Node())
+    Service(Plain())
