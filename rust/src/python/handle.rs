@@ -49,6 +49,9 @@ pub(crate) struct PyTracked {
     critical: bool,
     /// Set once the end has been reported, so it is reported once only.
     reported: AtomicBool,
+    /// The task is in its loop's young set (`young.rs`), with no done
+    /// callback: a sweep notices its end.
+    young: AtomicBool,
 }
 
 enum HandleInner {
@@ -109,6 +112,7 @@ impl PyTaskHandle {
                 id,
                 critical,
                 reported: AtomicBool::new(false),
+                young: AtomicBool::new(false),
             }),
         }
     }
@@ -124,6 +128,33 @@ impl PyTaskHandle {
             name,
             kind: kind.into(),
             inner: HandleInner::Native { abort, done },
+        }
+    }
+
+    /// A Python task's asyncio task.
+    pub(crate) fn python_task<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match &self.inner {
+            HandleInner::Python(t) => Some(t.foreign.task.bind(py).clone()),
+            HandleInner::Native { .. } => None,
+        }
+    }
+
+    /// Whether the task is young (see `young.rs`): no done callback yet.
+    pub(crate) fn is_young(&self) -> bool {
+        match &self.inner {
+            // Relaxed: touched only by the task's loop thread, under the
+            // GIL, which orders every access.
+            HandleInner::Python(t) => t.young.load(Ordering::Relaxed),
+            HandleInner::Native { .. } => false,
+        }
+    }
+
+    /// Mark the task young or not; returns whether it was.
+    pub(crate) fn set_young(&self, young: bool) -> bool {
+        match &self.inner {
+            // Relaxed: as in `is_young`.
+            HandleInner::Python(t) => t.young.swap(young, Ordering::Relaxed),
+            HandleInner::Native { .. } => false,
         }
     }
 }
@@ -222,10 +253,17 @@ impl PyTaskHandle {
         }
     }
 
-    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let _inside = exit::enter()?;
-        let awaitable = match &self.inner {
-            HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
+        let py = slf.py();
+        let awaitable = match &slf.get().inner {
+            HandleInner::Python(t) => {
+                // The awaiter's wake-up is a done callback of the task:
+                // a young task gets its own first, so that the awaiter
+                // finds the end reported (see `young.rs`).
+                super::young::promote(slf);
+                t.foreign.task.bind(py).clone()
+            }
             HandleInner::Native { done, .. } => {
                 let mut done = done.clone();
                 super::bridge::into_awaitable(py, async move {
@@ -256,6 +294,24 @@ impl PyTaskHandle {
     /// handle) or changes nothing (the task is not done yet, or already
     /// reported).
     pub(crate) fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.report_end(task)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
+    }
+}
+
+impl PyTaskHandle {
+    /// The report of the task's end, as its done callback (`__call__`) or
+    /// its loop's young sweep (`young.rs`) makes it: see `__call__`.
+    pub(crate) fn report_end(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(_inside) = exit::enter() else {
             return Ok(()); // a daemon thread's loop at interpreter exit
         };
@@ -310,15 +366,5 @@ impl PyTaskHandle {
         };
         tracked.registry.finish_foreign(tracked.id, outcome);
         err.map_or(Ok(()), Err)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "<TaskHandle {:?} {} origin={} finished={}>",
-            self.name.bind(py).to_str()?,
-            self.kind.name(),
-            self.origin(),
-            self.is_finished(py)?
-        ))
     }
 }

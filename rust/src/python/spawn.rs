@@ -1,8 +1,9 @@
 //! `TaskRegistry.spawn` for Python: the hot path of SPEC P1.
 //!
 //! A Python spawn is one crossing in (checks, the asyncio task, one
-//! registry insert) and one crossing out (the task's done callback, see
-//! `handle.rs`). Measured to the instruction (`bench/p1_instructions.py`):
+//! registry insert) and one crossing out: its loop's young sweep notices
+//! the end of a short-lived task (`young.rs`), a done callback that of a
+//! long-lived one (`handle.rs`). Measured to the instruction (`bench/p1_instructions.py`):
 //! the coroutine's state is asked only when something else holds it, the
 //! running loop comes from a memo (`running_loop.rs`), and the task is
 //! built directly where the loop's `create_task` is known to do just that.
@@ -144,7 +145,7 @@ pub(crate) fn spawn<'py>(
                 context.set_item("task", &task)?;
                 event_loop.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
             }
-        } else {
+        } else if !super::young::track(&event_loop, &task, &handle)? {
             task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
         }
         Ok(handle)
