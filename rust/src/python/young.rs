@@ -8,11 +8,18 @@
 //! set is not empty, one sweep is scheduled per loop iteration (a single
 //! `call_soon`); it asks each young task `done()` and reports the finished
 //! ones through the very code a done callback runs
-//! ([`PyTaskHandle::report_end`]). A task still running after
-//! [`PROMOTE_AFTER`] sweeps that came after its first step is *promoted*:
-//! it gets its done callback, as every task did before, and leaves the
-//! set, so a sweep never scans long-lived tasks and they are still noticed
-//! at their end's next loop turn.
+//! ([`PyTaskHandle::report_end`]). A task still running at the second
+//! sweep after its first step is *promoted*: it gets its done callback, as
+//! every task did before, and leaves the set, so a sweep never scans
+//! long-lived tasks and they are still noticed at their end's next loop
+//! turn.
+//!
+//! The set is three cohorts of handles (8 bytes a task): `fresh`, spawned
+//! since the last sweep, whose first step comes after the next sweep in
+//! the ready queue (so that sweep need not ask them: they cannot have
+//! ended), and `once` and `twice`, asked at each sweep. The task whose spawn
+//! queues a sweep has its first step queued *before* that sweep, so it
+//! joins `once`. A task is asked `done()` at most twice.
 //!
 //! Guarantees:
 //! - **Never later than a done callback.** While a task is young, a sweep
@@ -51,12 +58,6 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::exit;
 use super::handle::PyTaskHandle;
 
-/// How many sweeps a young task may survive, counted from the first sweep
-/// that ran after its first step could have, before it gets its done
-/// callback. A task that ends within two loop turns of its first step is
-/// never given one.
-pub(crate) const PROMOTE_AFTER: u8 = 2;
-
 /// The key of this thread's current young set in its thread state dict.
 const KEY: &str = "dig_service._core.young_tasks";
 
@@ -66,24 +67,25 @@ pub(crate) struct YoungTasks {
     state: Mutex<State>,
 }
 
+#[derive(Default)]
 struct State {
     /// The loop swept on; `None` while the set is empty (so an idle set
     /// keeps no loop alive, and is reused by the next spawn on any loop).
     event_loop: Option<Py<PyAny>>,
-    entries: Vec<Entry>,
-    /// Sweeps run so far.
-    turn: u64,
+    /// Spawned since the last sweep, first step queued after the next one.
+    fresh: Vec<Py<PyTaskHandle>>,
+    /// Asked at the next sweep; still running then, they move to `twice`.
+    once: Vec<Py<PyTaskHandle>>,
+    /// Asked at the next sweep; still running then, they are promoted.
+    twice: Vec<Py<PyTaskHandle>>,
     /// A sweep is queued on `event_loop`.
     scheduled: bool,
 }
 
-struct Entry {
-    handle: Py<PyTaskHandle>,
-    /// `turn` when the task was spawned: a sweep with a larger `turn` ran
-    /// after the task's first step could have.
-    born: u64,
-    /// Sweeps since then that found it running.
-    survived: u8,
+impl State {
+    fn is_empty(&self) -> bool {
+        self.fresh.is_empty() && self.once.is_empty() && self.twice.is_empty()
+    }
 }
 
 impl YoungTasks {
@@ -124,14 +126,15 @@ pub(crate) fn track(
             return Ok(false);
         }
     }
-    let mut state = set.lock();
-    let born = state.turn;
     handle.get().set_young(true);
-    state.entries.push(Entry {
-        handle: handle.clone().unbind(),
-        born,
-        survived: 0,
-    });
+    let mut state = set.lock();
+    // The task's first step was queued (by its creation) before the sweep
+    // this spawn queued, if it queued one: that sweep must ask it.
+    if schedule {
+        state.once.push(handle.clone().unbind());
+    } else {
+        state.fresh.push(handle.clone().unbind());
+    }
     Ok(true)
 }
 
@@ -168,9 +171,7 @@ fn current<'py>(event_loop: &Bound<'py, PyAny>) -> PyResult<Bound<'py, YoungTask
         YoungTasks {
             state: Mutex::new(State {
                 event_loop: Some(event_loop.clone().unbind()),
-                entries: Vec::new(),
-                turn: 0,
-                scheduled: false,
+                ..State::default()
             }),
         },
     )?;
@@ -182,13 +183,17 @@ fn current<'py>(event_loop: &Bound<'py, PyAny>) -> PyResult<Bound<'py, YoungTask
 
 /// Give every task of `set` its done callback, and empty the set.
 fn promote_all(py: Python<'_>, set: &YoungTasks) {
-    let (entries, event_loop) = {
-        let mut state = set.lock();
-        (std::mem::take(&mut state.entries), state.event_loop.take())
-    };
+    let taken = std::mem::take(&mut *set.lock());
+    let State {
+        event_loop,
+        fresh,
+        once,
+        twice,
+        ..
+    } = taken;
     drop(event_loop);
-    for entry in entries {
-        promote(entry.handle.bind(py));
+    for handle in fresh.into_iter().chain(once).chain(twice) {
+        promote(handle.bind(py));
     }
 }
 
@@ -228,10 +233,40 @@ fn report_error(py: Python<'_>, task: &Bound<'_, PyAny>, err: PyErr, what: &str)
     }
 }
 
+/// Ask a young task whether it has ended, and report it if so. `true`: it
+/// is still young and running. A `KeyboardInterrupt` or `SystemExit` out of
+/// the report is kept in `raise` (the first one).
+fn sweep_one(py: Python<'_>, handle: &Py<PyTaskHandle>, raise: &mut Option<PyErr>) -> bool {
+    let tracked = handle.get();
+    if !tracked.is_young() {
+        return false; // promoted by `TaskHandle.__await__`
+    }
+    let Some(task) = tracked.python_task(py) else {
+        return false;
+    };
+    // A stock task's `done()` (see `track`) does not fail.
+    let done = task
+        .call_method0(pyo3::intern!(py, "done"))
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(false);
+    if !done {
+        return true;
+    }
+    tracked.set_young(false);
+    if let Err(err) = tracked.report_end(&task) {
+        if err.is_instance_of::<PyException>(py) {
+            report_error(py, &task, err, "reporting the end of a task failed");
+        } else if raise.is_none() {
+            *raise = Some(err);
+        }
+    }
+    false
+}
+
 #[pymethods]
 impl YoungTasks {
     /// The sweep: report the young tasks that have ended, promote those
-    /// that have survived [`PROMOTE_AFTER`] sweeps, and queue the next
+    /// still running at their second sweep, and queue the next
     /// sweep while any are left. A `KeyboardInterrupt` or `SystemExit`
     /// out of a report is raised (as out of a done callback) once every
     /// task of the sweep is reported or kept.
@@ -241,63 +276,60 @@ impl YoungTasks {
         };
         let py = slf.py();
         let set = slf.get();
-        let (entries, turn, event_loop) = {
+        let (fresh, mut once, twice, event_loop) = {
             let mut state = set.lock();
             state.scheduled = false;
-            let turn = state.turn;
-            state.turn += 1;
             let Some(event_loop) = state.event_loop.as_ref().map(|l| l.clone_ref(py)) else {
                 return Ok(());
             };
-            (std::mem::take(&mut state.entries), turn, event_loop)
+            (
+                std::mem::take(&mut state.fresh),
+                std::mem::take(&mut state.once),
+                std::mem::take(&mut state.twice),
+                event_loop,
+            )
         };
-        let mut kept = Vec::with_capacity(entries.len());
         let mut raise: Option<PyErr> = None;
-        for mut entry in entries {
-            let handle = entry.handle.bind(py);
-            let tracked = handle.get();
-            if !tracked.is_young() {
-                continue; // promoted by `TaskHandle.__await__`
-            }
-            let Some(task) = tracked.python_task(py) else {
-                continue;
-            };
-            // A stock task's `done()` (see `track`) cannot fail.
-            let done = task
-                .call_method0(pyo3::intern!(py, "done"))
-                .and_then(|d| d.is_truthy())
-                .unwrap_or(false);
-            if done {
-                tracked.set_young(false);
-                if let Err(err) = tracked.report_end(&task) {
-                    if err.is_instance_of::<PyException>(py) {
-                        report_error(py, &task, err, "reporting the end of a task failed");
-                    } else if raise.is_none() {
-                        raise = Some(err);
-                    }
-                }
-            } else if entry.born < turn {
-                entry.survived += 1;
-                if entry.survived >= PROMOTE_AFTER {
-                    promote(handle);
-                } else {
-                    kept.push(entry);
-                }
-            } else {
-                kept.push(entry);
+        // Asked for the second time: promoted if still running.
+        let mut recycled = twice;
+        for handle in recycled.drain(..) {
+            if sweep_one(py, &handle, &mut raise) {
+                promote(handle.bind(py));
             }
         }
+        // Asked for the first time: kept for one more sweep if running.
+        once.retain(|handle| sweep_one(py, handle, &mut raise));
+        // `fresh` cannot have ended (see the module docs): not asked.
+        let mut fresh = fresh;
+        fresh.retain(|handle| handle.get().is_young());
         // Reports ran Python code: tasks spawned meanwhile are already in
-        // `entries`, and may have queued a sweep.
+        // the state, and may have queued a sweep.
         let (schedule, released) = {
             let mut state = set.lock();
-            if state.entries.is_empty() {
-                state.entries = kept;
+            let twice = once;
+            let once = fresh;
+            if state.twice.is_empty() {
+                state.twice = twice;
             } else {
-                state.entries.extend(kept);
+                state.twice.extend(twice);
             }
-            if state.entries.is_empty() {
-                (false, state.event_loop.take())
+            if state.once.is_empty() {
+                state.once = once;
+            } else {
+                state.once.extend(once);
+            }
+            if state.fresh.is_empty() {
+                state.fresh = recycled;
+            }
+            if state.is_empty() {
+                // Idle: keep neither the loop nor a large buffer.
+                let released = (
+                    state.event_loop.take(),
+                    std::mem::take(&mut state.fresh),
+                    std::mem::take(&mut state.once),
+                    std::mem::take(&mut state.twice),
+                );
+                (false, Some(released))
             } else {
                 let schedule = !state.scheduled;
                 state.scheduled = true;
@@ -332,17 +364,14 @@ impl YoungTasks {
         if let Some(l) = &state.event_loop {
             visit.call(l)?;
         }
-        for entry in &state.entries {
-            visit.call(&entry.handle)?;
+        for handle in state.fresh.iter().chain(&state.once).chain(&state.twice) {
+            visit.call(handle)?;
         }
         Ok(())
     }
 
     fn __clear__(&self) {
-        let (event_loop, entries) = {
-            let mut state = self.lock();
-            (state.event_loop.take(), std::mem::take(&mut state.entries))
-        };
-        drop((event_loop, entries));
+        let taken = std::mem::take(&mut *self.lock());
+        drop(taken);
     }
 }
