@@ -14,6 +14,7 @@ teardown, an eager task factory.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 from dig_service import ShutdownToken, TaskKind, TaskRegistry
 
 BG = TaskKind.BackgroundLoop
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="-")
 
 
 def fresh() -> TaskRegistry:
@@ -274,8 +276,10 @@ async def test_an_eager_task_that_suspends_is_young_and_reported() -> None:
 
     Catches: the young path assuming the task has not run yet.
     """
+    from conftest import eager_task_factory  # uvloop passes `eager_start`: dropped there
+
     loop = asyncio.get_running_loop()
-    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    loop.set_task_factory(eager_task_factory)
     try:
         reg = fresh()
         reg.spawn("now", BG, nop())
@@ -391,3 +395,101 @@ def test_asyncio_run_teardown_reports_young_tasks() -> None:
     asyncio.run(main())
     st = reg.stats()
     assert (st.live, st.cancelled) == (0, 20)
+
+
+class StampRequest(logging.Filter):
+    """Stamps each record with the ``REQUEST`` context variable at log time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request = REQUEST.get()
+        return True
+
+
+async def fail_after(n: int) -> None:
+    await turns(n)
+    raise ValueError(f"failed after {n}")
+
+
+def spawn_in_context(reg: TaskRegistry, name: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Spawn from a context where ``REQUEST`` is ``name`` (a request handler's, say)."""
+
+    def go() -> Any:
+        REQUEST.set(name)
+        return reg.spawn(name, BG, coro)
+
+    return contextvars.copy_context().run(go)
+
+
+def requests_logged(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
+    """Task name (from the failure message) -> ``REQUEST`` seen when it was logged."""
+    out = {}
+    for r in caplog.records:
+        if "failed" in r.getMessage() and hasattr(r, "request"):
+            out[r.getMessage().split("'")[1]] = r.request
+    return out
+
+
+async def test_a_failure_is_logged_in_the_spawners_context(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Proves a young task's and a promoted task's failure are logged in the task's context.
+
+    Three tasks spawned in one turn from three contexts (``REQUEST`` set to
+    the task's name): two fail in their first steps (reported by a sweep),
+    one after six turns (promoted, reported by its done callback). A logging
+    filter reads ``REQUEST`` at log time. Catches: the sweep reporting in
+    its own context (the first spawner's: another request's id in the log),
+    or the promoted callback run in a context other than the task's.
+    """
+    f = StampRequest()
+    caplog.handler.addFilter(f)
+    try:
+        with caplog.at_level(logging.ERROR):
+            reg = fresh()
+            spawn_in_context(reg, "req-a", fail_after(0))
+            spawn_in_context(reg, "req-b", fail_after(1))
+            spawn_in_context(reg, "req-old", fail_after(6))
+            await turns_until(lambda: len(reg) == 0)
+    finally:
+        caplog.handler.removeFilter(f)
+    assert requests_logged(caplog) == {"req-a": "req-a", "req-b": "req-b", "req-old": "req-old"}
+    assert reg.stats().failed == 3
+
+
+async def test_a_factory_task_is_young_only_where_its_context_is_known(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Proves the factory path: young on CPython >= 3.12 (``Task.get_context()``), a done
+    callback at once on 3.11; either way the failure is logged in the task's context.
+
+    Runs on every version (the branch is version-specific). Catches: a
+    factory's task made young on 3.11, where ``spawn`` cannot know its
+    context (its failure would be logged in the sweep's), or the 3.12+
+    branch not taken (no saving there).
+    """
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        return asyncio.Task(coro, loop=loop, name=kwargs.get("name"))
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(factory)
+    f = StampRequest()
+    caplog.handler.addFilter(f)
+    try:
+        with caplog.at_level(logging.ERROR):
+            reg = fresh()
+            spawn_in_context(reg, "req-first", fail_after(0))
+            handle = spawn_in_context(reg, "req-factory", fail_after(0))
+            task = spawned_task("req-factory")
+            callbacks = [cb for cb, _ctx in task._callbacks or []]  # type: ignore[attr-defined]
+            if sys.version_info >= (3, 12):
+                assert callbacks == []
+            else:
+                assert callbacks == [handle]
+            await turns_until(lambda: len(reg) == 0)
+    finally:
+        loop.set_task_factory(None)
+        caplog.handler.removeFilter(f)
+    assert requests_logged(caplog) == {"req-first": "req-first", "req-factory": "req-factory"}

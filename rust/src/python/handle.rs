@@ -52,6 +52,10 @@ pub(crate) struct PyTracked {
     /// The task is in its loop's young set (`young.rs`), with no done
     /// callback: a sweep notices its end.
     young: AtomicBool,
+    /// The task's context, where `spawn` knows it: its end is reported in
+    /// it, by the young sweep or by the done callback (which then needs no
+    /// context of its own). `None`: the task is never young.
+    context: Option<Py<PyAny>>,
 }
 
 enum HandleInner {
@@ -102,6 +106,7 @@ impl PyTaskHandle {
         registry: TaskRegistry,
         id: ForeignTaskId,
         critical: bool,
+        context: Option<Py<PyAny>>,
     ) -> Self {
         Self {
             name,
@@ -113,6 +118,7 @@ impl PyTaskHandle {
                 critical,
                 reported: AtomicBool::new(false),
                 young: AtomicBool::new(false),
+                context,
             }),
         }
     }
@@ -135,6 +141,14 @@ impl PyTaskHandle {
     pub(crate) fn python_task<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
         match &self.inner {
             HandleInner::Python(t) => Some(t.foreign.task.bind(py).clone()),
+            HandleInner::Native { .. } => None,
+        }
+    }
+
+    /// The task's context, if `spawn` knows it (see `PyTracked::context`).
+    pub(crate) fn task_context<'py>(&self, py: Python<'py>) -> Option<&Bound<'py, PyAny>> {
+        match &self.inner {
+            HandleInner::Python(t) => t.context.as_ref().map(|c| c.bind(py)),
             HandleInner::Native { .. } => None,
         }
     }

@@ -43,9 +43,15 @@
 //!   the set's tasks are promoted at once (they get their done callbacks).
 //!   A loop that closes with young tasks drops the queued sweep with them,
 //!   as it drops a done callback that was queued and never ran.
-//! - **Only stock tasks.** Only tasks of exactly `asyncio.Task` (the loop's
-//!   own, or `asyncio.eager_task_factory`'s) are young; any other task
-//!   type gets its done callback at once, as before.
+//! - **In the task's context.** A young task's end is reported in the
+//!   task's context (`Context.run`), and a promoted task's done callback
+//!   runs in it, so a logging filter that reads a context variable set by
+//!   the spawner sees it as it did in a done callback added at spawn.
+//! - **Only stock tasks whose context is known.** Only tasks of exactly
+//!   `asyncio.Task` are young: built by `spawn` itself (in a context it
+//!   made), or by the loop or a factory on CPython >= 3.12
+//!   (`Task.get_context()`). Any other task, and a factory's task on 3.11,
+//!   gets its done callback at once, as before.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -105,7 +111,9 @@ pub(crate) fn track(
     handle: &Bound<'_, PyTaskHandle>,
 ) -> PyResult<bool> {
     let py = event_loop.py();
-    if !task.get_type().is(super::interop::task_type(py)?) {
+    if handle.get().task_context(py).is_none()
+        || !task.get_type().is(super::interop::task_type(py)?)
+    {
         return Ok(false);
     }
     let young = current(event_loop)?;
@@ -211,7 +219,17 @@ pub(crate) fn promote(handle: &Bound<'_, PyTaskHandle>) {
     // A stock task takes a callback unless memory runs out; if it cannot,
     // its end cannot be noticed, and the error goes where a failing done
     // callback's would.
-    if let Err(err) = task.call_method1(pyo3::intern!(py, "add_done_callback"), (handle,)) {
+    let kwargs = PyDict::new(py);
+    let added = kwargs
+        .set_item(pyo3::intern!(py, "context"), tracked.task_context(py))
+        .and_then(|()| {
+            task.call_method(
+                pyo3::intern!(py, "add_done_callback"),
+                (handle,),
+                Some(&kwargs),
+            )
+        });
+    if let Err(err) = added {
         report_error(py, &task, err, "giving a task its done callback failed");
     }
 }
@@ -253,7 +271,14 @@ fn sweep_one(py: Python<'_>, handle: &Py<PyTaskHandle>, raise: &mut Option<PyErr
         return true;
     }
     tracked.set_young(false);
-    if let Err(err) = tracked.report_end(&task) {
+    // In the task's context, where its done callback would have run.
+    let reported = match tracked.task_context(py) {
+        Some(context) => context
+            .call_method1(pyo3::intern!(py, "run"), (handle, &task))
+            .map(drop),
+        None => tracked.report_end(&task),
+    };
+    if let Err(err) = reported {
         if err.is_instance_of::<PyException>(py) {
             report_error(py, &task, err, "reporting the end of a task failed");
         } else if raise.is_none() {
