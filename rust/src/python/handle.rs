@@ -153,6 +153,23 @@ impl PyTaskHandle {
         }
     }
 
+    /// Whether reporting the end of `task` (done) may run Python code that
+    /// reads context variables: logging a failure, or the warning of a
+    /// critical task that returned. A task that completed or was cancelled,
+    /// not critical, is reported without any (counts and the registry).
+    pub(crate) fn report_may_log(&self, task: &Bound<'_, PyAny>) -> bool {
+        let py = task.py();
+        match &self.inner {
+            HandleInner::Python(t) if !t.critical => {
+                match task.call_method0(pyo3::intern!(py, "exception")) {
+                    Ok(exc) => !exc.is_none(),
+                    Err(e) => !e.is_instance_of::<CancelledError>(py),
+                }
+            }
+            _ => true,
+        }
+    }
+
     /// Whether the task is young (see `young.rs`): no done callback yet.
     pub(crate) fn is_young(&self) -> bool {
         match &self.inner {

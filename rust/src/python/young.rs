@@ -271,12 +271,14 @@ fn sweep_one(py: Python<'_>, handle: &Py<PyTaskHandle>, raise: &mut Option<PyErr
         return true;
     }
     tracked.set_young(false);
-    // In the task's context, where its done callback would have run.
+    // In the task's context, where its done callback would have run, if
+    // the report may log (the only Python code it runs that could read a
+    // context variable); a quiet report needs no `Context.run`.
     let reported = match tracked.task_context(py) {
-        Some(context) => context
+        Some(context) if tracked.report_may_log(&task) => context
             .call_method1(pyo3::intern!(py, "run"), (handle, &task))
             .map(drop),
-        None => tracked.report_end(&task),
+        _ => tracked.report_end(&task),
     };
     if let Err(err) = reported {
         if err.is_instance_of::<PyException>(py) {
