@@ -438,17 +438,25 @@ class RunExits(NodeLifecycle):
 
 
 class TaskExits(RunExits):
-    """A tracked task raises ``SystemExit(5)`` while ``run`` waits for the token."""
+    """A tracked task raises ``SystemExit(5)`` while ``run`` waits for the token.
+
+    The task waits until ``run`` has begun: how many loop turns the driver
+    takes from ``on_start`` to ``run`` is not the test's business.
+    """
 
     async def on_start(self, ctx: StartContext) -> None:
+        running = asyncio.Event()
+        self.running = running
+
         async def boom() -> None:
-            await asyncio.sleep(0)
+            await running.wait()
             raise SystemExit(5)
 
         ctx.tasks.spawn("boom", TaskKind.BackgroundLoop, boom())
 
     async def run(self, ctx: Any) -> None:
         self.calls.append("run")
+        self.running.set()
         await ctx.shutdown.cancelled()
 
 

@@ -189,16 +189,23 @@ def test_spawn_on_a_closed_asyncio_loop_is_refused_and_closes_the_coroutine() ->
 
 
 async def test_the_handle_is_the_tasks_only_done_callback() -> None:
-    """Proves spawn adds exactly one done callback to the task, the returned TaskHandle itself.
+    """Proves a young task has no done callback, and a promoted one exactly one: the returned
+    TaskHandle itself.
 
-    Catches: a separate callback object per spawn coming back (one more
-    GC-tracked object per live task, SPEC P1), or the handle not being
-    registered at all (the task would never leave the registry).
+    A task starts young (its end noticed by the loop's sweep, no callback:
+    ``young.rs``) and gets its handle as done callback once it outlives two
+    sweeps. Catches: a separate callback object per spawn coming back (one
+    more GC-tracked object per live task, SPEC P1), a callback added at
+    spawn as well as by the sweep, or the handle never registered (the task
+    would never leave the registry).
     """
     reg = fresh()
     gate = asyncio.Event()
     handle = reg.spawn("one-callback", BG, gate.wait())
     task = spawned_task("one-callback")
+    assert task._callbacks in (None, [])  # type: ignore[attr-defined]
+    for _ in range(4):
+        await asyncio.sleep(0)
     assert [cb for cb, _ctx in task._callbacks] == [handle]  # type: ignore[attr-defined]
     gate.set()
     await handle

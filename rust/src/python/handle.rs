@@ -49,6 +49,13 @@ pub(crate) struct PyTracked {
     critical: bool,
     /// Set once the end has been reported, so it is reported once only.
     reported: AtomicBool,
+    /// The task is in its loop's young set (`young.rs`), with no done
+    /// callback: a sweep notices its end.
+    young: AtomicBool,
+    /// The task's context, where `spawn` knows it: its end is reported in
+    /// it, by the young sweep or by the done callback (which then needs no
+    /// context of its own). `None`: the task is never young.
+    context: Option<Py<PyAny>>,
 }
 
 enum HandleInner {
@@ -99,6 +106,7 @@ impl PyTaskHandle {
         registry: TaskRegistry,
         id: ForeignTaskId,
         critical: bool,
+        context: Option<Py<PyAny>>,
     ) -> Self {
         Self {
             name,
@@ -109,6 +117,8 @@ impl PyTaskHandle {
                 id,
                 critical,
                 reported: AtomicBool::new(false),
+                young: AtomicBool::new(false),
+                context,
             }),
         }
     }
@@ -124,6 +134,58 @@ impl PyTaskHandle {
             name,
             kind: kind.into(),
             inner: HandleInner::Native { abort, done },
+        }
+    }
+
+    /// A Python task's asyncio task.
+    pub(crate) fn python_task<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match &self.inner {
+            HandleInner::Python(t) => Some(t.foreign.task.bind(py).clone()),
+            HandleInner::Native { .. } => None,
+        }
+    }
+
+    /// The task's context, if `spawn` knows it (see `PyTracked::context`).
+    pub(crate) fn task_context<'py>(&self, py: Python<'py>) -> Option<&Bound<'py, PyAny>> {
+        match &self.inner {
+            HandleInner::Python(t) => t.context.as_ref().map(|c| c.bind(py)),
+            HandleInner::Native { .. } => None,
+        }
+    }
+
+    /// Whether reporting the end of `task` (done) may run Python code that
+    /// reads context variables: logging a failure, or the warning of a
+    /// critical task that returned. A task that completed or was cancelled,
+    /// not critical, is reported without any (counts and the registry).
+    pub(crate) fn report_may_log(&self, task: &Bound<'_, PyAny>) -> bool {
+        let py = task.py();
+        match &self.inner {
+            HandleInner::Python(t) if !t.critical => {
+                match task.call_method0(pyo3::intern!(py, "exception")) {
+                    Ok(exc) => !exc.is_none(),
+                    Err(e) => !e.is_instance_of::<CancelledError>(py),
+                }
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether the task is young (see `young.rs`): no done callback yet.
+    pub(crate) fn is_young(&self) -> bool {
+        match &self.inner {
+            // Relaxed: touched only by the task's loop thread, under the
+            // GIL, which orders every access.
+            HandleInner::Python(t) => t.young.load(Ordering::Relaxed),
+            HandleInner::Native { .. } => false,
+        }
+    }
+
+    /// Mark the task young or not; returns whether it was.
+    pub(crate) fn set_young(&self, young: bool) -> bool {
+        match &self.inner {
+            // Relaxed: as in `is_young`.
+            HandleInner::Python(t) => t.young.swap(young, Ordering::Relaxed),
+            HandleInner::Native { .. } => false,
         }
     }
 }
@@ -222,10 +284,17 @@ impl PyTaskHandle {
         }
     }
 
-    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let _inside = exit::enter()?;
-        let awaitable = match &self.inner {
-            HandleInner::Python(t) => t.foreign.task.bind(py).clone(),
+        let py = slf.py();
+        let awaitable = match &slf.get().inner {
+            HandleInner::Python(t) => {
+                // The awaiter's wake-up is a done callback of the task:
+                // a young task gets its own first, so that the awaiter
+                // finds the end reported (see `young.rs`).
+                super::young::promote(slf);
+                t.foreign.task.bind(py).clone()
+            }
             HandleInner::Native { done, .. } => {
                 let mut done = done.clone();
                 super::bridge::into_awaitable(py, async move {
@@ -256,6 +325,24 @@ impl PyTaskHandle {
     /// handle) or changes nothing (the task is not done yet, or already
     /// reported).
     pub(crate) fn __call__(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.report_end(task)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<TaskHandle {:?} {} origin={} finished={}>",
+            self.name.bind(py).to_str()?,
+            self.kind.name(),
+            self.origin(),
+            self.is_finished(py)?
+        ))
+    }
+}
+
+impl PyTaskHandle {
+    /// The report of the task's end, as its done callback (`__call__`) or
+    /// its loop's young sweep (`young.rs`) makes it: see `__call__`.
+    pub(crate) fn report_end(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(_inside) = exit::enter() else {
             return Ok(()); // a daemon thread's loop at interpreter exit
         };
@@ -310,15 +397,5 @@ impl PyTaskHandle {
         };
         tracked.registry.finish_foreign(tracked.id, outcome);
         err.map_or(Ok(()), Err)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "<TaskHandle {:?} {} origin={} finished={}>",
-            self.name.bind(py).to_str()?,
-            self.kind.name(),
-            self.origin(),
-            self.is_finished(py)?
-        ))
     }
 }

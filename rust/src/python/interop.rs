@@ -39,6 +39,7 @@ cached!(get_running_loop, "asyncio", "get_running_loop");
 cached!(iscoroutine, "asyncio", "iscoroutine");
 cached!(coroutine_type, "types", "CoroutineType");
 cached!(task_type, "asyncio.tasks", "Task");
+cached!(copy_context, "contextvars", "copy_context");
 cached!(base_event_loop, "asyncio.base_events", "BaseEventLoop");
 cached!(timedelta_type, "datetime", "timedelta");
 cached!(get_logger, "logging", "getLogger");

@@ -15,6 +15,7 @@
 //! | [`registry`] | `TaskRegistry`, `TaskSummary`, `TaskStats` |
 //! | [`spawn`] | `TaskRegistry.spawn`, the P1 hot path |
 //! | [`handle`] | `TaskHandle` and the report of a Python task's end |
+//! | [`young`] | short-lived tasks' ends noticed by one sweep a loop turn |
 //! | [`foreign`] | asyncio tasks as the core's foreign tasks; batched stops |
 //! | [`running_loop`] | the running event loop, memoised soundly on 3.11 |
 //! | [`errors`] | the `ServiceError` family (`errors.py`) and core errors → Python |
@@ -51,6 +52,7 @@ mod spawn;
 mod supervise;
 mod token;
 mod watchdog;
+mod young;
 
 use pyo3::prelude::*;
 

@@ -1,8 +1,9 @@
 //! `TaskRegistry.spawn` for Python: the hot path of SPEC P1.
 //!
 //! A Python spawn is one crossing in (checks, the asyncio task, one
-//! registry insert) and one crossing out (the task's done callback, see
-//! `handle.rs`). Measured to the instruction (`bench/p1_instructions.py`):
+//! registry insert) and one crossing out: its loop's young sweep notices
+//! the end of a short-lived task (`young.rs`), a done callback that of a
+//! long-lived one (`handle.rs`). Measured to the instruction (`bench/p1_instructions.py`):
 //! the coroutine's state is asked only when something else holds it, the
 //! running loop comes from a memo (`running_loop.rs`), and the task is
 //! built directly where the loop's `create_task` is known to do just that.
@@ -31,7 +32,7 @@ use super::exit;
 use super::foreign::PyForeign;
 use super::handle::PyTaskHandle;
 use super::interop::{
-    base_event_loop, coroutine_type, iscoroutine, task_type, text_arg, type_name,
+    base_event_loop, copy_context, coroutine_type, iscoroutine, task_type, text_arg, type_name,
 };
 use super::kinds::PyTaskKind;
 use super::registry::PyTaskRegistry;
@@ -97,7 +98,11 @@ pub(crate) fn spawn<'py>(
         )));
     }
     let event_loop = running_loop(py, FUNC).map_err(refuse)?;
-    let (task, may_have_run) = create_task(&event_loop, coro, name_str, refuse)?;
+    // The task's context, made here so that its end can be reported in it
+    // (`young.rs`), as a done callback added now would have been.
+    let context = copy_context(py)?.call0().map_err(refuse)?;
+    let (task, may_have_run, context) =
+        create_task_in(&event_loop, coro, name_str, refuse, Some(context))?;
     // The task exists: from here on a failure cancels it before its
     // first step (so its coroutine never runs) and leaves nothing live.
     let foreign = Arc::new(PyForeign::new(
@@ -122,6 +127,7 @@ pub(crate) fn spawn<'py>(
             core.clone(),
             id,
             critical,
+            context.map(Bound::unbind),
         ),
     )
     .and_then(|handle| {
@@ -144,7 +150,7 @@ pub(crate) fn spawn<'py>(
                 context.set_item("task", &task)?;
                 event_loop.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
             }
-        } else {
+        } else if !super::young::track(&event_loop, &task, &handle)? {
             task.call_method1(pyo3::intern!(py, "add_done_callback"), (&handle,))?;
         }
         Ok(handle)
@@ -184,6 +190,20 @@ pub(crate) fn create_task<'py>(
     name: &Bound<'py, PyString>,
     refuse: impl Fn(PyErr) -> PyErr,
 ) -> PyResult<(Bound<'py, PyAny>, bool)> {
+    create_task_in(event_loop, coro, name, refuse, None).map(|(task, ran, _)| (task, ran))
+}
+
+/// [`create_task`], and the task's context if it is known: `context` itself
+/// where the task is built directly (it runs in `context`); where the loop
+/// or its factory makes it, the context of a stock `asyncio.Task` on
+/// CPython >= 3.12 (`Task.get_context()`, new in 3.12); else `None`.
+pub(crate) fn create_task_in<'py>(
+    event_loop: &Bound<'py, PyAny>,
+    coro: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+    refuse: impl Fn(PyErr) -> PyErr,
+    context: Option<Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, bool, Option<Bound<'py, PyAny>>)> {
     let py = event_loop.py();
     let direct = match task_creation(event_loop)? {
         TaskCreation::AsyncioStock => {
@@ -206,12 +226,23 @@ pub(crate) fn create_task<'py>(
     kwargs.set_item(pyo3::intern!(py, "name"), name)?;
     if direct {
         kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
-        Ok((task_type(py)?.call((coro,), Some(&kwargs))?, false))
+        if let Some(context) = &context {
+            kwargs.set_item(pyo3::intern!(py, "context"), context)?;
+        }
+        Ok((task_type(py)?.call((coro,), Some(&kwargs))?, false, context))
     } else {
         let task = event_loop
             .call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
             .map_err(refuse)?;
-        Ok((task, true))
+        let known = if context.is_some()
+            && task.get_type().is(task_type(py)?)
+            && py.version_info() >= (3, 12)
+        {
+            Some(task.call_method0(pyo3::intern!(py, "get_context"))?)
+        } else {
+            None
+        };
+        Ok((task, true, known))
     }
 }
 
