@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import warnings
@@ -78,6 +79,32 @@ async def test_snapshot_describes_live_tasks() -> None:
         assert before - 0.01 <= s.spawned_at <= after + 0.01
     token.cancel(ShutdownReason.UserRequested())
     await reg.join_all(5)
+
+
+@pytest.mark.parametrize("collector_on", [True, False], ids=["gc-on", "gc-off"])
+async def test_snapshot_leaves_the_collector_as_it_found_it(collector_on: bool) -> None:
+    """Proves snapshot() (which pauses the cyclic collector while it builds the
+    summaries) leaves it enabled if it was and disabled if the user had disabled
+    it, and still returns every summary.
+
+    Catches: a snapshot that turns the collector off for good, or on behind the
+    back of a program that runs with it off.
+    """
+    token, reg = fresh()
+    for i in range(2000):
+        reg.spawn(f"peer-{i}", TaskKind.PeerConnection, token.cancelled())
+
+    was = gc.isenabled()
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        summaries = reg.snapshot()
+        assert gc.isenabled() is collector_on
+        assert len(summaries) == 2000
+        assert {s.name for s in summaries} == {f"peer-{i}" for i in range(2000)}
+    finally:
+        (gc.enable if was else gc.disable)()
+        token.cancel(ShutdownReason.UserRequested())
+        await reg.join_all(5)
 
 
 async def test_join_all_waits_for_python_and_native_tasks() -> None:

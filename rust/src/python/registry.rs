@@ -22,7 +22,7 @@ use std::thread;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyList, PyString};
 
 use super::aio;
 use super::errors;
@@ -175,21 +175,26 @@ impl PyTaskRegistry {
     }
 
     /// The live tasks.
-    fn snapshot(&self, py: Python<'_>) -> PyResult<Vec<PyTaskSummary>> {
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let _inside = exit::enter()?;
-        self.core()?
-            .snapshot()
-            .into_iter()
-            .map(|s| {
-                Ok(PyTaskSummary {
-                    name: PyString::new(py, &s.name).unbind(),
-                    kind: s.kind.into(),
-                    spawned_at: monotonic_of(py, s.spawned_at)?,
-                    origin: s.origin.as_str(),
-                    restarts: s.restarts,
-                })
-            })
-            .collect()
+        let summaries = self.core()?.snapshot();
+        // The list and its summaries are new objects that only this call
+        // refers to: a collection run while they are made (one every few
+        // hundred allocations, a full one as they pile up) would only
+        // traverse every other object of the process for nothing.
+        let _paused = CollectorPaused::new();
+        let list = PyList::empty(py);
+        for s in summaries {
+            let summary = PyTaskSummary {
+                name: PyString::new(py, &s.name).unbind(),
+                kind: s.kind.into(),
+                spawned_at: monotonic_of(py, s.spawned_at)?,
+                origin: s.origin.as_str(),
+                restarts: s.restarts,
+            };
+            list.append(Bound::new(py, summary)?)?;
+        }
+        Ok(list)
     }
 
     /// Counters since the registry was created.
@@ -338,5 +343,29 @@ impl PyKindStats {
             self.restarted,
             self.live
         )
+    }
+}
+
+/// Python's cyclic garbage collector paused while it lives, if it was
+/// running: re-enabled on drop (also on an error or a panic), left off if
+/// the user had turned it off. Nothing is collected less: objects made
+/// meanwhile are still counted, and the next allocation after the pause
+/// triggers whatever collection is due. Only while attached (the GIL held).
+struct CollectorPaused(bool);
+
+impl CollectorPaused {
+    fn new() -> Self {
+        // SAFETY: called attached (every caller holds a `Python` token);
+        // `PyGC_Disable` returns the previous state and cannot fail.
+        Self(unsafe { pyo3::ffi::PyGC_Disable() } == 1)
+    }
+}
+
+impl Drop for CollectorPaused {
+    fn drop(&mut self) {
+        if self.0 {
+            // SAFETY: as in `new`: dropped on the same thread, attached.
+            unsafe { pyo3::ffi::PyGC_Enable() };
+        }
     }
 }
