@@ -138,7 +138,7 @@ CASES: dict[str, Callable[[int], Coroutine[Any, Any, dict[str, Dur]]]] = {
 }
 
 """The cases a child process samples (``--_child sample``), by id; also what
-``bench/p1_instructions.py`` runs under callgrind."""
+``bench/instructions.py`` runs under callgrind."""
 
 
 def sample_child(loop: str, case: str, n: int) -> dict[str, list[float]]:

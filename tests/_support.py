@@ -37,6 +37,21 @@ def loop_kinds(*kinds: str) -> list[Any]:
     ]
 
 
+loops = pytest.mark.parametrize(
+    "loop_factory",
+    [
+        pytest.param(asyncio.new_event_loop, id="asyncio"),
+        pytest.param(
+            uvloop.new_event_loop if uvloop is not None else None,
+            id="uvloop",
+            marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
+        ),
+    ],
+)
+"""Run the test once a loop kind, with ``loop_factory`` a new-loop callable (for
+``asyncio.Runner``); the uvloop case is skipped, visibly, without uvloop."""
+
+
 class ScriptedNode(NodeLifecycle):
     """A node that records every hook call and runs an optional script per hook.
 

@@ -29,8 +29,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
-from _support import ScriptedNode, forever, raiser, returns_at_once
+from _support import ScriptedNode, forever, loops, raiser, returns_at_once
 
 from dig_service import (
     ExitReason,
@@ -49,12 +48,6 @@ from dig_service import (
     TaskKind,
 )
 from dig_service._runner import run_service
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-loops = pytest.mark.parametrize("loop_factory", list(LOOPS.values()), ids=list(LOOPS))
 
 
 def run_in_runner(

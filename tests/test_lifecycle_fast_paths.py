@@ -13,8 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
-from _support import ScriptedNode
+from _support import ScriptedNode, loops
 
 from dig_service import (
     ExitReason,
@@ -25,12 +24,6 @@ from dig_service import (
     StartContext,
     StopContext,
 )
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-loops = pytest.mark.parametrize("loop_factory", list(LOOPS.values()), ids=list(LOOPS))
 
 
 def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:

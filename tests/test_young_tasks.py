@@ -18,7 +18,8 @@ import contextvars
 import logging
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -420,6 +421,18 @@ def spawn_in_context(reg: TaskRegistry, name: str, coro: Coroutine[Any, Any, Any
     return contextvars.copy_context().run(go)
 
 
+@contextmanager
+def stamping_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture ERROR records, each stamped with ``REQUEST`` at log time (``StampRequest``)."""
+    f = StampRequest()
+    caplog.handler.addFilter(f)
+    try:
+        with caplog.at_level(logging.ERROR):
+            yield
+    finally:
+        caplog.handler.removeFilter(f)
+
+
 def requests_logged(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
     """Task name (from the failure message) -> ``REQUEST`` seen when it was logged."""
     out = {}
@@ -441,17 +454,12 @@ async def test_a_failure_is_logged_in_the_spawners_context(
     its own context (the first spawner's: another request's id in the log),
     or the promoted callback run in a context other than the task's.
     """
-    f = StampRequest()
-    caplog.handler.addFilter(f)
-    try:
-        with caplog.at_level(logging.ERROR):
-            reg = fresh()
-            spawn_in_context(reg, "req-a", fail_after(0))
-            spawn_in_context(reg, "req-b", fail_after(1))
-            spawn_in_context(reg, "req-old", fail_after(6))
-            await turns_until(lambda: len(reg) == 0)
-    finally:
-        caplog.handler.removeFilter(f)
+    with stamping_errors(caplog):
+        reg = fresh()
+        spawn_in_context(reg, "req-a", fail_after(0))
+        spawn_in_context(reg, "req-b", fail_after(1))
+        spawn_in_context(reg, "req-old", fail_after(6))
+        await turns_until(lambda: len(reg) == 0)
     assert requests_logged(caplog) == {"req-a": "req-a", "req-b": "req-b", "req-old": "req-old"}
     assert reg.stats().failed == 3
 
@@ -475,10 +483,8 @@ async def test_a_factory_task_is_young_only_where_its_context_is_known(
 
     loop = asyncio.get_running_loop()
     loop.set_task_factory(factory)
-    f = StampRequest()
-    caplog.handler.addFilter(f)
     try:
-        with caplog.at_level(logging.ERROR):
+        with stamping_errors(caplog):
             reg = fresh()
             spawn_in_context(reg, "req-first", fail_after(0))
             handle = spawn_in_context(reg, "req-factory", fail_after(0))
@@ -491,5 +497,4 @@ async def test_a_factory_task_is_young_only_where_its_context_is_known(
             await turns_until(lambda: len(reg) == 0)
     finally:
         loop.set_task_factory(None)
-        caplog.handler.removeFilter(f)
     assert requests_logged(caplog) == {"req-first": "req-first", "req-factory": "req-factory"}
