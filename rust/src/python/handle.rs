@@ -46,6 +46,9 @@ pub(crate) struct PyTracked {
     foreign: Arc<PyForeign>,
     registry: TaskRegistry,
     id: ForeignTaskId,
+    /// Here and in `Native`, not in `PyTaskHandle`: it fills padding (see
+    /// `PyTaskHandle`'s size note).
+    kind: PyTaskKind,
     critical: bool,
     /// Set once the end has been reported, so it is reported once only.
     reported: AtomicBool,
@@ -61,18 +64,33 @@ pub(crate) struct PyTracked {
 enum HandleInner {
     Python(PyTracked),
     Native {
+        kind: PyTaskKind,
         abort: AbortHandle,
         done: watch::Receiver<NativeResult>,
     },
 }
 
 /// A tracked task: abort it, ask whether it finished, or await its result.
+///
+/// Size: 48 bytes of fields (a test holds it there), so that with the object
+/// header and the collector's header the object is 80 bytes, in pymalloc's
+/// 65-80 byte class. At 81-96 it shared its class with the `asyncio.Handle`
+/// of each task's first step on CPython 3.11 (96 bytes there): those are
+/// freed a turn later, leaving every pool of the class half empty and
+/// unusable for anything else, about 96 bytes of RSS a live task (P10).
 #[pyclass(name = "TaskHandle", module = "dig_service._core", frozen)]
 pub struct PyTaskHandle {
     name: Py<PyString>,
-    kind: PyTaskKind,
     inner: HandleInner,
 }
+
+// The size note above, held at build time (64-bit targets: the wheel's).
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(
+    std::mem::size_of::<PyTaskHandle>() <= 48,
+    "TaskHandle grew past 48 bytes of fields: it would share pymalloc's 81-96 byte class \
+     with asyncio's Handle on CPython 3.11 (P10, see the note on PyTaskHandle)"
+);
 
 impl PyTaskHandle {
     /// The name as Python shows it (`'peer-1'`).
@@ -89,7 +107,7 @@ impl PyTaskHandle {
     /// [`failure_reason`]).
     fn report_failure(&self, py: Python<'_>, tracked: &PyTracked, exc: &Bound<'_, PyAny>) {
         let name = self.quoted_name(py);
-        let what = format!("task {name} ({}) failed", self.kind.name());
+        let what = format!("task {name} ({}) failed", self.kind().name());
         let _ = log_task_exception(py, &what, exc);
         if let Some(reason) = failure_reason(exc, &name, tracked.critical) {
             tracked.registry.shutdown().cancel(reason);
@@ -110,11 +128,11 @@ impl PyTaskHandle {
     ) -> Self {
         Self {
             name,
-            kind: kind.into(),
             inner: HandleInner::Python(PyTracked {
                 foreign,
                 registry,
                 id,
+                kind: kind.into(),
                 critical,
                 reported: AtomicBool::new(false),
                 young: AtomicBool::new(false),
@@ -132,8 +150,11 @@ impl PyTaskHandle {
     ) -> Self {
         Self {
             name,
-            kind: kind.into(),
-            inner: HandleInner::Native { abort, done },
+            inner: HandleInner::Native {
+                kind: kind.into(),
+                abort,
+                done,
+            },
         }
     }
 
@@ -248,7 +269,10 @@ impl PyTaskHandle {
     /// The task's kind.
     #[getter]
     fn kind(&self) -> PyTaskKind {
-        self.kind
+        match &self.inner {
+            HandleInner::Python(t) => t.kind,
+            HandleInner::Native { kind, .. } => *kind,
+        }
     }
 
     /// `"python"` or `"native"`.
@@ -332,7 +356,7 @@ impl PyTaskHandle {
         Ok(format!(
             "<TaskHandle {:?} {} origin={} finished={}>",
             self.name.bind(py).to_str()?,
-            self.kind.name(),
+            self.kind().name(),
             self.origin(),
             self.is_finished(py)?
         ))
