@@ -27,8 +27,6 @@
 //! pyo3_disable_reference_pool` (see `scripts/test.sh`), where a deferred
 //! release aborts the process instead.
 
-use std::ops::Deref;
-
 use pyo3::prelude::*;
 
 use super::exit::attach_unless_exiting;
@@ -45,16 +43,11 @@ pub(crate) fn release<T: Send + 'static>(value: T) {
             return;
         }
     }
-    release_here(value);
-}
-
-/// Drop `value` on this thread, attached; leaked if this thread cannot
-/// attach any more (the interpreter is exiting).
-fn release_here<T>(value: T) {
     drop(Here(Some(value)));
 }
 
-/// Drops its value on the thread that drops it, attached (or leaks it).
+/// Drops its value on the thread that drops it, attached; leaks it if that
+/// thread cannot attach any more (the interpreter is exiting).
 struct Here<T>(Option<T>);
 
 impl<T> Drop for Here<T> {
@@ -93,17 +86,6 @@ impl<T: Send + 'static> Attached<T> {
     pub(crate) fn into_inner(mut self) -> T {
         // Present until taken here or in `drop`, which cannot both run.
         self.0.take().expect("an Attached value is taken once")
-    }
-}
-
-impl<T: Send + 'static> Deref for Attached<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        // Present until `into_inner` or `drop`, which consume it.
-        self.0
-            .as_ref()
-            .expect("an Attached value is present until dropped")
     }
 }
 
