@@ -29,7 +29,7 @@ from dig_service import (
     StartContext,
     TaskKind,
 )
-from dig_service._cli import TargetError, resolve_target
+from dig_service._cli import TargetError, main, resolve_target
 from dig_service._demo import make_demo_service
 from dig_service._runner import run
 from dig_service._systemd import Notifier, notify, notify_address, watchdog_interval
@@ -220,6 +220,50 @@ def test_resolve_target_applies_options_to_every_buildable_form() -> None:
     assert built.config.shutdown_deadline == 5.0
     with pytest.raises(TargetError, match="cannot be applied"):
         resolve_target("targets.nodes:make_service", hook_timeout=1)
+
+
+def test_stop_reserve_reaches_the_config_of_every_buildable_form() -> None:
+    """``--stop-reserve`` reaches the ``ServiceConfig`` of a service built from a node
+    class, a node instance or a factory, with the deadline given or defaulted; a built
+    ``Service`` refuses it, naming the option.
+
+    Catches: the reserve dropped on the way (the service would get
+    ``min(5, deadline/4)`` whatever the operator asked for), or applied to a
+    ``Service`` whose config its author fixed."""
+    for attr in ("Basic", "basic_instance", "make_node"):
+        service = resolve_target(f"targets.nodes:{attr}", shutdown_deadline=12, stop_reserve=7)
+        assert service.config == ServiceConfig(shutdown_deadline=12, stop_reserve=7), attr
+        assert service.config.run_and_join_budget == 5.0
+        service = resolve_target(f"targets.nodes:{attr}", stop_reserve=0)
+        assert service.config.stop_reserve == 0.0, attr
+        assert service.config.shutdown_deadline == ServiceConfig().shutdown_deadline
+    with pytest.raises(TargetError, match="--stop-reserve cannot be applied"):
+        resolve_target("targets.nodes:make_service", stop_reserve=1)
+
+
+def test_a_reserve_over_the_deadline_is_refused_before_the_target_is_imported() -> None:
+    """A ``--stop-reserve`` longer than the deadline is a one-line error naming both
+    options, raised before the target's module is imported (its import may start
+    things), and from ``main`` exit status 2 with the demo too.
+
+    Catches: the contradiction reported as an import error of the target, or
+    only once the service is built (after the import's side effects), or a
+    traceback instead of a usage error."""
+    with pytest.raises(TargetError, match=r"^--shutdown-deadline/--stop-reserve: .*stop_reserve"):
+        resolve_target("no_such_module_of_this_test:Node", shutdown_deadline=2, stop_reserve=3)
+    assert "no_such_module_of_this_test" not in sys.modules
+    assert main(["run", "--stop-reserve", "31"]) == 2
+
+
+def test_main_reports_the_reserve_error_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The exit-2 message names the option and the deadline it exceeds, on one line.
+
+    Catches: a message that names neither (the operator cannot tell which flag to fix)."""
+    assert main(["run", "--shutdown-deadline", "4", "--stop-reserve", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("python -m dig_service run: error: --shutdown-deadline/--stop-reserve:")
+    assert "(6s) must not exceed `shutdown_deadline` (4s)" in err
 
 
 @pytest.fixture(autouse=False)

@@ -19,6 +19,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Final, NoReturn
 
 from ._errors import describe_exc
@@ -37,7 +38,7 @@ attribute may be:
   - a node class (NodeLifecycle subclass, or any class with the five async
     hooks), instantiated with no arguments;
   - a node instance;
-  - a Service (then --shutdown-deadline/--hook-timeout cannot be applied:
+  - a Service (then --shutdown-deadline/--hook-timeout/--stop-reserve cannot be applied:
     set its ServiceConfig in code);
   - a zero-argument function returning any of the above.
 The current directory is on the import path. With no TARGET, a bundled demo
@@ -230,9 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the whole budget of a shutdown, in seconds, from the request until the "
         "process exits: run and the task join share it minus the stop reserve "
-        "(min(5, S/4)), on_stop and post_stop get the rest; stragglers are then "
+        "(--stop-reserve), on_stop and post_stop get the rest; stragglers are then "
         "cancelled and the exit status is 1 (default: 30, ServiceConfig's). Set the "
         "supervisor's grace period to S plus a small margin",
+    )
+    run.add_argument(
+        "--stop-reserve",
+        type=_seconds,
+        metavar="S",
+        help="seconds of the shutdown deadline kept for on_stop and post_stop: run and the "
+        "task join share the deadline minus S, the stop hooks never get less than S "
+        "(default: min(5, deadline/4), ServiceConfig's); must not exceed the deadline",
     )
     run.add_argument(
         "--hook-timeout",
@@ -362,40 +371,64 @@ def _import_target(target: str) -> tuple[object, str]:
     return obj, target
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """The ``ServiceConfig`` fields given on the command line (``None``: not given)."""
+
+    shutdown_deadline: float | None = None
+    hook_timeout: float | None = None
+    stop_reserve: float | None = None
+
+    def flags(self) -> list[str]:
+        """The options given, as spelled on the command line."""
+        return [
+            "--" + f.name.replace("_", "-")
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        ]
+
+    def config(self) -> Any:
+        """The ``ServiceConfig``: the options given, ``ServiceConfig``'s defaults for the
+        rest.
+
+        Raises:
+            TargetError: the options contradict each other (a stop reserve over the
+                deadline); the message names the options.
+        """
+        from ._config import ServiceConfig
+
+        given = {f.name: getattr(self, f.name) for f in fields(self)}
+        try:
+            return ServiceConfig(**{k: v for k, v in given.items() if v is not None})
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"{'/'.join(self.flags())}: {exc}") from None
+
+
 def resolve_target(
     target: str,
     *,
     shutdown_deadline: float | None = None,
     hook_timeout: float | None = None,
+    stop_reserve: float | None = None,
 ) -> Any:
     """Turn ``MODULE:ATTR`` into a ``Service`` configured from the options.
 
     Raises:
-        TargetError: the target cannot be imported or found, is not one of
-            the accepted kinds, or building the service failed; the message
-            is one line and names the target.
+        TargetError: the options contradict each other, the target cannot be
+            imported or found, is not one of the accepted kinds, or building
+            the service failed; the message is one line and names the target
+            or the options.
     """
+    overrides = Overrides(shutdown_deadline, hook_timeout, stop_reserve)
+    overrides.config()  # checked before the target's module is imported
     obj, _ = _import_target(target)
-    return _to_service(obj, target, shutdown_deadline, hook_timeout, depth=0)
+    return _to_service(obj, target, overrides, depth=0)
 
 
-def _to_service(
-    obj: object,
-    target: str,
-    shutdown_deadline: float | None,
-    hook_timeout: float | None,
-    depth: int,
-) -> Any:
+def _to_service(obj: object, target: str, overrides: Overrides, depth: int) -> Any:
     service_cls = _service_class()
     if isinstance(obj, service_cls):
-        given = [
-            flag
-            for flag, value in (
-                ("--shutdown-deadline", shutdown_deadline),
-                ("--hook-timeout", hook_timeout),
-            )
-            if value is not None
-        ]
+        given = overrides.flags()
         if given:
             raise TargetError(
                 f"target {target!r} is an already built Service, so {' and '.join(given)} "
@@ -422,9 +455,9 @@ def _to_service(
                 "(a node class must be constructible with no arguments; otherwise name a "
                 "factory)"
             ) from None
-        return _build(node, target, shutdown_deadline, hook_timeout)
+        return _build(node, target, overrides)
     if _is_node(obj):
-        return _build(obj, target, shutdown_deadline, hook_timeout)
+        return _build(obj, target, overrides)
     if callable(obj) and depth == 0:
         if inspect.iscoroutinefunction(obj):
             raise TargetError(
@@ -444,7 +477,7 @@ def _to_service(
                 f"target {target!r} returned an awaitable; a factory must return a node "
                 "or a Service"
             )
-        return _to_service(result, target, shutdown_deadline, hook_timeout, depth + 1)
+        return _to_service(result, target, overrides, depth + 1)
     what = "factory returned" if depth else "is"
     raise TargetError(
         f"target {target!r} {what} {_a(type(obj).__name__)}, not a node class, node "
@@ -456,20 +489,10 @@ def _a(name: str) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
-def _config(shutdown_deadline: float | None, hook_timeout: float | None) -> Any:
-    from ._config import ServiceConfig
-
-    if shutdown_deadline is None:
-        return ServiceConfig(hook_timeout=hook_timeout)
-    return ServiceConfig(shutdown_deadline=shutdown_deadline, hook_timeout=hook_timeout)
-
-
-def _build(
-    node: object, target: str, shutdown_deadline: float | None, hook_timeout: float | None
-) -> Any:
+def _build(node: object, target: str, overrides: Overrides) -> Any:
     service_cls = _service_class()
     try:
-        return service_cls(node, config=_config(shutdown_deadline, hook_timeout))
+        return service_cls(node, config=overrides.config())
     except (TypeError, ValueError) as exc:
         raise TargetError(f"target {target!r}: {exc}") from None
 
@@ -539,13 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.target is None:
             from ._demo import make_demo_service
 
-            service = make_demo_service(_config(args.shutdown_deadline, args.hook_timeout))
+            overrides = Overrides(args.shutdown_deadline, args.hook_timeout, args.stop_reserve)
+            service = make_demo_service(overrides.config())
         else:
             # The current directory is on sys.path (`python -m` puts it there).
             service = resolve_target(
                 args.target,
                 shutdown_deadline=args.shutdown_deadline,
                 hook_timeout=args.hook_timeout,
+                stop_reserve=args.stop_reserve,
             )
     except TargetError as exc:
         return _fail(str(exc))
