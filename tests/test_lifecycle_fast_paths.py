@@ -16,6 +16,7 @@ import pytest
 from _support import ScriptedNode, loops
 
 from dig_service import (
+    AlreadyStopped,
     ExitReason,
     NodeLifecycle,
     PreStartFailed,
@@ -151,6 +152,72 @@ def test_a_hook_failure_holds_no_lifecycle_frame(
     gc.collect()
     assert ref() is None, "the failed service is still alive"
     assert handle.is_running() is False
+
+
+@loops
+def test_start_resumes_the_turn_after_its_lifecycle_returns(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: the lifecycle wakes ``start()`` itself as its last act: ``start()`` has
+    returned its status by the time a done callback of the returned lifecycle task runs
+    (the next loop turn), and its status is the lifecycle's.
+
+    Catches: ``start()`` woken through a done callback of the lifecycle task again (a
+    callback that resolves a waiter, which then wakes ``start()``: one more loop turn and
+    callback a service, P9).
+    """
+    seen: list[bool] = []
+
+    async def main() -> None:
+        svc = Service(Defaults())
+        start = asyncio.create_task(svc.start())
+        await asyncio.sleep(0)  # one loop turn: start() makes its lifecycle task
+        lifecycle = svc._lifecycle_task
+        assert lifecycle is not None
+        lifecycle.add_done_callback(lambda _: seen.append(start.done()))
+        status = await start
+        assert status.reason == ExitReason.RunCompleted(), status
+        assert lifecycle.done()
+        assert await svc.handle().wait_for_exit() is status
+
+    run(loop_factory, main())
+    assert seen == [True]
+
+
+@loops
+def test_start_wakes_when_its_lifecycle_task_is_cancelled_before_it_began(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a lifecycle task cancelled before its first step (it never returns, so it
+    cannot wake ``start()`` itself) still wakes ``start()`` through its done callback:
+    ``start()`` raises ``CancelledError`` (nothing ran, nothing was recorded) and the
+    handles' ``wait_for_exit()`` raises ``AlreadyStopped``.
+
+    Catches: ``start()`` woken only by a lifecycle that returns (it would wait forever:
+    here, the 10 s guard's ``TimeoutError``), or no outcome recorded for the handles.
+    """
+    hooks: list[str] = []
+
+    class Node(Defaults):
+        async def run(self, ctx: RunContext) -> None:
+            hooks.append("run")
+
+    async def main() -> None:
+        svc = Service(Node())
+        handle = svc.handle()
+        start = asyncio.create_task(svc.start())
+        await asyncio.sleep(0)  # one loop turn: start() makes its lifecycle task
+        lifecycle = svc._lifecycle_task
+        assert lifecycle is not None
+        lifecycle.cancel()  # its first step has not run yet
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(start, 10)
+        assert start.cancelled()
+        with pytest.raises(AlreadyStopped, match="cancelled before it began"):
+            await handle.wait_for_exit()
+
+    run(loop_factory, main())
+    assert hooks == []
 
 
 class Plain(NodeLifecycle):

@@ -221,6 +221,7 @@ class Service(Generic[N, A, R]):
         self._startup_aborted = False
         self._torn_down = False
         self._lifecycle_task: asyncio.Task[Any] | None = None
+        self._exited: asyncio.Future[None] | None = None  # what start() awaits
         self._hook_context: contextvars.Context | None = None
         # The shutdown: when the token fired (loop time), the tasks live then, and what
         # the report says of each stage.
@@ -401,6 +402,12 @@ class Service(Generic[N, A, R]):
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
         )
         self._lifecycle_task = lifecycle
+        # Resolved by the lifecycle itself as its last act when it returns (start()
+        # resumes one loop turn after it ends, not two: no done callback in between), or
+        # else by `_record_outcome`. Ours alone: cancelling it (when the caller of start()
+        # is cancelled) touches nothing else.
+        exited: asyncio.Future[None] = loop.create_future()
+        self._exited = exited
         lifecycle.add_done_callback(self._record_outcome)
         service, slot = weakref.ref(self), self._slot
         # What start() raises is also what every handle's wait_for_exit()
@@ -411,7 +418,7 @@ class Service(Generic[N, A, R]):
         escape: _Escape | None = None
         try:
             try:
-                await _first_done(loop, (lifecycle,))
+                await exited
             except asyncio.CancelledError:
                 me = service()
                 if me is not None:  # always, while the lifecycle runs
@@ -430,7 +437,12 @@ class Service(Generic[N, A, R]):
         return _result_of(lifecycle, slot)
 
     def _record_outcome(self, task: asyncio.Task[Any]) -> None:
-        """Done callback of the lifecycle task: record what it did not record itself."""
+        """Done callback of the lifecycle task when it did not return normally (the
+        lifecycle removes it when it does): record what it did not record itself, and
+        wake ``start()``."""
+        exited = self._exited
+        if exited is not None and not exited.done():
+            exited.set_result(None)
         if task.cancelled():
             self._slot.abandon(
                 f"the lifecycle task of service {self._label!r} was cancelled before it began"
@@ -539,6 +551,13 @@ class Service(Generic[N, A, R]):
             if isinstance(outcome, _Escape):
                 raise outcome.exc
             raise asyncio.CancelledError
+        # Returning: wake start() now, and drop the done callback that would otherwise
+        # (it records nothing for a lifecycle that returns).
+        task, exited = self._lifecycle_task, self._exited
+        if task is not None and exited is not None:
+            task.remove_done_callback(self._record_outcome)
+            if not exited.done():
+                exited.set_result(None)
         return outcome
 
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
