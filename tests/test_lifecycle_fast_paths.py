@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,94 @@ def test_a_hook_failure_holds_no_lifecycle_frame(
     gc.collect()
     assert ref() is None, "the failed service is still alive"
     assert handle.is_running() is False
+
+
+def lifecycle_of(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], node: object
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Run ``Service(node).start()`` (``RunCompleted`` checked); return the stages its
+    phase listener saw, the functions of ``_service.py`` and ``_lifecycle.py`` called
+    (profiled), and the report's ``(phase, outcome)`` pairs."""
+    phases: list[str] = []
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_filename.endswith(("_service.py", "_lifecycle.py")):
+            called.append(code.co_name)
+
+    async def main() -> Any:
+        svc = Service(node)  # type: ignore[type-var]
+        svc._add_phase_listener(lambda phase: phases.append(phase.value))
+        sys.setprofile(profile)
+        try:
+            return await svc.start()
+        finally:
+            sys.setprofile(None)
+
+    status = run(loop_factory, main())
+    assert status.reason == ExitReason.RunCompleted(), status
+    report = [(p.name, p.outcome) for p in status.report.phases]
+    return phases, called, report
+
+
+@loops
+def test_default_edge_hooks_are_passed_over_without_a_coroutine(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a node that keeps ``NodeLifecycle``'s edge hooks has them passed over at
+    once: no ``_edge_hook`` coroutine, no start or stop context made (only ``run``'s),
+    yet every stage is entered, in order, for the phase listeners, and the report says
+    ``on_stop``/``post_stop`` ``"ok"``; a node overriding some hooks gets them called,
+    the stages and report unchanged, and one context shared by the two start hooks and
+    one by the two stop hooks (as when every context was made up front).
+
+    Catches: a default hook awaited through a coroutine again (P9: about 5% of a
+    service's instructions), a passed-over hook missing from the listeners or the
+    report, or a context made twice (the hooks no longer see the same object).
+    """
+    stages = ["pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"]
+    report = [("run", "ok"), ("join", "ok"), ("on_stop", "ok"), ("post_stop", "ok")]
+    phases, called, got = lifecycle_of(loop_factory, Defaults())
+    assert phases == stages
+    assert got == report
+    assert "_edge_hook" not in called, called
+    assert called.count("trusted_context") == 1, called  # run's
+    assert called.count("_call_hook") == 1, called  # run
+
+    seen: dict[str, Any] = {}
+
+    class Some(Defaults):
+        async def on_start(self, ctx: StartContext) -> None:
+            seen["on_start"] = ctx
+
+        async def post_stop(self, ctx: StopContext) -> None:
+            seen["post_stop"] = ctx
+
+    phases, called, got = lifecycle_of(loop_factory, Some())
+    assert phases == stages
+    assert got == report
+    assert "_edge_hook" in called, called
+    assert called.count("_call_hook") == 3, called  # on_start, run, post_stop
+    assert isinstance(seen["on_start"], StartContext)
+    assert seen["on_start"].name == "defaults"
+    assert isinstance(seen["post_stop"], StopContext)
+    assert seen["post_stop"].exit_reason == ExitReason.RunCompleted()
+
+    class All(Some):
+        async def pre_start(self, ctx: StartContext) -> None:
+            seen["pre_start"] = ctx
+
+        async def on_stop(self, ctx: StopContext) -> None:
+            seen["on_stop"] = ctx
+
+    seen.clear()
+    phases, called, got = lifecycle_of(loop_factory, All())
+    assert phases == stages
+    assert got == report
+    assert seen["pre_start"] is seen["on_start"]
+    assert seen["on_stop"] is seen["post_stop"]
+    assert called.count("trusted_context") == 3, called
 
 
 @loops

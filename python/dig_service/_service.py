@@ -562,7 +562,8 @@ class Service(Generic[N, A, R]):
 
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
         token, tasks = self._token, self._tasks
-        start_ctx = trusted_context(StartContext, self._name, token, tasks)
+        # Made when a start-up hook is called (one for both): none for default hooks.
+        start_ctx: StartContext | None = None
         logger.debug("service %s: starting", self._label)
         self._watch_fire()
 
@@ -573,7 +574,11 @@ class Service(Generic[N, A, R]):
             reason = ExitReason.RequestedShutdown(_reason_of(token))
             return await self._wind_down(reason, [], on_stop=False, post_stop=False)
 
-        exc = await self._edge_hook(Phase.PRE_START, start_ctx)
+        if self._passed_over(Phase.PRE_START):
+            exc = None
+        else:
+            start_ctx = trusted_context(StartContext, self._name, token, tasks)
+            exc = await self._edge_hook(Phase.PRE_START, start_ctx)
         # A shutdown requested before pre_start ended: then the service has a report.
         requested = token.is_cancelled()
         if exc is not None:
@@ -589,7 +594,12 @@ class Service(Generic[N, A, R]):
         if requested:
             return await self._startup_interrupted("pre_start", on_start_completed=False)
 
-        exc = await self._edge_hook(Phase.ON_START, start_ctx)
+        if self._passed_over(Phase.ON_START):
+            exc = None
+        else:
+            if start_ctx is None:
+                start_ctx = trusted_context(StartContext, self._name, token, tasks)
+            exc = await self._edge_hook(Phase.ON_START, start_ctx)
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
@@ -644,13 +654,25 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+        # Made when a stop hook is called (one for both): none for default hooks.
+        stop_ctx: StopContext | None = None
         if on_stop:
-            exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
-            failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
+            if self._passed_over(Phase.ON_STOP):
+                failures.append(("on_stop", None, None))
+            else:
+                stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+                exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
+                failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
         if post_stop:
-            exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
-            failures.append(("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc)))
+            if self._passed_over(Phase.POST_STOP):
+                failures.append(("post_stop", None, None))
+            else:
+                if stop_ctx is None:
+                    stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+                exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
+                failures.append(
+                    ("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc))
+                )
         self._finish_phase()
         failures.append(("joining tasks", None, join_err))
         report = self._report()
@@ -829,6 +851,20 @@ class Service(Generic[N, A, R]):
         return (own is None or hook not in own) and getattr(
             type(node), hook, None
         ) is _DEFAULT_HOOKS.get(hook)
+
+    def _passed_over(self, hook: Phase) -> bool:
+        """Whether the edge hook ``hook`` is ``NodeLifecycle``'s own (it does nothing) and
+        was passed over here, at once: its stage entered and recorded (``"ok"``) as
+        ``_edge_hook`` does for it, with no call, no task, no coroutine and no context.
+        ``False``: ``_edge_hook`` runs it (or says why it does not run)."""
+        if self._startup_aborted and (hook is Phase.PRE_START or hook is Phase.ON_START):
+            return False  # not started: _edge_hook says so
+        if not self._is_default(_HOOK_NAMES[hook]):
+            return False
+        self._phase = hook
+        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
+            self._record_phase(hook, asyncio.get_running_loop().time(), "ok")
+        return True
 
     async def _edge_hook(
         self, hook: Phase, ctx: object, *, stop_by: float | None = None
