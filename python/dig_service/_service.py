@@ -739,9 +739,7 @@ class Service(Generic[N, A, R]):
             reason=_reason_of(self._token),
             total=max(0.0, loop.time() - fired),
             tasks_at_start=self._live_at_fire,
-            phases=[
-                self._phases.get(name, PhaseReport(name, 0.0, "skipped")) for name in PHASE_NAMES
-            ],
+            phases=[self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
             stragglers=list(self._stragglers),
         )
 
@@ -1067,6 +1065,9 @@ class Service(Generic[N, A, R]):
         what = f"service {self._label!r}: joining tasks failed: {describe_exc(err)}"
         return _chain(ServiceError(what), err.with_traceback(None))
 
+
+_SKIPPED: Final = {name: PhaseReport(name, 0.0, "skipped") for name in PHASE_NAMES}
+"""The report of each stage that did not run (immutable values: one of each is enough)."""
 
 _TIMED_OUT: Final = object()
 """What the join's timer resolves its future with."""
