@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
 import sys
 import weakref
 from collections.abc import Callable
@@ -23,8 +24,17 @@ from dig_service import (
     PreStartFailed,
     RunContext,
     Service,
+    ShutdownReason,
+    ShutdownReport,
     StartContext,
     StopContext,
+    TaskKind,
+)
+from dig_service._report import (
+    PhaseReport,
+    StragglerReport,
+    trusted_phase_report,
+    trusted_shutdown_report,
 )
 
 
@@ -159,14 +169,16 @@ def lifecycle_of(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], node: object
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Run ``Service(node).start()`` (``RunCompleted`` checked); return the stages its
-    phase listener saw, the functions of ``_service.py`` and ``_lifecycle.py`` called
-    (profiled), and the report's ``(phase, outcome)`` pairs."""
+    phase listener saw, the functions of ``_service.py``, ``_lifecycle.py`` and
+    ``_report.py`` called (profiled), and the report's ``(phase, outcome)`` pairs."""
     phases: list[str] = []
     called: list[str] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         code = frame.f_code
-        if event == "call" and code.co_filename.endswith(("_service.py", "_lifecycle.py")):
+        if event == "call" and code.co_filename.endswith(
+            ("_service.py", "_lifecycle.py", "_report.py")
+        ):
             called.append(code.co_name)
 
     async def main() -> Any:
@@ -207,6 +219,9 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     assert "_edge_hook" not in called, called
     assert called.count("trusted_context") == 1, called  # run's
     assert called.count("_call_hook") == 1, called  # run
+    # The report is built by the trusted constructors (no frozen dataclass __init__).
+    assert called.count("trusted_phase_report") == 4, called
+    assert called.count("trusted_shutdown_report") == 1, called
 
     seen: dict[str, Any] = {}
 
@@ -307,6 +322,36 @@ def test_start_wakes_when_its_lifecycle_task_is_cancelled_before_it_began(
 
     run(loop_factory, main())
     assert hooks == []
+
+
+def test_trusted_reports_equal_the_checked_ones() -> None:
+    """Proves: ``trusted_phase_report`` and ``trusted_shutdown_report`` (how ``Service``
+    builds its reports, without the frozen dataclasses' ``__init__``) make values equal
+    to the public constructors' (same fields, equality, hash, repr, pickling), just as
+    immutable.
+
+    Catches: a field left unset or swapped by the trusted constructors (an
+    ``AttributeError`` or a wrong value in every ``ShutdownReport``), or a report that
+    can be changed after the fact.
+    """
+    phase = trusted_phase_report("join", 0.25, "timed_out")
+    assert phase == PhaseReport("join", 0.25, "timed_out")
+    assert hash(phase) == hash(PhaseReport("join", 0.25, "timed_out"))
+    assert repr(phase) == repr(PhaseReport("join", 0.25, "timed_out"))
+    with pytest.raises(AttributeError):
+        phase.duration = 1.0  # type: ignore[misc]
+    reason = ShutdownReason.Fatal("boom")
+    straggler = StragglerReport("w", TaskKind.BackgroundLoop, "python", 1.5, None)
+    args = (reason, 2.5, 3, [phase], [straggler])
+    report = trusted_shutdown_report(*args)
+    checked = ShutdownReport(*args)
+    assert report == checked
+    assert repr(report) == repr(checked)
+    assert str(report) == str(checked)
+    assert report.to_dict() == checked.to_dict()
+    assert pickle.loads(pickle.dumps(report)) == checked
+    with pytest.raises(AttributeError):
+        report.total = 0.0  # type: ignore[misc]
 
 
 class Plain(NodeLifecycle):

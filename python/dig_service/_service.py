@@ -100,6 +100,8 @@ from ._report import (
     ShutdownReport,
     StragglerReport,
     format_task_stack,
+    trusted_phase_report,
+    trusted_shutdown_report,
 )
 from ._validation import check_node, check_peer_api, check_rpc_api
 from ._watchdog import LoopWatch, watch_running_loop
@@ -735,12 +737,12 @@ class Service(Generic[N, A, R]):
         if self._fire_watch is not None and not self._fire_watch.done():
             self._fire_watch.cancel()
         self._fire_watch = None
-        return ShutdownReport(
-            reason=_reason_of(self._token),
-            total=max(0.0, loop.time() - fired),
-            tasks_at_start=self._live_at_fire,
-            phases=[self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
-            stragglers=list(self._stragglers),
+        return trusted_shutdown_report(
+            _reason_of(self._token),
+            max(0.0, loop.time() - fired),
+            self._live_at_fire,
+            [self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
+            list(self._stragglers),
         )
 
     @staticmethod
@@ -935,7 +937,7 @@ class Service(Generic[N, A, R]):
         if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
             took = asyncio.get_running_loop().time() - started
             name = _HOOK_NAMES[hook]
-            self._phases[name] = PhaseReport(name, took, outcome)  # type: ignore[arg-type]
+            self._phases[name] = trusted_phase_report(name, took, outcome)  # type: ignore[arg-type]
 
     async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by its share of the budget once the token
@@ -1003,7 +1005,7 @@ class Service(Generic[N, A, R]):
     def _run_phase(self, outcome: PhaseOutcome) -> None:
         """Record ``run``'s stage: from the token firing until ``run`` ended."""
         took = max(0.0, asyncio.get_running_loop().time() - self._fired())
-        self._phases["run"] = PhaseReport("run", took, outcome)
+        self._phases["run"] = trusted_phase_report("run", took, outcome)
 
     async def _join(self, until: float) -> ServiceError | None:
         """Join the tracked tasks until ``until`` (loop time); return the error instead of
@@ -1051,16 +1053,16 @@ class Service(Generic[N, A, R]):
                 until = min(until, loop.time())
         took = loop.time() - started
         if err is None:
-            self._phases["join"] = PhaseReport("join", took, "ok")
+            self._phases["join"] = trusted_phase_report("join", took, "ok")
             return None
         if isinstance(err, ShutdownDeadlineExceeded):
-            self._phases["join"] = PhaseReport("join", took, "timed_out")
+            self._phases["join"] = trusted_phase_report("join", took, "timed_out")
             self._stragglers = _stragglers(err.pending_names, seen)
             # A new one: the whole budget as the deadline, and no traceback through our
             # frames, which hold the service.
             deadline = self._config.shutdown_deadline
             return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
-        self._phases["join"] = PhaseReport("join", took, "failed")
+        self._phases["join"] = trusted_phase_report("join", took, "failed")
         # Not expected from the core: report it, keep going.
         what = f"service {self._label!r}: joining tasks failed: {describe_exc(err)}"
         return _chain(ServiceError(what), err.with_traceback(None))
