@@ -20,6 +20,7 @@ from _support import ScriptedNode, loops
 from dig_service import (
     AlreadyStopped,
     ExitReason,
+    ExitStatus,
     NodeLifecycle,
     PreStartFailed,
     RunContext,
@@ -30,6 +31,7 @@ from dig_service import (
     StopContext,
     TaskKind,
 )
+from dig_service._exit import trusted_requested, trusted_status
 from dig_service._report import (
     PhaseReport,
     StragglerReport,
@@ -169,15 +171,16 @@ def lifecycle_of(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], node: object
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Run ``Service(node).start()`` (``RunCompleted`` checked); return the stages its
-    phase listener saw, the functions of ``_service.py``, ``_lifecycle.py`` and
-    ``_report.py`` called (profiled), and the report's ``(phase, outcome)`` pairs."""
+    phase listener saw, the functions of ``_service.py``, ``_lifecycle.py``,
+    ``_report.py`` and ``_exit.py`` called (profiled), and the report's ``(phase,
+    outcome)`` pairs."""
     phases: list[str] = []
     called: list[str] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         code = frame.f_code
         if event == "call" and code.co_filename.endswith(
-            ("_service.py", "_lifecycle.py", "_report.py")
+            ("_service.py", "_lifecycle.py", "_report.py", "_exit.py")
         ):
             called.append(code.co_name)
 
@@ -222,6 +225,7 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     # The report is built by the trusted constructors (no frozen dataclass __init__).
     assert called.count("trusted_phase_report") == 4, called
     assert called.count("trusted_shutdown_report") == 1, called
+    assert called.count("trusted_status") == 1, called
 
     seen: dict[str, Any] = {}
 
@@ -325,14 +329,15 @@ def test_start_wakes_when_its_lifecycle_task_is_cancelled_before_it_began(
 
 
 def test_trusted_reports_equal_the_checked_ones() -> None:
-    """Proves: ``trusted_phase_report`` and ``trusted_shutdown_report`` (how ``Service``
-    builds its reports, without the frozen dataclasses' ``__init__``) make values equal
-    to the public constructors' (same fields, equality, hash, repr, pickling), just as
-    immutable.
+    """Proves: ``trusted_phase_report``, ``trusted_shutdown_report``,
+    ``trusted_requested`` and ``trusted_status`` (how ``Service`` builds its reports and
+    its status, without the public constructors' checks) make values equal to the
+    public constructors' (same fields, equality, hash, repr, ``match``, pickling), just
+    as immutable.
 
     Catches: a field left unset or swapped by the trusted constructors (an
-    ``AttributeError`` or a wrong value in every ``ShutdownReport``), or a report that
-    can be changed after the fact.
+    ``AttributeError`` or a wrong value in every ``ShutdownReport`` or ``ExitStatus``),
+    or a value that can be changed after the fact.
     """
     phase = trusted_phase_report("join", 0.25, "timed_out")
     assert phase == PhaseReport("join", 0.25, "timed_out")
@@ -352,6 +357,30 @@ def test_trusted_reports_equal_the_checked_ones() -> None:
     assert pickle.loads(pickle.dumps(report)) == checked
     with pytest.raises(AttributeError):
         report.total = 0.0  # type: ignore[misc]
+
+    requested = trusted_requested(reason)
+    assert requested == ExitReason.RequestedShutdown(reason)
+    assert hash(requested) == hash(ExitReason.RequestedShutdown(reason))
+    assert repr(requested) == repr(ExitReason.RequestedShutdown(reason))
+    match requested:
+        case ExitReason.RequestedShutdown(got):
+            assert got is reason
+        case _:
+            raise AssertionError(requested)
+    assert pickle.loads(pickle.dumps(requested)) == requested
+    with pytest.raises(AttributeError):
+        requested.reason = ShutdownReason.UserRequested()  # type: ignore[attr-defined]
+    status = trusted_status(requested, report)
+    assert status == ExitStatus(ExitReason.RequestedShutdown(reason), report=report)
+    assert status.report is report
+    assert not status.is_graceful()
+    assert status.exit_code == 1
+    assert str(status) == str(ExitStatus(requested, report=report))
+    again = pickle.loads(pickle.dumps(status))
+    assert again == status
+    assert again.report == report
+    with pytest.raises(AttributeError):
+        status.report = None  # type: ignore[misc]
 
 
 class Plain(NodeLifecycle):

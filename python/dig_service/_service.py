@@ -77,7 +77,7 @@ from ._errors import (
     ShutdownDeadlineExceeded,
     describe_exc,
 )
-from ._exit import ExitReason, ExitStatus, check_reason
+from ._exit import ExitReason, ExitStatus, check_reason, trusted_requested, trusted_status
 from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
     NodeLifecycle,
@@ -573,7 +573,7 @@ class Service(Generic[N, A, R]):
             # Requested before start(): the service never starts, no hook runs; the
             # tasks already in its registry are joined (the budget counts from start()).
             logger.info("service %s: shutdown requested before start(): no hook runs", self._label)
-            reason = ExitReason.RequestedShutdown(_reason_of(token))
+            reason = trusted_requested(_reason_of(token))
             return await self._wind_down(reason, [], on_stop=False, post_stop=False)
 
         if self._passed_over(Phase.PRE_START):
@@ -625,7 +625,7 @@ class Service(Generic[N, A, R]):
         skipped, the service winds down (``on_stop`` only if ``on_start`` completed) and
         ``start()`` returns ``RequestedShutdown``."""
         logger.info("service %s: shutdown requested during %s; run is skipped", self._label, hook)
-        reason = ExitReason.RequestedShutdown(_reason_of(self._token))
+        reason = trusted_requested(_reason_of(self._token))
         return await self._wind_down(reason, [], on_stop=on_start_completed)
 
     async def _wind_down(
@@ -682,7 +682,7 @@ class Service(Generic[N, A, R]):
         if failed is not None:
             self._attach(failed, report)
             return failed
-        status = ExitStatus(exit_reason, report=report)
+        status = trusted_status(exit_reason, report)
         logger.info("service %s: stopped: %s", self._label, status)
         return status
 
@@ -983,7 +983,7 @@ class Service(Generic[N, A, R]):
                 self._config.run_and_join_budget,
             )
             self._run_phase("timed_out")
-            return ExitReason.RequestedShutdown(_reason_of(token)), None, True
+            return trusted_requested(_reason_of(token)), None, True
 
         exc = _hook_exception(run_task)
         if isinstance(exc, asyncio.CancelledError) and self._torn_down:
@@ -1000,7 +1000,7 @@ class Service(Generic[N, A, R]):
                 return ExitReason.RunCompleted(), None, False
             # Someone else's reason won the race: it is theirs that is reported.
         self._run_phase("ok")
-        return ExitReason.RequestedShutdown(_reason_of(token)), None, False
+        return trusted_requested(_reason_of(token)), None, False
 
     def _run_phase(self, outcome: PhaseOutcome) -> None:
         """Record ``run``'s stage: from the token firing until ``run`` ended."""
