@@ -311,6 +311,8 @@ class Service(Generic[N, A, R]):
         if phase == self._phase_value:
             return
         self._phase_value = phase
+        if not self._phase_listeners:
+            return
         for listener in tuple(self._phase_listeners):
             try:
                 listener(phase)
@@ -859,11 +861,20 @@ class Service(Generic[N, A, R]):
         ``False``: ``_edge_hook`` runs it (or says why it does not run)."""
         if self._startup_aborted and (hook is Phase.PRE_START or hook is Phase.ON_START):
             return False  # not started: _edge_hook says so
-        if not self._is_default(_HOOK_NAMES[hook]):
+        name = _HOOK_NAMES[hook]
+        # `_is_default(name)`, inline (four times a start).
+        node = self._node
+        own = getattr(node, "__dict__", None)
+        if (own is not None and name in own) or getattr(
+            type(node), name, None
+        ) is not _DEFAULT_HOOKS.get(name):
             return False
         self._phase = hook
         if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
-            self._record_phase(hook, asyncio.get_running_loop().time(), "ok")
+            # `_record_phase`, inline: what `_edge_hook` records for it.
+            time = asyncio.get_running_loop().time
+            started = time()
+            self._phases[name] = trusted_phase_report(name, time() - started, "ok")  # type: ignore[arg-type]
         return True
 
     async def _edge_hook(
