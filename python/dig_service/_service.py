@@ -9,7 +9,10 @@ listeners (the runner) each time.
 Design notes:
 
 - ``start()`` runs the lifecycle in an inner *lifecycle task* and waits for
-  it without propagating its own cancellation into it (``asyncio.wait``).
+  it without propagating its own cancellation into it: it awaits a future of
+  its own, which the lifecycle resolves as its last act when it returns (else
+  the lifecycle task's done callback does), so that ``start()`` resumes the
+  loop turn after the lifecycle ends.
   That is what lets a cancelled ``start()`` still wind the service down —
   fire the token, join the tasks, run ``on_stop``/``post_stop`` — bounded by
   the shutdown budget, before ``CancelledError`` propagates.
@@ -555,8 +558,9 @@ class Service(Generic[N, A, R]):
             if isinstance(outcome, _Escape):
                 raise outcome.exc
             raise asyncio.CancelledError
-        # Returning: wake start() now, and drop the done callback that would otherwise
-        # (it records nothing for a lifecycle that returns).
+        # Returning: wake start() now (it resumes on the next loop turn), and drop the
+        # done callback that would otherwise run then (it records nothing for a
+        # lifecycle that returns).
         task, exited = self._lifecycle_task, self._exited
         if task is not None and exited is not None:
             task.remove_done_callback(self._record_outcome)
@@ -872,9 +876,9 @@ class Service(Generic[N, A, R]):
         self._phase = hook
         if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
             # `_record_phase`, inline: what `_edge_hook` records for it.
-            time = asyncio.get_running_loop().time
-            started = time()
-            self._phases[name] = trusted_phase_report(name, time() - started, "ok")  # type: ignore[arg-type]
+            now = asyncio.get_running_loop().time
+            started = now()
+            self._phases[name] = trusted_phase_report(name, now() - started, "ok")  # type: ignore[arg-type]
         return True
 
     async def _edge_hook(
