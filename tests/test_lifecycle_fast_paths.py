@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -16,13 +18,25 @@ import pytest
 from _support import ScriptedNode, loops
 
 from dig_service import (
+    AlreadyStopped,
     ExitReason,
+    ExitStatus,
     NodeLifecycle,
     PreStartFailed,
     RunContext,
     Service,
+    ShutdownReason,
+    ShutdownReport,
     StartContext,
     StopContext,
+    TaskKind,
+)
+from dig_service._exit import trusted_requested, trusted_status
+from dig_service._report import (
+    PhaseReport,
+    StragglerReport,
+    trusted_phase_report,
+    trusted_shutdown_report,
 )
 
 
@@ -151,6 +165,222 @@ def test_a_hook_failure_holds_no_lifecycle_frame(
     gc.collect()
     assert ref() is None, "the failed service is still alive"
     assert handle.is_running() is False
+
+
+def lifecycle_of(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], node: object
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Run ``Service(node).start()`` (``RunCompleted`` checked); return the stages its
+    phase listener saw, the functions of ``_service.py``, ``_lifecycle.py``,
+    ``_report.py`` and ``_exit.py`` called (profiled), and the report's ``(phase,
+    outcome)`` pairs."""
+    phases: list[str] = []
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_filename.endswith(
+            ("_service.py", "_lifecycle.py", "_report.py", "_exit.py")
+        ):
+            called.append(code.co_name)
+
+    async def main() -> Any:
+        svc = Service(node)  # type: ignore[type-var]
+        svc._add_phase_listener(lambda phase: phases.append(phase.value))
+        sys.setprofile(profile)
+        try:
+            return await svc.start()
+        finally:
+            sys.setprofile(None)
+
+    status = run(loop_factory, main())
+    assert status.reason == ExitReason.RunCompleted(), status
+    report = [(p.name, p.outcome) for p in status.report.phases]
+    return phases, called, report
+
+
+@loops
+def test_default_edge_hooks_are_passed_over_without_a_coroutine(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a node that keeps ``NodeLifecycle``'s edge hooks has them passed over at
+    once: no ``_edge_hook`` coroutine, no start or stop context made (only ``run``'s),
+    yet every stage is entered, in order, for the phase listeners, and the report says
+    ``on_stop``/``post_stop`` ``"ok"``; a node overriding some hooks gets them called,
+    the stages and report unchanged, and one context shared by the two start hooks and
+    one by the two stop hooks (as when every context was made up front).
+
+    Catches: a default hook awaited through a coroutine again (P9: about 5% of a
+    service's instructions), a passed-over hook missing from the listeners or the
+    report, or a context made twice (the hooks no longer see the same object).
+    """
+    stages = ["pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"]
+    report = [("run", "ok"), ("join", "ok"), ("on_stop", "ok"), ("post_stop", "ok")]
+    phases, called, got = lifecycle_of(loop_factory, Defaults())
+    assert phases == stages
+    assert got == report
+    assert "_edge_hook" not in called, called
+    assert called.count("trusted_context") == 1, called  # run's
+    assert called.count("_call_hook") == 1, called  # run
+    # The report is built by the trusted constructors (no frozen dataclass __init__).
+    assert called.count("trusted_phase_report") == 4, called
+    assert called.count("trusted_shutdown_report") == 1, called
+    assert called.count("trusted_status") == 1, called
+
+    seen: dict[str, Any] = {}
+
+    class Some(Defaults):
+        async def on_start(self, ctx: StartContext) -> None:
+            seen["on_start"] = ctx
+
+        async def post_stop(self, ctx: StopContext) -> None:
+            seen["post_stop"] = ctx
+
+    phases, called, got = lifecycle_of(loop_factory, Some())
+    assert phases == stages
+    assert got == report
+    assert "_edge_hook" in called, called
+    assert called.count("_call_hook") == 3, called  # on_start, run, post_stop
+    assert isinstance(seen["on_start"], StartContext)
+    assert seen["on_start"].name == "defaults"
+    assert isinstance(seen["post_stop"], StopContext)
+    assert seen["post_stop"].exit_reason == ExitReason.RunCompleted()
+
+    class All(Some):
+        async def pre_start(self, ctx: StartContext) -> None:
+            seen["pre_start"] = ctx
+
+        async def on_stop(self, ctx: StopContext) -> None:
+            seen["on_stop"] = ctx
+
+    seen.clear()
+    phases, called, got = lifecycle_of(loop_factory, All())
+    assert phases == stages
+    assert got == report
+    assert seen["pre_start"] is seen["on_start"]
+    assert seen["on_stop"] is seen["post_stop"]
+    assert called.count("trusted_context") == 3, called
+
+
+@loops
+def test_start_resumes_the_turn_after_its_lifecycle_returns(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: the lifecycle wakes ``start()`` itself as its last act: ``start()`` has
+    returned its status by the time a done callback of the returned lifecycle task runs
+    (the next loop turn), and its status is the lifecycle's.
+
+    Catches: ``start()`` woken through a done callback of the lifecycle task again (a
+    callback that resolves a waiter, which then wakes ``start()``: one more loop turn and
+    callback a service, P9).
+    """
+    seen: list[bool] = []
+
+    async def main() -> None:
+        svc = Service(Defaults())
+        start = asyncio.create_task(svc.start())
+        await asyncio.sleep(0)  # one loop turn: start() makes its lifecycle task
+        lifecycle = svc._lifecycle_task
+        assert lifecycle is not None
+        lifecycle.add_done_callback(lambda _: seen.append(start.done()))
+        status = await start
+        assert status.reason == ExitReason.RunCompleted(), status
+        assert lifecycle.done()
+        assert await svc.handle().wait_for_exit() is status
+
+    run(loop_factory, main())
+    assert seen == [True]
+
+
+@loops
+def test_start_wakes_when_its_lifecycle_task_is_cancelled_before_it_began(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a lifecycle task cancelled before its first step (it never returns, so it
+    cannot wake ``start()`` itself) still wakes ``start()`` through its done callback:
+    ``start()`` raises ``CancelledError`` (nothing ran, nothing was recorded) and the
+    handles' ``wait_for_exit()`` raises ``AlreadyStopped``.
+
+    Catches: ``start()`` woken only by a lifecycle that returns (it would wait forever:
+    here, the 10 s guard's ``TimeoutError``), or no outcome recorded for the handles.
+    """
+    hooks: list[str] = []
+
+    class Node(Defaults):
+        async def run(self, ctx: RunContext) -> None:
+            hooks.append("run")
+
+    async def main() -> None:
+        svc = Service(Node())
+        handle = svc.handle()
+        start = asyncio.create_task(svc.start())
+        await asyncio.sleep(0)  # one loop turn: start() makes its lifecycle task
+        lifecycle = svc._lifecycle_task
+        assert lifecycle is not None
+        lifecycle.cancel()  # its first step has not run yet
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(start, 10)
+        assert start.cancelled()
+        with pytest.raises(AlreadyStopped, match="cancelled before it began"):
+            await handle.wait_for_exit()
+
+    run(loop_factory, main())
+    assert hooks == []
+
+
+def test_trusted_reports_equal_the_checked_ones() -> None:
+    """Proves: ``trusted_phase_report``, ``trusted_shutdown_report``,
+    ``trusted_requested`` and ``trusted_status`` (how ``Service`` builds its reports and
+    its status, without the public constructors' checks) make values equal to the
+    public constructors' (same fields, equality, hash, repr, ``match``, pickling), just
+    as immutable.
+
+    Catches: a field left unset or swapped by the trusted constructors (an
+    ``AttributeError`` or a wrong value in every ``ShutdownReport`` or ``ExitStatus``),
+    or a value that can be changed after the fact.
+    """
+    phase = trusted_phase_report("join", 0.25, "timed_out")
+    assert phase == PhaseReport("join", 0.25, "timed_out")
+    assert hash(phase) == hash(PhaseReport("join", 0.25, "timed_out"))
+    assert repr(phase) == repr(PhaseReport("join", 0.25, "timed_out"))
+    with pytest.raises(AttributeError):
+        phase.duration = 1.0  # type: ignore[misc]
+    reason = ShutdownReason.Fatal("boom")
+    straggler = StragglerReport("w", TaskKind.BackgroundLoop, "python", 1.5, None)
+    args = (reason, 2.5, 3, [phase], [straggler])
+    report = trusted_shutdown_report(*args)
+    checked = ShutdownReport(*args)
+    assert report == checked
+    assert repr(report) == repr(checked)
+    assert str(report) == str(checked)
+    assert report.to_dict() == checked.to_dict()
+    assert pickle.loads(pickle.dumps(report)) == checked
+    with pytest.raises(AttributeError):
+        report.total = 0.0  # type: ignore[misc]
+
+    requested = trusted_requested(reason)
+    assert requested == ExitReason.RequestedShutdown(reason)
+    assert hash(requested) == hash(ExitReason.RequestedShutdown(reason))
+    assert repr(requested) == repr(ExitReason.RequestedShutdown(reason))
+    match requested:
+        case ExitReason.RequestedShutdown(got):
+            assert got is reason
+        case _:
+            raise AssertionError(requested)
+    assert pickle.loads(pickle.dumps(requested)) == requested
+    with pytest.raises(AttributeError):
+        requested.reason = ShutdownReason.UserRequested()  # type: ignore[attr-defined]
+    status = trusted_status(requested, report)
+    assert status == ExitStatus(ExitReason.RequestedShutdown(reason), report=report)
+    assert status.report is report
+    assert not status.is_graceful()
+    assert status.exit_code == 1
+    assert str(status) == str(ExitStatus(requested, report=report))
+    again = pickle.loads(pickle.dumps(status))
+    assert again == status
+    assert again.report == report
+    with pytest.raises(AttributeError):
+        status.report = None  # type: ignore[misc]
 
 
 class Plain(NodeLifecycle):

@@ -11,13 +11,13 @@ derived from it (``0`` or ``1``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, final
 
 from ._core import ShutdownReason
 from ._report import ShutdownReport
 from ._variant import Variant, publish_variants
 
-__all__ = ["ExitReason", "ExitStatus", "check_reason"]
+__all__ = ["ExitReason", "ExitStatus", "check_reason", "trusted_requested", "trusted_status"]
 
 
 def check_reason(reason: object, owner: str) -> ShutdownReason:
@@ -197,6 +197,29 @@ class ExitStatus:
         self,
     ) -> tuple[Callable[[ExitReason, ShutdownReport | None], ExitStatus], tuple[Any, ...]]:
         return (_rebuild_status, (self.reason, self.report))
+
+
+_new: Final = object.__new__
+_set_requested_reason: Final = _RequestedShutdown.__dict__["reason"].__set__
+_set_status_reason: Final = ExitStatus.__dict__["reason"].__set__
+_set_status_report: Final = ExitStatus.__dict__["report"].__set__
+
+
+def trusted_requested(reason: ShutdownReason) -> ExitReason:
+    """``ExitReason.RequestedShutdown(reason)`` without its checks: for ``Service``, which
+    passes its token's reason (a ``ShutdownReason``), once a start."""
+    value: ExitReason = _new(_RequestedShutdown)
+    _set_requested_reason(value, reason)
+    return value
+
+
+def trusted_status(reason: ExitReason, report: ShutdownReport) -> ExitStatus:
+    """``ExitStatus(reason, report=report)`` without its checks: for ``Service``, which
+    passes an ``ExitReason`` it made and its ``ShutdownReport``, once a start."""
+    status: ExitStatus = _new(ExitStatus)
+    _set_status_reason(status, reason)
+    _set_status_report(status, report)
+    return status
 
 
 def _rebuild_status(reason: ExitReason, report: ShutdownReport | None) -> ExitStatus:

@@ -9,7 +9,10 @@ listeners (the runner) each time.
 Design notes:
 
 - ``start()`` runs the lifecycle in an inner *lifecycle task* and waits for
-  it without propagating its own cancellation into it (``asyncio.wait``).
+  it without propagating its own cancellation into it: it awaits a future of
+  its own, which the lifecycle resolves as its last act when it returns (else
+  the lifecycle task's done callback does), so that ``start()`` resumes the
+  loop turn after the lifecycle ends.
   That is what lets a cancelled ``start()`` still wind the service down —
   fire the token, join the tasks, run ``on_stop``/``post_stop`` — bounded by
   the shutdown budget, before ``CancelledError`` propagates.
@@ -77,7 +80,7 @@ from ._errors import (
     ShutdownDeadlineExceeded,
     describe_exc,
 )
-from ._exit import ExitReason, ExitStatus, check_reason
+from ._exit import ExitReason, ExitStatus, check_reason, trusted_requested, trusted_status
 from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
     NodeLifecycle,
@@ -100,6 +103,8 @@ from ._report import (
     ShutdownReport,
     StragglerReport,
     format_task_stack,
+    trusted_phase_report,
+    trusted_shutdown_report,
 )
 from ._validation import check_node, check_peer_api, check_rpc_api
 from ._watchdog import LoopWatch, watch_running_loop
@@ -221,6 +226,7 @@ class Service(Generic[N, A, R]):
         self._startup_aborted = False
         self._torn_down = False
         self._lifecycle_task: asyncio.Task[Any] | None = None
+        self._exited: asyncio.Future[None] | None = None  # what start() awaits
         self._hook_context: contextvars.Context | None = None
         # The shutdown: when the token fired (loop time), the tasks live then, and what
         # the report says of each stage.
@@ -308,6 +314,8 @@ class Service(Generic[N, A, R]):
         if phase == self._phase_value:
             return
         self._phase_value = phase
+        if not self._phase_listeners:
+            return
         for listener in tuple(self._phase_listeners):
             try:
                 listener(phase)
@@ -401,6 +409,12 @@ class Service(Generic[N, A, R]):
             self._lifecycle(), name=f"dig_service.lifecycle[{self._label}]"
         )
         self._lifecycle_task = lifecycle
+        # Resolved by the lifecycle itself as its last act when it returns (start()
+        # resumes one loop turn after it ends, not two: no done callback in between), or
+        # else by `_record_outcome`. Ours alone: cancelling it (when the caller of start()
+        # is cancelled) touches nothing else.
+        exited: asyncio.Future[None] = loop.create_future()
+        self._exited = exited
         lifecycle.add_done_callback(self._record_outcome)
         service, slot = weakref.ref(self), self._slot
         # What start() raises is also what every handle's wait_for_exit()
@@ -411,7 +425,7 @@ class Service(Generic[N, A, R]):
         escape: _Escape | None = None
         try:
             try:
-                await _first_done(loop, (lifecycle,))
+                await exited
             except asyncio.CancelledError:
                 me = service()
                 if me is not None:  # always, while the lifecycle runs
@@ -430,7 +444,12 @@ class Service(Generic[N, A, R]):
         return _result_of(lifecycle, slot)
 
     def _record_outcome(self, task: asyncio.Task[Any]) -> None:
-        """Done callback of the lifecycle task: record what it did not record itself."""
+        """Done callback of the lifecycle task when it did not return normally (the
+        lifecycle removes it when it does): record what it did not record itself, and
+        wake ``start()``."""
+        exited = self._exited
+        if exited is not None and not exited.done():
+            exited.set_result(None)
         if task.cancelled():
             self._slot.abandon(
                 f"the lifecycle task of service {self._label!r} was cancelled before it began"
@@ -539,11 +558,20 @@ class Service(Generic[N, A, R]):
             if isinstance(outcome, _Escape):
                 raise outcome.exc
             raise asyncio.CancelledError
+        # Returning: wake start() now (it resumes on the next loop turn), and drop the
+        # done callback that would otherwise run then (it records nothing for a
+        # lifecycle that returns).
+        task, exited = self._lifecycle_task, self._exited
+        if task is not None and exited is not None:
+            task.remove_done_callback(self._record_outcome)
+            if not exited.done():
+                exited.set_result(None)
         return outcome
 
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
         token, tasks = self._token, self._tasks
-        start_ctx = trusted_context(StartContext, self._name, token, tasks)
+        # Made when a start-up hook is called (one for both): none for default hooks.
+        start_ctx: StartContext | None = None
         logger.debug("service %s: starting", self._label)
         self._watch_fire()
 
@@ -551,10 +579,14 @@ class Service(Generic[N, A, R]):
             # Requested before start(): the service never starts, no hook runs; the
             # tasks already in its registry are joined (the budget counts from start()).
             logger.info("service %s: shutdown requested before start(): no hook runs", self._label)
-            reason = ExitReason.RequestedShutdown(_reason_of(token))
+            reason = trusted_requested(_reason_of(token))
             return await self._wind_down(reason, [], on_stop=False, post_stop=False)
 
-        exc = await self._edge_hook(Phase.PRE_START, start_ctx)
+        if self._passed_over(Phase.PRE_START):
+            exc = None
+        else:
+            start_ctx = trusted_context(StartContext, self._name, token, tasks)
+            exc = await self._edge_hook(Phase.PRE_START, start_ctx)
         # A shutdown requested before pre_start ended: then the service has a report.
         requested = token.is_cancelled()
         if exc is not None:
@@ -570,7 +602,12 @@ class Service(Generic[N, A, R]):
         if requested:
             return await self._startup_interrupted("pre_start", on_start_completed=False)
 
-        exc = await self._edge_hook(Phase.ON_START, start_ctx)
+        if self._passed_over(Phase.ON_START):
+            exc = None
+        else:
+            if start_ctx is None:
+                start_ctx = trusted_context(StartContext, self._name, token, tasks)
+            exc = await self._edge_hook(Phase.ON_START, start_ctx)
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
@@ -594,7 +631,7 @@ class Service(Generic[N, A, R]):
         skipped, the service winds down (``on_stop`` only if ``on_start`` completed) and
         ``start()`` returns ``RequestedShutdown``."""
         logger.info("service %s: shutdown requested during %s; run is skipped", self._label, hook)
-        reason = ExitReason.RequestedShutdown(_reason_of(self._token))
+        reason = trusted_requested(_reason_of(self._token))
         return await self._wind_down(reason, [], on_stop=on_start_completed)
 
     async def _wind_down(
@@ -625,13 +662,25 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+        # Made when a stop hook is called (one for both): none for default hooks.
+        stop_ctx: StopContext | None = None
         if on_stop:
-            exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
-            failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
+            if self._passed_over(Phase.ON_STOP):
+                failures.append(("on_stop", None, None))
+            else:
+                stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+                exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
+                failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
         if post_stop:
-            exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
-            failures.append(("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc)))
+            if self._passed_over(Phase.POST_STOP):
+                failures.append(("post_stop", None, None))
+            else:
+                if stop_ctx is None:
+                    stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
+                exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
+                failures.append(
+                    ("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc))
+                )
         self._finish_phase()
         failures.append(("joining tasks", None, join_err))
         report = self._report()
@@ -639,7 +688,7 @@ class Service(Generic[N, A, R]):
         if failed is not None:
             self._attach(failed, report)
             return failed
-        status = ExitStatus(exit_reason, report=report)
+        status = trusted_status(exit_reason, report)
         logger.info("service %s: stopped: %s", self._label, status)
         return status
 
@@ -694,14 +743,12 @@ class Service(Generic[N, A, R]):
         if self._fire_watch is not None and not self._fire_watch.done():
             self._fire_watch.cancel()
         self._fire_watch = None
-        return ShutdownReport(
-            reason=_reason_of(self._token),
-            total=max(0.0, loop.time() - fired),
-            tasks_at_start=self._live_at_fire,
-            phases=[
-                self._phases.get(name, PhaseReport(name, 0.0, "skipped")) for name in PHASE_NAMES
-            ],
-            stragglers=list(self._stragglers),
+        return trusted_shutdown_report(
+            _reason_of(self._token),
+            max(0.0, loop.time() - fired),
+            self._live_at_fire,
+            [self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
+            list(self._stragglers),
         )
 
     @staticmethod
@@ -811,6 +858,29 @@ class Service(Generic[N, A, R]):
             type(node), hook, None
         ) is _DEFAULT_HOOKS.get(hook)
 
+    def _passed_over(self, hook: Phase) -> bool:
+        """Whether the edge hook ``hook`` is ``NodeLifecycle``'s own (it does nothing) and
+        was passed over here, at once: its stage entered and recorded (``"ok"``) as
+        ``_edge_hook`` does for it, with no call, no task, no coroutine and no context.
+        ``False``: ``_edge_hook`` runs it (or says why it does not run)."""
+        if self._startup_aborted and (hook is Phase.PRE_START or hook is Phase.ON_START):
+            return False  # not started: _edge_hook says so
+        name = _HOOK_NAMES[hook]
+        # `_is_default(name)`, inline (four times a start).
+        node = self._node
+        own = getattr(node, "__dict__", None)
+        if (own is not None and name in own) or getattr(
+            type(node), name, None
+        ) is not _DEFAULT_HOOKS.get(name):
+            return False
+        self._phase = hook
+        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
+            # `_record_phase`, inline: what `_edge_hook` records for it.
+            now = asyncio.get_running_loop().time
+            started = now()
+            self._phases[name] = trusted_phase_report(name, now() - started, "ok")  # type: ignore[arg-type]
+        return True
+
     async def _edge_hook(
         self, hook: Phase, ctx: object, *, stop_by: float | None = None
     ) -> BaseException | None:
@@ -882,7 +952,7 @@ class Service(Generic[N, A, R]):
         if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
             took = asyncio.get_running_loop().time() - started
             name = _HOOK_NAMES[hook]
-            self._phases[name] = PhaseReport(name, took, outcome)  # type: ignore[arg-type]
+            self._phases[name] = trusted_phase_report(name, took, outcome)  # type: ignore[arg-type]
 
     async def _drive_run(self) -> tuple[ExitReason, BaseException | None, bool]:
         """Run ``run`` until it returns, bounded by its share of the budget once the token
@@ -928,7 +998,7 @@ class Service(Generic[N, A, R]):
                 self._config.run_and_join_budget,
             )
             self._run_phase("timed_out")
-            return ExitReason.RequestedShutdown(_reason_of(token)), None, True
+            return trusted_requested(_reason_of(token)), None, True
 
         exc = _hook_exception(run_task)
         if isinstance(exc, asyncio.CancelledError) and self._torn_down:
@@ -945,12 +1015,12 @@ class Service(Generic[N, A, R]):
                 return ExitReason.RunCompleted(), None, False
             # Someone else's reason won the race: it is theirs that is reported.
         self._run_phase("ok")
-        return ExitReason.RequestedShutdown(_reason_of(token)), None, False
+        return trusted_requested(_reason_of(token)), None, False
 
     def _run_phase(self, outcome: PhaseOutcome) -> None:
         """Record ``run``'s stage: from the token firing until ``run`` ended."""
         took = max(0.0, asyncio.get_running_loop().time() - self._fired())
-        self._phases["run"] = PhaseReport("run", took, outcome)
+        self._phases["run"] = trusted_phase_report("run", took, outcome)
 
     async def _join(self, until: float) -> ServiceError | None:
         """Join the tracked tasks until ``until`` (loop time); return the error instead of
@@ -998,20 +1068,23 @@ class Service(Generic[N, A, R]):
                 until = min(until, loop.time())
         took = loop.time() - started
         if err is None:
-            self._phases["join"] = PhaseReport("join", took, "ok")
+            self._phases["join"] = trusted_phase_report("join", took, "ok")
             return None
         if isinstance(err, ShutdownDeadlineExceeded):
-            self._phases["join"] = PhaseReport("join", took, "timed_out")
+            self._phases["join"] = trusted_phase_report("join", took, "timed_out")
             self._stragglers = _stragglers(err.pending_names, seen)
             # A new one: the whole budget as the deadline, and no traceback through our
             # frames, which hold the service.
             deadline = self._config.shutdown_deadline
             return ShutdownDeadlineExceeded(deadline, err.pending, err.pending_names)
-        self._phases["join"] = PhaseReport("join", took, "failed")
+        self._phases["join"] = trusted_phase_report("join", took, "failed")
         # Not expected from the core: report it, keep going.
         what = f"service {self._label!r}: joining tasks failed: {describe_exc(err)}"
         return _chain(ServiceError(what), err.with_traceback(None))
 
+
+_SKIPPED: Final = {name: PhaseReport(name, 0.0, "skipped") for name in PHASE_NAMES}
+"""The report of each stage that did not run (immutable values: one of each is enough)."""
 
 _TIMED_OUT: Final = object()
 """What the join's timer resolves its future with."""
