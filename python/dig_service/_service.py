@@ -124,7 +124,7 @@ _DEFAULT_HOOKS: Final[dict[str, object]] = {
     hook: getattr(NodeLifecycle, hook) for hook in ("pre_start", "on_start", "on_stop", "post_stop")
 }
 """``NodeLifecycle``'s edge hooks, which do nothing: a node that keeps one is not called
-for it (``Service._is_default``)."""
+for it (``Service._passed_over``)."""
 
 _DEFAULT_CONFIG: Final = ServiceConfig()
 """The config of a ``Service`` given none (immutable: one is enough)."""
@@ -849,15 +849,6 @@ class Service(Generic[N, A, R]):
             context=self._hook_context,
         )
 
-    def _is_default(self, hook: str) -> bool:
-        """Whether the node's ``hook`` is ``NodeLifecycle``'s own (it does nothing): found
-        on its class, not shadowed by the instance, and not replaced since import."""
-        node = self._node
-        own = getattr(node, "__dict__", None)
-        return (own is None or hook not in own) and getattr(
-            type(node), hook, None
-        ) is _DEFAULT_HOOKS.get(hook)
-
     def _passed_over(self, hook: Phase) -> bool:
         """Whether the edge hook ``hook`` is ``NodeLifecycle``'s own (it does nothing) and
         was passed over here, at once: its stage entered and recorded (``"ok"``) as
@@ -866,7 +857,8 @@ class Service(Generic[N, A, R]):
         if self._startup_aborted and (hook is Phase.PRE_START or hook is Phase.ON_START):
             return False  # not started: _edge_hook says so
         name = _HOOK_NAMES[hook]
-        # `_is_default(name)`, inline (four times a start).
+        # NodeLifecycle's own: found on the node's class, not shadowed by the instance,
+        # and not replaced since import.
         node = self._node
         own = getattr(node, "__dict__", None)
         if (own is not None and name in own) or getattr(
@@ -875,10 +867,8 @@ class Service(Generic[N, A, R]):
             return False
         self._phase = hook
         if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
-            # `_record_phase`, inline: what `_edge_hook` records for it.
-            now = asyncio.get_running_loop().time
-            started = now()
-            self._phases[name] = trusted_phase_report(name, now() - started, "ok")  # type: ignore[arg-type]
+            # Recorded for the report as a hook that ran: "ok", in no time (it was not called).
+            self._phases[name] = trusted_phase_report(name, 0.0, "ok")  # type: ignore[arg-type]
         return True
 
     async def _edge_hook(
@@ -899,10 +889,6 @@ class Service(Generic[N, A, R]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         name = _HOOK_NAMES[hook]
-        if self._is_default(name):
-            # NodeLifecycle's hook does nothing: no call, no task, no wait, no loop turn.
-            self._record_phase(hook, started, "ok")
-            return None
         task = self._call_hook(name, self._node, ctx)
         if isinstance(task, BaseException):
             self._record_phase(hook, started, "failed")
