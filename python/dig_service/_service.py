@@ -227,6 +227,8 @@ class Service(Generic[N, A, R]):
         self._torn_down = False
         self._lifecycle_task: asyncio.Task[Any] | None = None
         self._exited: asyncio.Future[None] | None = None  # what start() awaits
+        self._start_ctx: StartContext | None = None  # see _start_context
+        self._stop_ctx: StopContext | None = None  # see _stop_context
         self._hook_context: contextvars.Context | None = None
         # The shutdown: when the token fired (loop time), the tasks live then, and what
         # the report says of each stage.
@@ -447,9 +449,7 @@ class Service(Generic[N, A, R]):
         """Done callback of the lifecycle task when it did not return normally (the
         lifecycle removes it when it does): record what it did not record itself, and
         wake ``start()``."""
-        exited = self._exited
-        if exited is not None and not exited.done():
-            exited.set_result(None)
+        self._wake_start()
         if task.cancelled():
             self._slot.abandon(
                 f"the lifecycle task of service {self._label!r} was cancelled before it began"
@@ -561,17 +561,20 @@ class Service(Generic[N, A, R]):
         # Returning: wake start() now (it resumes on the next loop turn), and drop the
         # done callback that would otherwise run then (it records nothing for a
         # lifecycle that returns).
-        task, exited = self._lifecycle_task, self._exited
-        if task is not None and exited is not None:
+        task = self._lifecycle_task
+        if task is not None:
             task.remove_done_callback(self._record_outcome)
-            if not exited.done():
-                exited.set_result(None)
+        self._wake_start()
         return outcome
 
+    def _wake_start(self) -> None:
+        """Resolve the future ``start()`` awaits (once)."""
+        exited = self._exited
+        if exited is not None and not exited.done():
+            exited.set_result(None)
+
     async def _stages(self) -> ExitStatus | ServiceError | _Escape:
-        token, tasks = self._token, self._tasks
-        # Made when a start-up hook is called (one for both): none for default hooks.
-        start_ctx: StartContext | None = None
+        token = self._token
         logger.debug("service %s: starting", self._label)
         self._watch_fire()
 
@@ -585,8 +588,7 @@ class Service(Generic[N, A, R]):
         if self._passed_over(Phase.PRE_START):
             exc = None
         else:
-            start_ctx = trusted_context(StartContext, self._name, token, tasks)
-            exc = await self._edge_hook(Phase.PRE_START, start_ctx)
+            exc = await self._edge_hook(Phase.PRE_START, self._start_context())
         # A shutdown requested before pre_start ended: then the service has a report.
         requested = token.is_cancelled()
         if exc is not None:
@@ -605,9 +607,7 @@ class Service(Generic[N, A, R]):
         if self._passed_over(Phase.ON_START):
             exc = None
         else:
-            if start_ctx is None:
-                start_ctx = trusted_context(StartContext, self._name, token, tasks)
-            exc = await self._edge_hook(Phase.ON_START, start_ctx)
+            exc = await self._edge_hook(Phase.ON_START, self._start_context())
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
@@ -649,7 +649,6 @@ class Service(Generic[N, A, R]):
 
         ``failures``: the failures so far (``(stage, exception, error)``), which outrank
         every later one."""
-        token, tasks = self._token, self._tasks
         loop = asyncio.get_running_loop()
         # `run` past its share: the share is spent, every task still live is a straggler.
         join_err = await self._join(loop.time() if run_overran else self._share_end())
@@ -662,25 +661,16 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        # Made when a stop hook is called (one for both): none for default hooks.
-        stop_ctx: StopContext | None = None
-        if on_stop:
-            if self._passed_over(Phase.ON_STOP):
-                failures.append(("on_stop", None, None))
+        for hook, wanted in ((Phase.ON_STOP, on_stop), (Phase.POST_STOP, post_stop)):
+            if not wanted:
+                continue
+            if self._passed_over(hook):
+                exc = None
             else:
-                stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
-                exc = await self._edge_hook(Phase.ON_STOP, stop_ctx, stop_by=stop_by)
-                failures.append(("on_stop", exc, self._hook_failure(OnStopFailed, "on_stop", exc)))
-        if post_stop:
-            if self._passed_over(Phase.POST_STOP):
-                failures.append(("post_stop", None, None))
-            else:
-                if stop_ctx is None:
-                    stop_ctx = trusted_context(StopContext, token, tasks, exit_reason)
-                exc = await self._edge_hook(Phase.POST_STOP, stop_ctx, stop_by=stop_by)
-                failures.append(
-                    ("post_stop", exc, self._hook_failure(OnStopFailed, "post_stop", exc))
-                )
+                ctx = self._stop_context(exit_reason)
+                exc = await self._edge_hook(hook, ctx, stop_by=stop_by)
+            name = _HOOK_NAMES[hook]
+            failures.append((name, exc, self._hook_failure(OnStopFailed, name, exc)))
         self._finish_phase()
         failures.append(("joining tasks", None, join_err))
         report = self._report()
@@ -848,6 +838,20 @@ class Service(Generic[N, A, R]):
             name=hook_task_name(hook, self._label),
             context=self._hook_context,
         )
+
+    def _start_context(self) -> StartContext:
+        """The context of ``pre_start`` and ``on_start`` (one for both), made when the
+        first of them is called: none for a node that keeps both defaults."""
+        if self._start_ctx is None:
+            self._start_ctx = trusted_context(StartContext, self._name, self._token, self._tasks)
+        return self._start_ctx
+
+    def _stop_context(self, exit_reason: ExitReason) -> StopContext:
+        """The context of ``on_stop`` and ``post_stop`` (one for both), made when the
+        first of them is called: none for a node that keeps both defaults."""
+        if self._stop_ctx is None:
+            self._stop_ctx = trusted_context(StopContext, self._token, self._tasks, exit_reason)
+        return self._stop_ctx
 
     def _passed_over(self, hook: Phase) -> bool:
         """Whether the edge hook ``hook`` is ``NodeLifecycle``'s own (it does nothing) and
