@@ -420,12 +420,14 @@ def resolve_target(
             or the options.
     """
     overrides = Overrides(shutdown_deadline, hook_timeout, stop_reserve)
-    overrides.config()  # checked before the target's module is imported
+    config = overrides.config()  # checked before the target's module is imported
     obj, _ = _import_target(target)
-    return _to_service(obj, target, overrides, depth=0)
+    return _to_service(obj, target, overrides, config, depth=0)
 
 
-def _to_service(obj: object, target: str, overrides: Overrides, depth: int) -> Any:
+def _to_service(obj: object, target: str, overrides: Overrides, config: Any, depth: int) -> Any:
+    """The ``Service`` that ``obj`` names; ``config`` (from ``overrides``) for one built
+    here, ``overrides`` named in the error for one built already."""
     service_cls = _service_class()
     if isinstance(obj, service_cls):
         given = overrides.flags()
@@ -455,9 +457,9 @@ def _to_service(obj: object, target: str, overrides: Overrides, depth: int) -> A
                 "(a node class must be constructible with no arguments; otherwise name a "
                 "factory)"
             ) from None
-        return _build(node, target, overrides)
+        return _build(node, target, config)
     if _is_node(obj):
-        return _build(obj, target, overrides)
+        return _build(obj, target, config)
     if callable(obj) and depth == 0:
         if inspect.iscoroutinefunction(obj):
             raise TargetError(
@@ -477,7 +479,7 @@ def _to_service(obj: object, target: str, overrides: Overrides, depth: int) -> A
                 f"target {target!r} returned an awaitable; a factory must return a node "
                 "or a Service"
             )
-        return _to_service(result, target, overrides, depth + 1)
+        return _to_service(result, target, overrides, config, depth + 1)
     what = "factory returned" if depth else "is"
     raise TargetError(
         f"target {target!r} {what} {_a(type(obj).__name__)}, not a node class, node "
@@ -489,10 +491,10 @@ def _a(name: str) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
-def _build(node: object, target: str, overrides: Overrides) -> Any:
+def _build(node: object, target: str, config: Any) -> Any:
     service_cls = _service_class()
     try:
-        return service_cls(node, config=overrides.config())
+        return service_cls(node, config=config)
     except (TypeError, ValueError) as exc:
         raise TargetError(f"target {target!r}: {exc}") from None
 
