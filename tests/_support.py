@@ -52,6 +52,12 @@ loops = pytest.mark.parametrize(
 ``asyncio.Runner``); the uvloop case is skipped, visibly, without uvloop."""
 
 
+def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
+    """Run ``coro`` to its end on a new loop from ``loop_factory`` (see ``loops``)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
 class ScriptedNode(NodeLifecycle):
     """A node that records every hook call and runs an optional script per hook.
 

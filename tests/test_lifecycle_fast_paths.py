@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _support import ScriptedNode, loops
+from _support import ScriptedNode, loops, run_on
 
 from dig_service import (
     AlreadyStopped,
@@ -38,11 +38,6 @@ from dig_service._report import (
     trusted_phase_report,
     trusted_shutdown_report,
 )
-
-
-def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
 
 
 class Defaults(NodeLifecycle):
@@ -74,7 +69,7 @@ def tasks_made(loop_factory: Callable[[], asyncio.AbstractEventLoop], node: obje
         assert status.reason == ExitReason.RunCompleted(), status
 
     names: list[str] = []
-    run(loop_factory, main())
+    run_on(loop_factory, main())
     names.extend(task.get_name() for task in made)
     return names
 
@@ -145,7 +140,7 @@ def test_a_hook_failure_holds_no_lifecycle_frame(
     svc = Service(ScriptedNode(pre_start=pre_start))
     handle = svc.handle()
     with pytest.raises(PreStartFailed) as info:
-        run(loop_factory, svc.start())
+        run_on(loop_factory, svc.start())
     assert info.value.__cause__ is boom
     lifecycle = {"_lifecycle", "_stages", "_edge_hook", "_call_hook", "start"}
     tb = boom.__traceback__
@@ -193,7 +188,7 @@ def lifecycle_of(
         finally:
             sys.setprofile(None)
 
-    status = run(loop_factory, main())
+    status = run_on(loop_factory, main())
     assert status.reason == ExitReason.RunCompleted(), status
     report = [(p.name, p.outcome) for p in status.report.phases]
     return phases, called, report
@@ -288,7 +283,7 @@ def test_start_resumes_the_turn_after_its_lifecycle_returns(
         assert lifecycle.done()
         assert await svc.handle().wait_for_exit() is status
 
-    run(loop_factory, main())
+    run_on(loop_factory, main())
     assert seen == [True]
 
 
@@ -324,7 +319,7 @@ def test_start_wakes_when_its_lifecycle_task_is_cancelled_before_it_began(
         with pytest.raises(AlreadyStopped, match="cancelled before it began"):
             await handle.wait_for_exit()
 
-    run(loop_factory, main())
+    run_on(loop_factory, main())
     assert hooks == []
 
 

@@ -36,7 +36,10 @@ Design notes:
   the recorded failure then keeps the service alive.
 - The join is ``join_all``'s own loop (``TaskRegistry._try_close``), run in
   the lifecycle task, so that the stacks of the stragglers can be taken at
-  the deadline before they are stopped: no task of its own.
+  the deadline before they are stopped: no task of its own. Its first try
+  counts the tasks that have already returned or been cancelled (their done
+  callbacks are a loop turn away), so a service whose tasks stop at once
+  closes without waiting for them.
 - The result of ``start()`` is recorded once in a thread-safe slot shared
   with every ``ServiceHandle`` (``_handle.ExitSlot``); ``wait_for_exit()`` can be awaited on any
   event loop, in any thread. Nothing recorded refers to the service: the

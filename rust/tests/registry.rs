@@ -787,3 +787,132 @@ fn a_stop_racing_completions_counts_each_named_task_aborted() {
         "the stop never found a live task: no race was run"
     );
 }
+
+/// A foreign task stand-in whose end its owner has not reported yet: it
+/// says how it ended ([`ForeignTask::quiet_end`]) once `ended` is set.
+struct Quiet {
+    ended: AtomicBool,
+    outcome: TaskOutcome,
+    asked: AtomicUsize,
+}
+
+impl Quiet {
+    fn new(outcome: TaskOutcome, ended: bool) -> Arc<Self> {
+        Arc::new(Self {
+            ended: AtomicBool::new(ended),
+            outcome,
+            asked: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl ForeignTask for Quiet {
+    fn cancel(&self) {}
+    fn quiet_end(&self) -> Option<TaskOutcome> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        self.ended.load(Ordering::SeqCst).then_some(self.outcome)
+    }
+}
+
+/// **Proves:** after shutdown, `finish_quiet_ends` counts the foreign tasks
+/// that already ended quietly (returned, cancelled) with their outcomes, so
+/// that `try_close` closes at once; their owners' later `finish_foreign`
+/// then changes nothing. Before the token fires it asks no task.
+///
+/// **Why it matters:** an asyncio task's done callback runs a loop turn
+/// after its end; a service's join right after shutdown would otherwise
+/// wait one more turn for callbacks of tasks that are already over (P9).
+///
+/// **Catches:** a count taken before shutdown (a critical task's return
+/// must still fire the token through its owner), an outcome lost or
+/// counted twice, a registry left open when every task had ended.
+#[test]
+fn quiet_ends_are_counted_after_shutdown() {
+    let (r, token) = registry();
+    let done = Quiet::new(TaskOutcome::Completed, true);
+    let cancelled = Quiet::new(TaskOutcome::Cancelled, true);
+    let done_id = r
+        .track_foreign("done", TaskKind::RpcHandler, done.clone())
+        .unwrap();
+    r.track_foreign("cancelled", TaskKind::PeerConnection, cancelled.clone())
+        .unwrap();
+    assert_eq!(r.finish_quiet_ends(), 0);
+    assert_eq!(
+        done.asked.load(Ordering::SeqCst),
+        0,
+        "asked before shutdown"
+    );
+    assert_eq!(r.len(), 2);
+
+    token.cancel(ShutdownReason::UserRequested);
+    assert_eq!(r.finish_quiet_ends(), 2);
+    let stats = r.stats();
+    assert_eq!(
+        (stats.live, stats.completed, stats.cancelled),
+        (0, 1, 1),
+        "{stats:?}"
+    );
+    assert!(r.try_close(|| panic!("no task is live: nothing to wait for")));
+    assert!(!r.finish_foreign(done_id, TaskOutcome::Failed));
+    assert_eq!(r.stats().failed, 0);
+}
+
+/// **Proves:** `finish_quiet_ends` stops at the first foreign task that is
+/// still running and leaves it (and every task after it) to its owner; a
+/// join then waits for that owner, and native tasks are passed over.
+///
+/// **Why it matters:** the join waits for a running task anyway, so asking
+/// the rest of 100k live tasks would cost a shutdown for nothing.
+///
+/// **Catches:** a running task counted as ended; a scan that asks every
+/// task when one is running; a native task taken for a foreign one.
+#[tokio::test(flavor = "current_thread")]
+async fn quiet_end_scan_stops_at_a_running_task() {
+    let (r, token) = registry();
+    let (tx, rx) = oneshot::channel::<()>();
+    let native = r
+        .spawn("native", TaskKind::BackgroundLoop, async move {
+            let _ = rx.await;
+            Ok(())
+        })
+        .unwrap();
+    let ended = Quiet::new(TaskOutcome::Completed, true);
+    let running = Quiet::new(TaskOutcome::Completed, false);
+    // More than one batch of tasks behind the running one.
+    let behind: Vec<_> = (0..100)
+        .map(|_| Quiet::new(TaskOutcome::Completed, true))
+        .collect();
+    r.track_foreign("ended", TaskKind::RpcHandler, ended.clone())
+        .unwrap();
+    let running_id = r
+        .track_foreign("running", TaskKind::RpcHandler, running.clone())
+        .unwrap();
+    let mut behind_ids = Vec::new();
+    for b in &behind {
+        behind_ids.push(
+            r.track_foreign("behind", TaskKind::RpcHandler, b.clone())
+                .unwrap(),
+        );
+    }
+    token.cancel(ShutdownReason::UserRequested);
+    assert_eq!(r.finish_quiet_ends(), 1);
+    assert_eq!(running.asked.load(Ordering::SeqCst), 1);
+    let asked_behind: usize = behind.iter().map(|b| b.asked.load(Ordering::SeqCst)).sum();
+    assert_eq!(asked_behind, 0, "tasks after a running one were asked");
+    assert_eq!(r.len(), 102);
+
+    let join = {
+        let r = r.clone();
+        tokio::spawn(async move { r.join_all(Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!join.is_finished());
+    tx.send(()).unwrap();
+    native.await.unwrap();
+    assert!(r.finish_foreign(running_id, TaskOutcome::Completed));
+    for id in behind_ids {
+        assert!(r.finish_foreign(id, TaskOutcome::Completed));
+    }
+    join.await.unwrap().expect("every task ended");
+    assert_eq!(r.stats().completed, 103);
+}

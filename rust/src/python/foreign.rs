@@ -25,7 +25,7 @@ use super::aio;
 use super::exit::attach_unless_exiting;
 use super::interop::call_on_loop;
 use super::release::release;
-use crate::tasks::ForeignTask;
+use crate::tasks::{ForeignTask, TaskOutcome};
 
 /// An asyncio task as the core registry sees it. Its references are
 /// released attached wherever it is dropped (`release.rs`): the core may
@@ -71,6 +71,24 @@ impl ForeignTask for PyForeign {
                 .unwrap_or(false)
         })
         .unwrap_or(false)
+    }
+
+    fn quiet_end(&self) -> Option<TaskOutcome> {
+        attach_unless_exiting(|py| {
+            let task = self.task.bind(py);
+            let ask = |method| task.call_method0(method).and_then(|v| v.is_truthy());
+            // An error from a task's own method (a subclass's) is left to
+            // the handle's report, which calls the same methods.
+            if !ask(pyo3::intern!(py, "done")).ok()? {
+                return None;
+            }
+            if ask(pyo3::intern!(py, "cancelled")).ok()? {
+                return Some(TaskOutcome::Cancelled);
+            }
+            let exception = task.call_method0(pyo3::intern!(py, "exception")).ok()?;
+            exception.is_none().then_some(TaskOutcome::Completed)
+        })
+        .flatten()
     }
 
     fn cancel(&self) {

@@ -145,14 +145,19 @@ impl PyTaskRegistry {
     }
 
     /// Close the registry if it is empty; else resolve `fut` once it empties.
+    /// After shutdown, the tasks that have already ended quietly (returned
+    /// or cancelled) are counted first, so that their done callbacks, a
+    /// loop turn away, need not be waited for (`finish_quiet_ends`).
     fn _try_close(&self, fut: &Bound<'_, PyAny>) -> PyResult<bool> {
         let _inside = exit::enter()?;
+        let core = self.core()?;
+        core.finish_quiet_ends();
         let py = fut.py();
         let event_loop = fut.call_method0(pyo3::intern!(py, "get_loop"))?.unbind();
         // Released attached even if the core drops the callback uncalled.
         let refs = Attached::new((event_loop, fut.clone().unbind()));
         let thread = thread::current().id();
-        Ok(self.core()?.try_close(move || {
+        Ok(core.try_close(move || {
             with_attached(refs.into_inner(), |py, (event_loop, fut)| {
                 if let Ok(resolve) = aio::resolve(py) {
                     call_on_loop(event_loop.bind(py), thread, resolve, &[fut.into_bound(py)]);

@@ -41,7 +41,11 @@
 //! *Foreign* tasks run elsewhere (the Python bindings use this for asyncio
 //! tasks): [`TaskRegistry::track_foreign`] records them, the owner reports
 //! their end through [`TaskRegistry::finish_foreign`], and the registry
-//! stops them through the [`ForeignTask`] they were registered with.
+//! stops them through the [`ForeignTask`] they were registered with. After
+//! shutdown, [`TaskRegistry::finish_quiet_ends`] counts the foreign tasks
+//! that have already ended quietly before their owners get to report them
+//! (an asyncio task's done callback runs a loop turn after its end), so a
+//! join need not wait that turn.
 //!
 //! # Where things are
 //!
@@ -778,6 +782,56 @@ impl TaskRegistry {
         F: FnOnce() + Send + 'static,
     {
         self.inner.close_or_wait(Box::new(wake)).is_none()
+    }
+
+    /// After shutdown, count the ends of the foreign tasks that have
+    /// already ended quietly ([`ForeignTask::quiet_end`]: returned or
+    /// cancelled) but whose owners have not yet called
+    /// [`finish_foreign`](Self::finish_foreign), so that a join made now
+    /// finds them gone instead of waiting for their owners (an asyncio
+    /// task's done callback runs a loop turn after its end). Their owners'
+    /// later `finish_foreign` calls then change nothing. Returns how many it
+    /// counted.
+    ///
+    /// Does nothing until the shutdown token has fired (before that, a
+    /// quietly ended task may still have something to say: a critical task
+    /// that returns fires the token). Stops at the first foreign task that
+    /// has not ended quietly: a join waits for that one anyway, so the
+    /// scan costs the ended tasks and one batch more, however many run.
+    /// The tasks are asked with no lock held.
+    pub fn finish_quiet_ends(&self) -> usize {
+        /// Tasks gathered under the lock at a time.
+        const BATCH: usize = 32;
+        if self.inner.live() == 0 || !self.inner.shutdown.is_cancelled() {
+            return 0;
+        }
+        let mut counted = 0;
+        let mut from = 0;
+        let mut batch: Vec<(Key, Arc<dyn ForeignTask>)> = Vec::with_capacity(BATCH);
+        loop {
+            {
+                let st = self.inner.state.lock();
+                let foreign =
+                    st.entries
+                        .iter_keyed_from(from)
+                        .filter_map(|(k, e)| match &e.control {
+                            Control::Foreign(task) => Some((k, task.clone())),
+                            Control::Native(_) | Control::Straggler => None,
+                        });
+                batch.extend(foreign.take(BATCH));
+            }
+            let Some(&(last, _)) = batch.last() else {
+                return counted;
+            };
+            from = slab::index_of(last) + 1;
+            for (k, task) in batch.drain(..) {
+                let Some(outcome) = task.quiet_end() else {
+                    return counted;
+                };
+                // The entry (and this `task`) dropped here, with no lock held.
+                counted += usize::from(self.inner.finish_foreign(k, outcome).is_some());
+            }
+        }
     }
 
     /// Close the registry, abort every native task and cancel every foreign

@@ -220,6 +220,26 @@ impl<T> Slab<T> {
 }
 
 impl<T> Slab<T> {
+    /// Every stored value with its key, in slot order, from slot `start`
+    /// on (the slots before it are not visited).
+    pub(crate) fn iter_keyed_from(&self, start: u32) -> impl Iterator<Item = (Key, &T)> {
+        let start = start as usize;
+        self.pages
+            .iter()
+            .enumerate()
+            .skip(start >> PAGE_BITS)
+            .flat_map(|(p, page)| {
+                page.iter()
+                    .enumerate()
+                    .map(move |(i, slot)| ((p << PAGE_BITS | i) as u32, slot))
+            })
+            .skip(start & (PAGE - 1))
+            .filter_map(|(index, slot)| match slot {
+                Slot::Occupied { generation, value } => Some((join(index, *generation), value)),
+                Slot::Vacant { .. } => None,
+            })
+    }
+
     /// Take every stored value out, in slot order. Each slot moves to its
     /// next generation, so no key handed out before names anything after.
     pub(crate) fn drain(&mut self) -> Vec<T> {
@@ -323,5 +343,56 @@ mod tests {
         for (i, &k) in keys.iter().enumerate().rev() {
             assert_eq!(slab.remove(k), Some(i));
         }
+    }
+
+    #[test]
+    fn iter_keyed_from_resumes_at_any_slot_with_live_keys() {
+        // Proves a scan resumed at slot `start` sees exactly the occupied
+        // slots from there on, across page boundaries, each with the key
+        // that removes it (its current generation). Catches an off-by-one
+        // in the page/offset split of `start`, and a stale generation.
+        let mut slab = Slab::default();
+        let keys: Vec<_> = (0..3 * PAGE).map(|i| slab.insert(i).unwrap()).collect();
+        // Vacate a few, and reoccupy one under a new generation.
+        for i in [0, PAGE - 1, PAGE, 2 * PAGE + 7] {
+            assert!(slab.remove(keys[i]).is_some());
+        }
+        let newer = slab.insert(1000).unwrap();
+        for start in [
+            0,
+            1,
+            PAGE - 1,
+            PAGE,
+            PAGE + 1,
+            2 * PAGE + 7,
+            3 * PAGE,
+            4 * PAGE,
+        ] {
+            let got: Vec<_> = slab.iter_keyed_from(start as u32).collect();
+            let mut want: Vec<_> = slab
+                .iter_keyed_from(0)
+                .filter(|(k, _)| super::index_of(*k) as usize >= start)
+                .collect();
+            assert_eq!(got, want, "from slot {start}");
+            want.retain(|(_, v)| **v != 1000);
+            let expect: Vec<_> = (start..3 * PAGE)
+                .filter(|i| ![0, PAGE - 1, PAGE, 2 * PAGE + 7].contains(i))
+                .collect();
+            assert_eq!(
+                want.iter().map(|(_, v)| **v).collect::<Vec<_>>(),
+                expect,
+                "from slot {start}"
+            );
+        }
+        let all: Vec<_> = slab.iter_keyed_from(0).map(|(k, _)| k).collect();
+        assert_eq!(all.len(), 3 * PAGE - 3);
+        assert!(all.contains(&newer));
+        for k in all {
+            assert!(
+                slab.remove(k).is_some(),
+                "a key from the scan did not remove its value"
+            );
+        }
+        assert_eq!(slab.len(), 0);
     }
 }

@@ -168,6 +168,17 @@ pub trait ForeignTask: Send + Sync + 'static {
         false
     }
 
+    /// How the task ended, if it has already ended *quietly* (it returned,
+    /// or was cancelled: its owner has nothing to log or act on) although
+    /// its owner has not yet called [`TaskRegistry::finish_foreign`].
+    /// `None` while it runs, or when its end has more to tell (a failure:
+    /// its owner reports that). Lets a join after shutdown count such ends
+    /// at once ([`TaskRegistry::finish_quiet_ends`]). Called with no
+    /// registry lock held.
+    fn quiet_end(&self) -> Option<TaskOutcome> {
+        None
+    }
+
     /// Where the task is waiting, as text (for an asyncio task, its stack:
     /// the chain of frames down its `await`s), for a shutdown report.
     /// Asked of a straggler just before it is [cancelled](Self::cancel),
