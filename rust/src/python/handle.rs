@@ -174,19 +174,21 @@ impl PyTaskHandle {
         }
     }
 
-    /// Whether reporting the end of `task` (done) may run Python code that
-    /// reads context variables: logging a failure, or the warning of a
-    /// critical task that returned. A task that completed or was cancelled,
-    /// not critical, is reported without any (counts and the registry).
-    pub(crate) fn report_may_log(&self, task: &Bound<'_, PyAny>) -> bool {
-        let py = task.py();
+    /// Whether reporting the end of a task whose `exception()` returned
+    /// `exception` may run Python code that reads context variables: logging
+    /// a failure, or the warning of a critical task that returned. A task
+    /// that completed or was cancelled, not critical, is reported without
+    /// any (counts and the registry).
+    pub(crate) fn report_may_log(
+        &self,
+        py: Python<'_>,
+        exception: &PyResult<Bound<'_, PyAny>>,
+    ) -> bool {
         match &self.inner {
-            HandleInner::Python(t) if !t.critical => {
-                match task.call_method0(pyo3::intern!(py, "exception")) {
-                    Ok(exc) => !exc.is_none(),
-                    Err(e) => !e.is_instance_of::<CancelledError>(py),
-                }
-            }
+            HandleInner::Python(t) if !t.critical => match exception {
+                Ok(exc) => !exc.is_none(),
+                Err(e) => !e.is_instance_of::<CancelledError>(py),
+            },
             _ => true,
         }
     }
@@ -364,8 +366,10 @@ impl PyTaskHandle {
 }
 
 impl PyTaskHandle {
-    /// The report of the task's end, as its done callback (`__call__`) or
-    /// its loop's young sweep (`young.rs`) makes it: see `__call__`.
+    /// The report of the task's end, as its done callback (`__call__`)
+    /// makes it: see `__call__`. The young sweep (`young.rs`) makes the
+    /// same report through `report_swept`, or through this one in the
+    /// task's context when it may log.
     pub(crate) fn report_end(&self, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(_inside) = exit::enter() else {
             return Ok(()); // a daemon thread's loop at interpreter exit
@@ -377,16 +381,46 @@ impl PyTaskHandle {
                 "TaskHandle: only its own asyncio task calls a TaskHandle (as its done callback)",
             )),
         };
-        // Relaxed, here and in the `swap` below: the flag guards nothing
-        // but itself. The swap is the decision: a read-modify-write on one
-        // location, so exactly one caller reads `false` there, whatever the
-        // ordering; what it then reports is reported under the GIL and the
-        // registry's lock, which order it for everyone else. This load only
-        // skips the `exception()` call for a task already reported.
+        // Relaxed, here and in the `swap` of `report_exception`: the flag
+        // guards nothing but itself. The swap is the decision: a
+        // read-modify-write on one location, so exactly one caller reads
+        // `false` there, whatever the ordering; what it then reports is
+        // reported under the GIL and the registry's lock, which order it
+        // for everyone else. This load only skips the `exception()` call
+        // for a task already reported.
         if tracked.reported.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let exception = task.call_method0(pyo3::intern!(py, "exception"));
+        self.report_exception(
+            py,
+            tracked,
+            task.call_method0(pyo3::intern!(py, "exception")),
+        )
+    }
+
+    /// The young sweep's report of its own task's end (`young.rs`): as
+    /// `report_end`, with what the task's `exception()` returned, which the
+    /// sweep has already asked (see `report_may_log`). Called inside the
+    /// sweep's `exit::enter`.
+    pub(crate) fn report_swept(
+        &self,
+        py: Python<'_>,
+        exception: PyResult<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        match &self.inner {
+            HandleInner::Python(tracked) => self.report_exception(py, tracked, exception),
+            HandleInner::Native { .. } => Ok(()),
+        }
+    }
+
+    /// Report the end of `tracked`'s task, whose `exception()` returned
+    /// `exception` (see `report_end`).
+    fn report_exception(
+        &self,
+        py: Python<'_>,
+        tracked: &PyTracked,
+        exception: PyResult<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         if let Err(e) = &exception {
             if e.is_instance_of::<InvalidStateError>(py) {
                 // Not done: called early, not by the loop. Nothing to report.

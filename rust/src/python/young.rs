@@ -8,7 +8,8 @@
 //! set is not empty, one sweep is scheduled per loop iteration (a single
 //! `call_soon`); it asks each young task `done()` and reports the finished
 //! ones through the very code a done callback runs
-//! ([`PyTaskHandle::report_end`]). A task still running at the second
+//! ([`PyTaskHandle::report_end`], or `report_swept`, its second half, with
+//! the `exception()` the sweep already asked). A task still running at the second
 //! sweep after its first step is *promoted*: it gets its done callback, as
 //! every task did before, and leaves the set, so a sweep never scans
 //! long-lived tasks and they are still noticed at their end's next loop
@@ -274,11 +275,13 @@ fn sweep_one(py: Python<'_>, handle: &Py<PyTaskHandle>, raise: &mut Option<PyErr
     // In the task's context, where its done callback would have run, if
     // the report may log (the only Python code it runs that could read a
     // context variable); a quiet report needs no `Context.run`.
+    // Asked once, for both the choice below and the report.
+    let exception = task.call_method0(pyo3::intern!(py, "exception"));
     let reported = match tracked.task_context(py) {
-        Some(context) if tracked.report_may_log(&task) => context
+        Some(context) if tracked.report_may_log(py, &exception) => context
             .call_method1(pyo3::intern!(py, "run"), (handle, &task))
             .map(drop),
-        _ => tracked.report_end(&task),
+        _ => tracked.report_swept(py, exception),
     };
     if let Err(err) = reported {
         if err.is_instance_of::<PyException>(py) {
