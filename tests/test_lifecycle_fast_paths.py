@@ -414,3 +414,55 @@ def test_the_node_check_is_cached_but_sees_a_hook_made_synchronous() -> None:
     with pytest.raises(TypeError, match="on_start"):
         Service(Node())
     Service(Plain())
+
+
+def test_a_node_class_checked_before_is_not_checked_again_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Proves: the second ``Service(...)`` of a node class whose hooks passed takes the
+    cached path (the per-hook check is not run again) and builds the same service as the
+    full check (same name, same node); the cache entry goes when its class is collected;
+    a class with a ``__getattribute__`` of its own, or an instance that shadows a hook,
+    is checked in full every time.
+
+    Catches: a cache that is never hit (the check's full cost on every service, P9), one
+    that keeps the node classes of the past alive, or one trusted where the hooks the
+    lifecycle would call are not the class's.
+    """
+    from dig_service import _validation
+
+    full: list[str] = []
+    check = _validation._check_async_methods
+
+    def counting(obj: object, *args: Any) -> None:
+        full.append(type(obj).__name__)
+        check(obj, *args)
+
+    monkeypatch.setattr(_validation, "_check_async_methods", counting)
+
+    class Fresh(NodeLifecycle):
+        NAME = "fresh"
+
+    first, second = Service(Fresh()), Service(Fresh())
+    assert full == ["Fresh"]  # the second was not checked again
+    assert second.handle().name() == first.handle().name() == "fresh"
+    assert isinstance(second.node, Fresh)
+    key = id(Fresh)
+    assert _validation._CHECKED_NODE_TYPES[key][0]() is Fresh
+
+    class Looked(NodeLifecycle):
+        def __getattribute__(self, name: str) -> Any:
+            return object.__getattribute__(self, name)
+
+    Service(Looked())
+    Service(Looked())
+    assert full == ["Fresh", "Looked", "Looked"]
+
+    shadowing = Fresh()
+    shadowing.run = Fresh.run.__get__(shadowing)  # type: ignore[method-assign]
+    Service(shadowing)
+    assert full == ["Fresh", "Looked", "Looked", "Fresh"]
+
+    del first, second, shadowing, Fresh
+    gc.collect()
+    assert key not in _validation._CHECKED_NODE_TYPES
