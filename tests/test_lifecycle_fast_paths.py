@@ -466,3 +466,53 @@ def test_a_node_class_checked_before_is_not_checked_again_with_the_same_result(
     del first, second, shadowing, Fresh
     gc.collect()
     assert key not in _validation._CHECKED_NODE_TYPES
+
+
+def test_a_service_whose_constructor_raised_is_dropped_quietly() -> None:
+    """Proves: a ``Service`` whose ``__init__`` raised before it made its exit slot is
+    dropped without an error from its finalizer (nothing to abandon), while one dropped
+    unstarted still releases its slot with ``AlreadyStopped``.
+
+    Catches: a finalizer that reads the slot as if ``__init__`` always got that far
+    ("Exception ignored in Service.__del__"), or one that no longer abandons.
+    """
+    seen: list[BaseException | None] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value)
+    try:
+        with pytest.raises(TypeError, match="NAME"):
+
+            class BadName(NodeLifecycle):
+                NAME = 3  # type: ignore[assignment]
+
+            Service(BadName())
+        gc.collect()
+        dropped = Service(Plain())
+        slot = dropped._slot
+        del dropped
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert seen == []
+    outcome = slot.outcome()
+    assert isinstance(outcome, AlreadyStopped)
+    assert "garbage-collected before its start() finished" in str(outcome)
+
+
+def test_the_api_slots_left_empty_mean_the_no_op_apis() -> None:
+    """Proves: a ``Service`` given no peer or RPC API reports ``None`` for it and uses
+    the no-op ``PeerApi()``/``RpcApi()`` (made when asked for), and one given an API uses
+    that very object.
+
+    Catches: the no-op APIs lost when they stopped being made in the constructor, or a
+    given API replaced by a default.
+    """
+    from dig_service import PeerApi, RpcApi
+
+    bare = Service(Plain())
+    assert bare.peer_api is None and bare.rpc_api is None
+    assert type(bare._peer_api_impl) is PeerApi
+    assert type(bare._rpc_api_impl) is RpcApi
+    peer, rpc = PeerApi(), RpcApi()
+    given = Service(Plain(), peer, rpc)
+    assert given._peer_api_impl is peer and given._rpc_api_impl is rpc

@@ -81,6 +81,7 @@ from ._errors import (
     describe_exc,
 )
 from ._exit import ExitReason, ExitStatus, check_reason, trusted_requested, trusted_status
+from ._handle import EXITED as _EXITED
 from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
     NodeLifecycle,
@@ -210,8 +211,6 @@ class Service(Generic[N, A, R]):
         self._node: N = node
         self._peer_api: A = peer_api
         self._rpc_api: R = rpc_api
-        self._peer_api_impl: PeerApiLike = peer_api if peer_api is not None else PeerApi()
-        self._rpc_api_impl: RpcApiLike = rpc_api if rpc_api is not None else RpcApi()
         self._config = config
         self._name: str = name or ""
         self._label: str = name or type(node).__name__
@@ -246,8 +245,14 @@ class Service(Generic[N, A, R]):
         # handles' waiters are released with AlreadyStopped. Nothing at interpreter exit
         # (a `weakref.finalize` with `atexit = False` did the same, at ~10x the cost of a
         # Service a start, and its registry was a global root to keep weak).
-        slot: ExitSlot | None = self.__dict__.get("_slot")  # none if __init__ raised
-        if slot is not None and not slot.is_exited() and not _finalizing():
+        # Read as an attribute, not through `self.__dict__` (which would build the dict
+        # the instance's attributes do without), and the slot's state read as is: this
+        # runs once a service.
+        try:
+            slot = self._slot
+        except AttributeError:  # __init__ raised before it made the slot
+            return
+        if slot._state != _EXITED and not _finalizing():
             slot.abandon("the Service was garbage-collected before its start() finished")
 
     # ----------------------------------------------------------------- accessors
@@ -266,6 +271,18 @@ class Service(Generic[N, A, R]):
     def rpc_api(self) -> R:
         """The RPC API passed to the constructor (``None``: the no-op ``RpcApi()`` is used)."""
         return self._rpc_api
+
+    @property
+    def _peer_api_impl(self) -> PeerApiLike:
+        """The peer API in use: the one passed, or a no-op ``PeerApi()`` (made when asked
+        for: nothing in the lifecycle needs it)."""
+        return self._peer_api if self._peer_api is not None else PeerApi()
+
+    @property
+    def _rpc_api_impl(self) -> RpcApiLike:
+        """The RPC API in use: the one passed, or a no-op ``RpcApi()`` (made when asked
+        for: nothing in the lifecycle needs it)."""
+        return self._rpc_api if self._rpc_api is not None else RpcApi()
 
     @property
     def config(self) -> ServiceConfig:
