@@ -24,6 +24,7 @@ from dig_service import (
     NodeLifecycle,
     PreStartFailed,
     RunContext,
+    RunFailed,
     Service,
     ShutdownReason,
     ShutdownReport,
@@ -220,10 +221,12 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     assert phases == stages
     assert got == report
     assert "_edge_hook" not in called, called
-    assert called.count("trusted_context") == 1, called  # run's
+    assert called.count("trusted_run_context") == 1, called
+    assert "trusted_start_context" not in called and "trusted_stop_context" not in called
     assert called.count("_call_hook") == 1, called  # run
-    # The report is built by the trusted constructors (no frozen dataclass __init__).
-    assert called.count("trusted_phase_report") == 4, called
+    # The report is built by the trusted constructors (no frozen dataclass __init__); the
+    # passed-over stop hooks' reports are shared values, not made again.
+    assert called.count("trusted_phase_report") == 2, called  # run, join
     assert called.count("trusted_shutdown_report") == 1, called
     assert called.count("trusted_status") == 1, called
 
@@ -259,7 +262,9 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     assert got == report
     assert seen["pre_start"] is seen["on_start"]
     assert seen["on_stop"] is seen["post_stop"]
-    assert called.count("trusted_context") == 3, called
+    assert called.count("trusted_start_context") == 1, called
+    assert called.count("trusted_run_context") == 1, called
+    assert called.count("trusted_stop_context") == 1, called
 
 
 @loops
@@ -516,3 +521,115 @@ def test_the_api_slots_left_empty_mean_the_no_op_apis() -> None:
     peer, rpc = PeerApi(), RpcApi()
     given = Service(Plain(), peer, rpc)
     assert given._peer_api_impl is peer and given._rpc_api_impl is rpc
+
+
+class _PhaseSpy(Service[Any, None, None]):
+    """A ``Service`` that records every value stored as its stage (``_phase_value``)."""
+
+    written: list[str]
+
+    @property  # type: ignore[override]
+    def _phase_value(self) -> Any:
+        return self.__dict__["_spied_phase"]
+
+    @_phase_value.setter
+    def _phase_value(self, phase: Any) -> None:
+        self.__dict__["_spied_phase"] = phase
+        self.__dict__.setdefault("written", []).append(str(phase))
+
+
+@loops
+def test_stages_entered_inline_without_listeners_are_the_listeners_stages(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: with no phase listener the lifecycle enters its stages inline (``_enter``,
+    the listeners' path, is not called) and goes through the very stages, in the same
+    order, that a listener is told of; ``_phase`` ends ``exited`` both ways.
+
+    Catches: the inline path (P9: a property setter call a stage saved) skipping or
+    reordering a stage, or leaving the phase behind, where the runner reads it.
+    """
+    stages = ["pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"]
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith("_service.py"):
+            called.append(frame.f_code.co_name)
+
+    async def quiet() -> _PhaseSpy:
+        svc = _PhaseSpy(Defaults())
+        sys.setprofile(profile)
+        try:
+            status = await svc.start()
+        finally:
+            sys.setprofile(None)
+        assert status.reason == ExitReason.RunCompleted()
+        return svc
+
+    spy = run(loop_factory, quiet())
+    assert spy.written == ["created", *stages]
+    assert "_enter" not in called, called
+    assert spy._phase == "exited"
+
+    told: list[str] = []
+
+    async def listened() -> Service[Any, None, None]:
+        svc = Service(Defaults())
+        svc._add_phase_listener(lambda phase: told.append(str(phase)))
+        await svc.start()
+        return svc
+
+    assert run(loop_factory, listened())._phase == "exited"
+    assert told == stages
+
+
+@loops
+def test_a_hook_result_is_checked_awaitable_past_the_coroutine_fast_path(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a hook that returns a coroutine is run without asking ``inspect`` (its
+    type says it is awaitable), one that returns another awaitable (a ``Future``) is still
+    run, and one that returns something not awaitable is still refused: ``RunFailed``
+    with a ``TypeError`` naming the hook and saying to declare it ``async def``.
+
+    Catches: the type test on the hot path refusing an awaitable that is not a
+    coroutine, or letting a non-awaitable through to ``_guarded``.
+    """
+    inspected: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "isawaitable":
+            inspected.append(frame.f_code.co_filename)
+
+    async def start(make_run: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
+        node = Defaults()
+        svc = Service(node)
+        node.run = make_run(asyncio.get_running_loop())  # type: ignore[method-assign]
+        sys.setprofile(profile)
+        try:
+            return await svc.start()
+        except RunFailed as exc:
+            return exc
+        finally:
+            sys.setprofile(None)
+
+    async def returns() -> None:
+        pass
+
+    status = run(loop_factory, start(lambda loop: lambda ctx: returns()))
+    assert status.reason == ExitReason.RunCompleted()
+    assert inspected == []
+
+    def done_future(loop: asyncio.AbstractEventLoop) -> Any:
+        fut = loop.create_future()
+        fut.set_result(None)
+        return lambda ctx: fut
+
+    status = run(loop_factory, start(done_future))
+    assert status.reason == ExitReason.RunCompleted()
+    assert len(inspected) == 1
+
+    failed = run(loop_factory, start(lambda loop: lambda ctx: 42))
+    assert isinstance(failed, RunFailed)
+    assert isinstance(failed.__cause__, TypeError)
+    assert "returned int, not a coroutine; declare it `async def run(...)`" in str(failed.__cause__)
