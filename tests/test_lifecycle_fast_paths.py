@@ -633,3 +633,74 @@ def test_a_hook_result_is_checked_awaitable_past_the_coroutine_fast_path(
     assert isinstance(failed, RunFailed)
     assert isinstance(failed.__cause__, TypeError)
     assert "returned int, not a coroutine; declare it `async def run(...)`" in str(failed.__cause__)
+
+
+class _Waits(NodeLifecycle):
+    """Default edge hooks; ``run`` says it started, then waits for the token."""
+
+    NAME = "waits"
+
+    def __init__(self) -> None:
+        self.started: asyncio.Event | None = None
+
+    async def run(self, ctx: RunContext) -> None:
+        assert self.started is not None
+        self.started.set()
+        await ctx.shutdown.cancelled()
+
+
+class _NoFireWatch(Service[Any, None, None]):
+    """A ``Service`` with no future parked on its token by ``_watch_fire``: ``run``'s wait
+    has to park its own (the path taken when that future is gone)."""
+
+    def _watch_fire(self) -> None:
+        pass
+
+
+@loops
+def test_run_waits_on_the_future_parked_since_start(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: while ``run`` runs, the lifecycle waits on the future ``_watch_fire``
+    parked on the token when ``start()`` began (one ``_park`` a start, not two), and
+    without that future it parks one of its own; both ways a shutdown requested while
+    ``run`` waits ends in the same status, with the same report stages.
+
+    Catches: the wait parking a second future again (P9: a park and a wake a start), or
+    a wait on a future that never resolves when the watch is missing (a hang).
+    """
+
+    def lifecycle(make: Callable[[Any], Any]) -> tuple[Any, int]:
+        parks: list[str] = []
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_call" and getattr(arg, "__name__", "") == "_park":
+                if frame.f_code.co_filename.endswith("_service.py"):
+                    parks.append(frame.f_code.co_name)
+
+        async def main() -> Any:
+            node = _Waits()
+            node.started = asyncio.Event()
+            svc = make(node)
+            sys.setprofile(profile)
+            try:
+                starting = asyncio.ensure_future(svc.start())
+                await node.started.wait()
+                svc.request_shutdown(ShutdownReason.UserRequested())
+                return await starting
+            finally:
+                sys.setprofile(None)
+
+        status = run(loop_factory, main())
+        return status, len(parks)
+
+    shared, parks = lifecycle(Service)
+    assert parks == 1  # _watch_fire's, nothing for run's wait
+    own, parks = lifecycle(_NoFireWatch)
+    assert parks == 1  # run's wait's own
+    requested = ExitReason.RequestedShutdown(ShutdownReason.UserRequested())
+    assert shared.reason == own.reason == requested
+    assert shared.report is not None and own.report is not None
+    stages = [(p.name, p.outcome) for p in shared.report.phases]
+    assert stages == [(p.name, p.outcome) for p in own.report.phases]
+    assert stages == [("run", "ok"), ("join", "ok"), ("on_stop", "ok"), ("post_stop", "ok")]

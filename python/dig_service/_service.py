@@ -1033,13 +1033,19 @@ class Service(Generic[N, A, R]):
 
         overran = False
         while not run_task.done() and not token.is_cancelled():
-            fired = token._park()
+            # The future parked on the token since start() (`_watch_fire`) is resolved when
+            # it fires: waited on as is (not cancelled here: it stamps the firing), with no
+            # other parked for this wait (the core parks, then wakes, each one).
+            fired = self._fire_watch
+            parked = fired is None or fired.done()  # then a future of this wait's own
+            if parked:
+                fired = token._park()
             if fired is None:
                 break
             try:
                 await self._wait((run_task, fired))
             finally:
-                if not fired.done():
+                if parked and not fired.done():
                     fired.cancel()
         if not run_task.done():
             # The token fired first: `run` has its share of the budget to return.
