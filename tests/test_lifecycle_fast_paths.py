@@ -24,6 +24,7 @@ from dig_service import (
     NodeLifecycle,
     PreStartFailed,
     RunContext,
+    RunFailed,
     Service,
     ShutdownReason,
     ShutdownReport,
@@ -215,10 +216,12 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     assert phases == stages
     assert got == report
     assert "_edge_hook" not in called, called
-    assert called.count("trusted_context") == 1, called  # run's
+    assert called.count("trusted_run_context") == 1, called
+    assert "trusted_start_context" not in called and "trusted_stop_context" not in called
     assert called.count("_call_hook") == 1, called  # run
-    # The report is built by the trusted constructors (no frozen dataclass __init__).
-    assert called.count("trusted_phase_report") == 4, called
+    # The report is built by the trusted constructors (no frozen dataclass __init__); the
+    # passed-over stop hooks' reports are shared values, not made again.
+    assert called.count("trusted_phase_report") == 2, called  # run, join
     assert called.count("trusted_shutdown_report") == 1, called
     assert called.count("trusted_status") == 1, called
 
@@ -254,7 +257,9 @@ def test_default_edge_hooks_are_passed_over_without_a_coroutine(
     assert got == report
     assert seen["pre_start"] is seen["on_start"]
     assert seen["on_stop"] is seen["post_stop"]
-    assert called.count("trusted_context") == 3, called
+    assert called.count("trusted_start_context") == 1, called
+    assert called.count("trusted_run_context") == 1, called
+    assert called.count("trusted_stop_context") == 1, called
 
 
 @loops
@@ -409,3 +414,288 @@ def test_the_node_check_is_cached_but_sees_a_hook_made_synchronous() -> None:
     with pytest.raises(TypeError, match="on_start"):
         Service(Node())
     Service(Plain())
+
+
+def test_a_node_class_checked_before_is_not_checked_again_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Proves: the second ``Service(...)`` of a node class whose hooks passed takes the
+    cached path (the per-hook check is not run again) and builds the same service as the
+    full check (same name, same node); the cache entry goes when its class is collected;
+    a class with a ``__getattribute__`` of its own, or an instance that shadows a hook,
+    is checked in full every time.
+
+    Catches: a cache that is never hit (the check's full cost on every service, P9), one
+    that keeps the node classes of the past alive, or one trusted where the hooks the
+    lifecycle would call are not the class's.
+    """
+    from dig_service import _validation
+
+    full: list[str] = []
+    check = _validation._check_async_methods
+
+    def counting(obj: object, *args: Any) -> None:
+        full.append(type(obj).__name__)
+        check(obj, *args)
+
+    monkeypatch.setattr(_validation, "_check_async_methods", counting)
+
+    class Fresh(NodeLifecycle):
+        NAME = "fresh"
+
+    first, second = Service(Fresh()), Service(Fresh())
+    assert full == ["Fresh"]  # the second was not checked again
+    assert second.handle().name() == first.handle().name() == "fresh"
+    assert isinstance(second.node, Fresh)
+    key = id(Fresh)
+    assert _validation._CHECKED_NODE_TYPES[key][0]() is Fresh
+
+    class Looked(NodeLifecycle):
+        def __getattribute__(self, name: str) -> Any:
+            return object.__getattribute__(self, name)
+
+    Service(Looked())
+    Service(Looked())
+    assert full == ["Fresh", "Looked", "Looked"]
+
+    shadowing = Fresh()
+    shadowing.run = Fresh.run.__get__(shadowing)  # type: ignore[method-assign]
+    Service(shadowing)
+    assert full == ["Fresh", "Looked", "Looked", "Fresh"]
+
+    del first, second, shadowing, Fresh
+    gc.collect()
+    assert key not in _validation._CHECKED_NODE_TYPES
+
+
+def test_a_service_whose_constructor_raised_is_dropped_quietly() -> None:
+    """Proves: a ``Service`` whose ``__init__`` raised before it made its exit slot is
+    dropped without an error from its finalizer (nothing to abandon), while one dropped
+    unstarted still releases its slot with ``AlreadyStopped``.
+
+    Catches: a finalizer that reads the slot as if ``__init__`` always got that far
+    ("Exception ignored in Service.__del__"), or one that no longer abandons.
+    """
+    seen: list[BaseException | None] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value)
+    try:
+        with pytest.raises(TypeError, match="NAME"):
+
+            class BadName(NodeLifecycle):
+                NAME = 3  # type: ignore[assignment]
+
+            Service(BadName())
+        gc.collect()
+        dropped = Service(Plain())
+        slot = dropped._slot
+        del dropped
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert seen == []
+    outcome = slot.outcome()
+    assert isinstance(outcome, AlreadyStopped)
+    assert "garbage-collected before its start() finished" in str(outcome)
+
+
+def test_the_api_slots_left_empty_mean_the_no_op_apis() -> None:
+    """Proves: a ``Service`` given no peer or RPC API reports ``None`` for it and uses
+    the no-op ``PeerApi()``/``RpcApi()`` (made when asked for), and one given an API uses
+    that very object.
+
+    Catches: the no-op APIs lost when they stopped being made in the constructor, or a
+    given API replaced by a default.
+    """
+    from dig_service import PeerApi, RpcApi
+
+    bare = Service(Plain())
+    assert bare.peer_api is None and bare.rpc_api is None
+    assert type(bare._peer_api_impl) is PeerApi
+    assert type(bare._rpc_api_impl) is RpcApi
+    peer, rpc = PeerApi(), RpcApi()
+    given = Service(Plain(), peer, rpc)
+    assert given._peer_api_impl is peer and given._rpc_api_impl is rpc
+
+
+class _PhaseSpy(Service[Any, None, None]):
+    """A ``Service`` that records every value stored as its stage (``_phase_value``)."""
+
+    written: list[str]
+
+    @property  # type: ignore[override]
+    def _phase_value(self) -> Any:
+        return self.__dict__["_spied_phase"]
+
+    @_phase_value.setter
+    def _phase_value(self, phase: Any) -> None:
+        self.__dict__["_spied_phase"] = phase
+        self.__dict__.setdefault("written", []).append(str(phase))
+
+
+@loops
+def test_stages_entered_inline_without_listeners_are_the_listeners_stages(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: with no phase listener the lifecycle enters its stages inline (``_enter``,
+    the listeners' path, is not called) and goes through the very stages, in the same
+    order, that a listener is told of; ``_phase`` ends ``exited`` both ways.
+
+    Catches: the inline path (P9: a property setter call a stage saved) skipping or
+    reordering a stage, or leaving the phase behind, where the runner reads it.
+    """
+    stages = ["pre_start", "on_start", "run", "join", "on_stop", "post_stop", "exited"]
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith("_service.py"):
+            called.append(frame.f_code.co_name)
+
+    async def quiet() -> _PhaseSpy:
+        svc = _PhaseSpy(Defaults())
+        sys.setprofile(profile)
+        try:
+            status = await svc.start()
+        finally:
+            sys.setprofile(None)
+        assert status.reason == ExitReason.RunCompleted()
+        return svc
+
+    spy = run(loop_factory, quiet())
+    assert spy.written == ["created", *stages]
+    assert "_enter" not in called, called
+    assert spy._phase == "exited"
+
+    told: list[str] = []
+
+    async def listened() -> Service[Any, None, None]:
+        svc = Service(Defaults())
+        svc._add_phase_listener(lambda phase: told.append(str(phase)))
+        await svc.start()
+        return svc
+
+    assert run(loop_factory, listened())._phase == "exited"
+    assert told == stages
+
+
+@loops
+def test_a_hook_result_is_checked_awaitable_past_the_coroutine_fast_path(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: a hook that returns a coroutine is run without asking ``inspect`` (its
+    type says it is awaitable), one that returns another awaitable (a ``Future``) is still
+    run, and one that returns something not awaitable is still refused: ``RunFailed``
+    with a ``TypeError`` naming the hook and saying to declare it ``async def``.
+
+    Catches: the type test on the hot path refusing an awaitable that is not a
+    coroutine, or letting a non-awaitable through to ``_guarded``.
+    """
+    inspected: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "isawaitable":
+            inspected.append(frame.f_code.co_filename)
+
+    async def start(make_run: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
+        node = Defaults()
+        svc = Service(node)
+        node.run = make_run(asyncio.get_running_loop())  # type: ignore[method-assign]
+        sys.setprofile(profile)
+        try:
+            return await svc.start()
+        except RunFailed as exc:
+            return exc
+        finally:
+            sys.setprofile(None)
+
+    async def returns() -> None:
+        pass
+
+    status = run(loop_factory, start(lambda loop: lambda ctx: returns()))
+    assert status.reason == ExitReason.RunCompleted()
+    assert inspected == []
+
+    def done_future(loop: asyncio.AbstractEventLoop) -> Any:
+        fut = loop.create_future()
+        fut.set_result(None)
+        return lambda ctx: fut
+
+    status = run(loop_factory, start(done_future))
+    assert status.reason == ExitReason.RunCompleted()
+    assert len(inspected) == 1
+
+    failed = run(loop_factory, start(lambda loop: lambda ctx: 42))
+    assert isinstance(failed, RunFailed)
+    assert isinstance(failed.__cause__, TypeError)
+    assert "returned int, not a coroutine; declare it `async def run(...)`" in str(failed.__cause__)
+
+
+class _Waits(NodeLifecycle):
+    """Default edge hooks; ``run`` says it started, then waits for the token."""
+
+    NAME = "waits"
+
+    def __init__(self) -> None:
+        self.started: asyncio.Event | None = None
+
+    async def run(self, ctx: RunContext) -> None:
+        assert self.started is not None
+        self.started.set()
+        await ctx.shutdown.cancelled()
+
+
+class _NoFireWatch(Service[Any, None, None]):
+    """A ``Service`` with no future parked on its token by ``_watch_fire``: ``run``'s wait
+    has to park its own (the path taken when that future is gone)."""
+
+    def _watch_fire(self) -> None:
+        pass
+
+
+@loops
+def test_run_waits_on_the_future_parked_since_start(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Proves: while ``run`` runs, the lifecycle waits on the future ``_watch_fire``
+    parked on the token when ``start()`` began (one ``_park`` a start, not two), and
+    without that future it parks one of its own; both ways a shutdown requested while
+    ``run`` waits ends in the same status, with the same report stages.
+
+    Catches: the wait parking a second future again (P9: a park and a wake a start), or
+    a wait on a future that never resolves when the watch is missing (a hang).
+    """
+
+    def lifecycle(make: Callable[[Any], Any]) -> tuple[Any, int]:
+        parks: list[str] = []
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_call" and getattr(arg, "__name__", "") == "_park":
+                if frame.f_code.co_filename.endswith("_service.py"):
+                    parks.append(frame.f_code.co_name)
+
+        async def main() -> Any:
+            node = _Waits()
+            node.started = asyncio.Event()
+            svc = make(node)
+            sys.setprofile(profile)
+            try:
+                starting = asyncio.ensure_future(svc.start())
+                await node.started.wait()
+                svc.request_shutdown(ShutdownReason.UserRequested())
+                return await starting
+            finally:
+                sys.setprofile(None)
+
+        status = run(loop_factory, main())
+        return status, len(parks)
+
+    shared, parks = lifecycle(Service)
+    assert parks == 1  # _watch_fire's, nothing for run's wait
+    own, parks = lifecycle(_NoFireWatch)
+    assert parks == 1  # run's wait's own
+    requested = ExitReason.RequestedShutdown(ShutdownReason.UserRequested())
+    assert shared.reason == own.reason == requested
+    assert shared.report is not None and own.report is not None
+    stages = [(p.name, p.outcome) for p in shared.report.phases]
+    assert stages == [(p.name, p.outcome) for p in own.report.phases]
+    assert stages == [("run", "ok"), ("join", "ok"), ("on_stop", "ok"), ("post_stop", "ok")]

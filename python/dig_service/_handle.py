@@ -17,11 +17,14 @@ from ._core import ShutdownReason, ShutdownToken, TaskRegistry, TaskSummary
 from ._errors import AlreadyStopped
 from ._exit import ExitStatus, check_reason
 
-__all__ = ["ExitSlot", "ServiceHandle"]
+__all__ = ["EXITED", "ExitSlot", "ServiceHandle"]
 
 _CREATED: Final = 0
 _RUNNING: Final = 1
 _EXITED: Final = 2
+EXITED: Final = _EXITED
+"""``ExitSlot._state`` once ``start()``'s outcome is recorded (``Service.__del__`` reads
+the state as is)."""
 
 
 def _release(fut: asyncio.Future[None]) -> None:

@@ -15,8 +15,9 @@ registry. *When* each hook runs is the contract of ``Service.start``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Final, Protocol, TypeVar, final
+from typing import ClassVar, Final, Protocol, final
 
 from ._core import ShutdownToken, TaskRegistry
 from ._exit import ExitReason
@@ -35,7 +36,9 @@ __all__ = [
     "RunContext",
     "StartContext",
     "StopContext",
-    "trusted_context",
+    "trusted_run_context",
+    "trusted_start_context",
+    "trusted_stop_context",
 ]
 
 NODE_HOOKS: Final = ("pre_start", "on_start", "run", "on_stop", "post_stop")
@@ -58,17 +61,6 @@ def _check(value: object, expected: type, owner: str, field: str) -> None:
 
 # The contexts are immutable records; they compare by identity (eq=False),
 # as the service hands each hook its own.
-
-_Ctx = TypeVar("_Ctx", "StartContext", "RunContext", "StopContext")
-
-
-def trusted_context(cls: type[_Ctx], *values: object) -> _Ctx:
-    """``cls(*values)`` without its checks: for ``Service``, which passes its own token,
-    registry, name and exit reason (the types the checks would find), once a start."""
-    ctx = object.__new__(cls)
-    for field, value in zip(cls.__slots__, values, strict=True):
-        object.__setattr__(ctx, field, value)
-    return ctx
 
 
 @final
@@ -132,6 +124,53 @@ class StopContext:
         _check(self.shutdown, ShutdownToken, "StopContext", "shutdown")
         _check(self.tasks, TaskRegistry, "StopContext", "tasks")
         _check(self.exit_reason, ExitReason, "StopContext", "exit_reason")
+
+
+# The contexts made without their checks, for ``Service``, which passes its own name,
+# token, registry and exit reason (the types the checks would find), once a start: each
+# field set through its slot's own setter (a dataclass ``__init__`` with its
+# ``__post_init__`` checks, or ``object.__setattr__`` by name, cost about three times as
+# much), one function a class, unrolled (a loop over ``zip`` of setters and values costs
+# twice the unrolled calls).
+
+_new: Final = object.__new__
+_SetField = Callable[[object, object], None]
+_set_start_name: Final[_SetField] = StartContext.__dict__["name"].__set__
+_set_start_shutdown: Final[_SetField] = StartContext.__dict__["shutdown"].__set__
+_set_start_tasks: Final[_SetField] = StartContext.__dict__["tasks"].__set__
+_set_run_shutdown: Final[_SetField] = RunContext.__dict__["shutdown"].__set__
+_set_run_tasks: Final[_SetField] = RunContext.__dict__["tasks"].__set__
+_set_stop_shutdown: Final[_SetField] = StopContext.__dict__["shutdown"].__set__
+_set_stop_tasks: Final[_SetField] = StopContext.__dict__["tasks"].__set__
+_set_stop_exit_reason: Final[_SetField] = StopContext.__dict__["exit_reason"].__set__
+
+
+def trusted_start_context(name: str, shutdown: ShutdownToken, tasks: TaskRegistry) -> StartContext:
+    """``StartContext(name, shutdown, tasks)`` without its checks (see above)."""
+    ctx: StartContext = _new(StartContext)
+    _set_start_name(ctx, name)
+    _set_start_shutdown(ctx, shutdown)
+    _set_start_tasks(ctx, tasks)
+    return ctx
+
+
+def trusted_run_context(shutdown: ShutdownToken, tasks: TaskRegistry) -> RunContext:
+    """``RunContext(shutdown, tasks)`` without its checks (see above)."""
+    ctx: RunContext = _new(RunContext)
+    _set_run_shutdown(ctx, shutdown)
+    _set_run_tasks(ctx, tasks)
+    return ctx
+
+
+def trusted_stop_context(
+    shutdown: ShutdownToken, tasks: TaskRegistry, exit_reason: ExitReason
+) -> StopContext:
+    """``StopContext(shutdown, tasks, exit_reason)`` without its checks (see above)."""
+    ctx: StopContext = _new(StopContext)
+    _set_stop_shutdown(ctx, shutdown)
+    _set_stop_tasks(ctx, tasks)
+    _set_stop_exit_reason(ctx, exit_reason)
+    return ctx
 
 
 class NodeLifecycle:

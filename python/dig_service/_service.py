@@ -66,6 +66,7 @@ import inspect
 import logging
 import sys
 import time
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
@@ -84,6 +85,7 @@ from ._errors import (
     describe_exc,
 )
 from ._exit import ExitReason, ExitStatus, check_reason, trusted_requested, trusted_status
+from ._handle import EXITED as _EXITED
 from ._handle import ExitSlot, ServiceHandle
 from ._lifecycle import (
     NodeLifecycle,
@@ -92,10 +94,11 @@ from ._lifecycle import (
     PeerApiLike,
     RpcApi,
     RpcApiLike,
-    RunContext,
     StartContext,
     StopContext,
-    trusted_context,
+    trusted_run_context,
+    trusted_start_context,
+    trusted_stop_context,
 )
 from ._phase import Phase, hook_task_name
 from ._report import (
@@ -120,6 +123,18 @@ N = TypeVar("N", bound=NodeLike)
 A = TypeVar("A", bound=PeerApiLike | None)
 R = TypeVar("R", bound=RpcApiLike | None)
 
+# The phases as module globals: on CPython 3.11 `Phase.RUN` goes through the `__getattr__`
+# hook of the enum's metaclass (~1,000 instructions a lookup, where a global is a few
+# dozen), and the lifecycle names a phase about fifteen times a start.
+_CREATED: Final = Phase.CREATED
+_PRE_START: Final = Phase.PRE_START
+_ON_START: Final = Phase.ON_START
+_RUN: Final = Phase.RUN
+_JOIN: Final = Phase.JOIN
+_ON_STOP: Final = Phase.ON_STOP
+_POST_STOP: Final = Phase.POST_STOP
+_EXITED_PHASE: Final = Phase.EXITED
+
 _HOOK_NAMES: Final = {phase: str(phase) for phase in Phase}
 """Each phase's name (a plain ``str``: ``Phase.X.value`` is a Python-level descriptor)."""
 
@@ -131,6 +146,8 @@ for it (``Service._passed_over``)."""
 
 _DEFAULT_CONFIG: Final = ServiceConfig()
 """The config of a ``Service`` given none (immutable: one is enough)."""
+
+_CoroutineType: Final = types.CoroutineType
 
 RUN_TASK_NAME: Final = "run"
 """How ``run`` is named in ``ShutdownDeadlineExceeded.pending_names`` when it overruns."""
@@ -213,8 +230,6 @@ class Service(Generic[N, A, R]):
         self._node: N = node
         self._peer_api: A = peer_api
         self._rpc_api: R = rpc_api
-        self._peer_api_impl: PeerApiLike = peer_api if peer_api is not None else PeerApi()
-        self._rpc_api_impl: RpcApiLike = rpc_api if rpc_api is not None else RpcApi()
         self._config = config
         self._name: str = name or ""
         self._label: str = name or type(node).__name__
@@ -223,7 +238,7 @@ class Service(Generic[N, A, R]):
         self._slot = ExitSlot()  # abandoned by __del__ if start() never finished
 
         # Lifecycle state (owned by the loop that runs start()).
-        self._phase_value = Phase.CREATED
+        self._phase_value = _CREATED
         self._phase_listeners: list[Callable[[Phase], object]] = []
         self._hook_task: asyncio.Task[Any] | None = None
         self._startup_aborted = False
@@ -249,8 +264,14 @@ class Service(Generic[N, A, R]):
         # handles' waiters are released with AlreadyStopped. Nothing at interpreter exit
         # (a `weakref.finalize` with `atexit = False` did the same, at ~10x the cost of a
         # Service a start, and its registry was a global root to keep weak).
-        slot: ExitSlot | None = self.__dict__.get("_slot")  # none if __init__ raised
-        if slot is not None and not slot.is_exited() and not _finalizing():
+        # Read as an attribute, not through `self.__dict__` (which would build the dict
+        # the instance's attributes do without), and the slot's state read as is: this
+        # runs once a service.
+        try:
+            slot = self._slot
+        except AttributeError:  # __init__ raised before it made the slot
+            return
+        if slot._state != _EXITED and not _finalizing():
             slot.abandon("the Service was garbage-collected before its start() finished")
 
     # ----------------------------------------------------------------- accessors
@@ -269,6 +290,18 @@ class Service(Generic[N, A, R]):
     def rpc_api(self) -> R:
         """The RPC API passed to the constructor (``None``: the no-op ``RpcApi()`` is used)."""
         return self._rpc_api
+
+    @property
+    def _peer_api_impl(self) -> PeerApiLike:
+        """The peer API in use: the one passed, or a no-op ``PeerApi()`` (made when asked
+        for: nothing in the lifecycle needs it)."""
+        return self._peer_api if self._peer_api is not None else PeerApi()
+
+    @property
+    def _rpc_api_impl(self) -> RpcApiLike:
+        """The RPC API in use: the one passed, or a no-op ``RpcApi()`` (made when asked
+        for: nothing in the lifecycle needs it)."""
+        return self._rpc_api if self._rpc_api is not None else RpcApi()
 
     @property
     def config(self) -> ServiceConfig:
@@ -295,7 +328,9 @@ class Service(Generic[N, A, R]):
         Raises:
             TypeError: ``reason`` is not a ``ShutdownReason``.
         """
-        self._token.cancel(check_reason(reason, "Service.request_shutdown()"))
+        if not isinstance(reason, ShutdownReason):  # check_reason's test, without its call
+            check_reason(reason, "Service.request_shutdown()")  # raises the TypeError
+        self._token.cancel(reason)
 
     async def wait_for_exit(self) -> ExitStatus:
         """Wait until ``start()`` has finished; return its result or raise its error.
@@ -316,6 +351,13 @@ class Service(Generic[N, A, R]):
 
     @_phase.setter
     def _phase(self, phase: Phase) -> None:
+        self._enter(phase)
+
+    def _enter(self, phase: Phase) -> None:
+        """Enter the stage ``phase`` and tell the listeners (unless it is the current one).
+
+        The lifecycle's hot spots do this inline when nobody listens (the runner is the
+        only listener): ``self._phase_value = phase`` is all it does then."""
         if phase == self._phase_value:
             return
         self._phase_value = phase
@@ -402,12 +444,16 @@ class Service(Generic[N, A, R]):
                 "single-shot, build a new Service (with a new node) to start again"
             )
         loop = asyncio.get_running_loop()
-        try:
-            watch = watch_running_loop(self._config.stall_warning, self._label)
-        except BaseException:  # no thread for the watchdog: nothing started yet
-            self._slot.abandon(f"service {self._label!r}: the loop-stall watchdog did not start")
-            raise
-        if watch is not None:
+        watch = None
+        stall_warning = self._config.stall_warning
+        if stall_warning is not None:  # else watch_running_loop makes none: not called
+            try:
+                watch = watch_running_loop(stall_warning, self._label)
+            except BaseException:  # no thread for the watchdog: nothing started yet
+                self._slot.abandon(
+                    f"service {self._label!r}: the loop-stall watchdog did not start"
+                )
+                raise
             self._loop_watch = watch
         self._hook_context = contextvars.copy_context()
         lifecycle = loop.create_task(
@@ -499,7 +545,7 @@ class Service(Generic[N, A, R]):
         ``pre_start``/``on_start`` (it then counts as failed)."""
         self._token.cancel(ShutdownReason.UserRequested())
         self._startup_aborted = True
-        if self._phase in (Phase.PRE_START, Phase.ON_START) and self._hook_task is not None:
+        if self._phase in (_PRE_START, _ON_START) and self._hook_task is not None:
             self._hook_task.cancel()
 
     def _lifecycle_cancelled(self) -> None:
@@ -588,10 +634,10 @@ class Service(Generic[N, A, R]):
             reason = trusted_requested(_reason_of(token))
             return await self._wind_down(reason, [], on_stop=False, post_stop=False)
 
-        if self._passed_over(Phase.PRE_START):
+        if self._passed_over(_PRE_START):
             exc = None
         else:
-            exc = await self._edge_hook(Phase.PRE_START, self._start_context())
+            exc = await self._edge_hook(_PRE_START, self._start_context())
         # A shutdown requested before pre_start ended: then the service has a report.
         requested = token.is_cancelled()
         if exc is not None:
@@ -607,10 +653,10 @@ class Service(Generic[N, A, R]):
         if requested:
             return await self._startup_interrupted("pre_start", on_start_completed=False)
 
-        if self._passed_over(Phase.ON_START):
+        if self._passed_over(_ON_START):
             exc = None
         else:
-            exc = await self._edge_hook(Phase.ON_START, self._start_context())
+            exc = await self._edge_hook(_ON_START, self._start_context())
         if exc is not None:
             primary = self._hook_failure(OnStartFailed, "on_start", exc)
             self._fire_after("on_start", exc)
@@ -622,9 +668,9 @@ class Service(Generic[N, A, R]):
 
         logger.info("service %s: started", self._label)
         exit_reason, run_exc, run_overran = await self._drive_run()
-        failures: list[tuple[str, BaseException | None, ServiceError | None]] = [
-            ("run", run_exc, self._hook_failure(RunFailed, "run", run_exc))
-        ]
+        failures: list[tuple[str, BaseException | None, ServiceError | None]] = []
+        if run_exc is not None:
+            failures.append(("run", run_exc, self._hook_failure(RunFailed, "run", run_exc)))
         return await self._wind_down(exit_reason, failures, run_overran=run_overran)
 
     async def _startup_interrupted(
@@ -650,8 +696,8 @@ class Service(Generic[N, A, R]):
         the join, then ``on_stop`` (if ``on_stop``) and ``post_stop`` (if ``post_stop``) in
         the stop hooks' window; return the outcome, with its report attached.
 
-        ``failures``: the failures so far (``(stage, exception, error)``), which outrank
-        every later one."""
+        ``failures``: the failures so far (``(stage, exception, error)``, each with an
+        error), which outrank every later one."""
         loop = asyncio.get_running_loop()
         # `run` past its share: the share is spent, every task still live is a straggler.
         join_err = await self._join(loop.time() if run_overran else self._share_end())
@@ -664,7 +710,7 @@ class Service(Generic[N, A, R]):
             join_err = ShutdownDeadlineExceeded(self._config.shutdown_deadline, len(names), names)
 
         stop_by = self._stop_end(loop.time())
-        for hook, wanted in ((Phase.ON_STOP, on_stop), (Phase.POST_STOP, post_stop)):
+        for hook, wanted in ((_ON_STOP, on_stop), (_POST_STOP, post_stop)):
             if not wanted:
                 continue
             if self._passed_over(hook):
@@ -672,12 +718,17 @@ class Service(Generic[N, A, R]):
             else:
                 ctx = self._stop_context(exit_reason)
                 exc = await self._edge_hook(hook, ctx, stop_by=stop_by)
-            name = _HOOK_NAMES[hook]
-            failures.append((name, exc, self._hook_failure(OnStopFailed, name, exc)))
-        self._finish_phase()
-        failures.append(("joining tasks", None, join_err))
+            if exc is not None:
+                name = _HOOK_NAMES[hook]
+                failures.append((name, exc, self._hook_failure(OnStopFailed, name, exc)))
+        if self._phase_listeners:
+            self._enter(_EXITED_PHASE)
+        else:
+            self._phase_value = _EXITED_PHASE  # what _enter does when nobody listens
+        if join_err is not None:
+            failures.append(("joining tasks", None, join_err))
         report = self._report()
-        failed = self._outcome(failures)
+        failed = self._outcome(failures) if failures else None
         if failed is not None:
             self._attach(failed, report)
             return failed
@@ -721,26 +772,39 @@ class Service(Generic[N, A, R]):
     def _share_end(self) -> float:
         """The end of the share of ``run`` and the join (and of a start-up hook the token
         interrupted): ``shutdown_deadline - stop_reserve`` after the token fired."""
-        return self._fired() + self._config.run_and_join_budget
+        fired = self._fired_at if self._fired_at is not None else self._fired()
+        config = self._config
+        # ServiceConfig.run_and_join_budget, without the property's call.
+        return fired + (config.shutdown_deadline - config.stop_reserve)
 
     def _stop_end(self, start: float) -> float:
         """The end of the stop hooks' window when they start at ``start``: what is left of
         the budget, never less than the reserve."""
         config = self._config
-        return max(self._fired() + config.shutdown_deadline, start + config.stop_reserve)
+        fired = self._fired_at if self._fired_at is not None else self._fired()
+        return max(fired + config.shutdown_deadline, start + config.stop_reserve)
 
     def _report(self) -> ShutdownReport:
         """The report of the shutdown, as it stands now (its end)."""
         loop = asyncio.get_running_loop()
-        fired = self._fired()
-        if self._fire_watch is not None and not self._fire_watch.done():
-            self._fire_watch.cancel()
+        fired = self._fired_at if self._fired_at is not None else self._fired()
+        watch = self._fire_watch
+        if watch is not None and not watch.done():
+            watch.cancel()
         self._fire_watch = None
+        phases = self._phases
+        get = phases.get
         return trusted_shutdown_report(
             _reason_of(self._token),
             max(0.0, loop.time() - fired),
             self._live_at_fire,
-            [self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
+            # PHASE_NAMES, in order, spelled out (no list comprehension's call).
+            [
+                get("run") or _SKIPPED["run"],
+                get("join") or _SKIPPED["join"],
+                get("on_stop") or _SKIPPED["on_stop"],
+                get("post_stop") or _SKIPPED["post_stop"],
+            ],
             list(self._stragglers),
         )
 
@@ -771,7 +835,7 @@ class Service(Generic[N, A, R]):
         return err
 
     def _finish_phase(self) -> None:
-        self._phase = Phase.EXITED
+        self._enter(_EXITED_PHASE)
 
     def _fire_after(self, hook: str, exc: BaseException) -> None:
         """Cancel the token after ``hook`` failed with ``exc``, so that the tasks wind down:
@@ -831,7 +895,8 @@ class Service(Generic[N, A, R]):
             awaitable = fn(*args)
         except Exception as exc:  # a hook that raises before returning a coroutine
             return exc
-        if not inspect.isawaitable(awaitable):
+        # A coroutine (what an `async def` hook returns) is awaitable: asked of anything else.
+        if type(awaitable) is not _CoroutineType and not inspect.isawaitable(awaitable):
             return TypeError(
                 f"{type(target).__name__}.{hook}() returned {type(awaitable).__name__}, "
                 f"not a coroutine; declare it `async def {hook}(...)`"
@@ -846,14 +911,14 @@ class Service(Generic[N, A, R]):
         """The context of ``pre_start`` and ``on_start`` (one for both), made when the
         first of them is called: none for a node that keeps both defaults."""
         if self._start_ctx is None:
-            self._start_ctx = trusted_context(StartContext, self._name, self._token, self._tasks)
+            self._start_ctx = trusted_start_context(self._name, self._token, self._tasks)
         return self._start_ctx
 
     def _stop_context(self, exit_reason: ExitReason) -> StopContext:
         """The context of ``on_stop`` and ``post_stop`` (one for both), made when the
         first of them is called: none for a node that keeps both defaults."""
         if self._stop_ctx is None:
-            self._stop_ctx = trusted_context(StopContext, self._token, self._tasks, exit_reason)
+            self._stop_ctx = trusted_stop_context(self._token, self._tasks, exit_reason)
         return self._stop_ctx
 
     def _passed_over(self, hook: Phase) -> bool:
@@ -861,7 +926,7 @@ class Service(Generic[N, A, R]):
         was passed over here, at once: its stage entered and recorded (``"ok"``) as
         ``_edge_hook`` does for it, with no call, no task, no coroutine and no context.
         ``False``: ``_edge_hook`` runs it (or says why it does not run)."""
-        if self._startup_aborted and (hook is Phase.PRE_START or hook is Phase.ON_START):
+        if self._startup_aborted and (hook is _PRE_START or hook is _ON_START):
             return False  # not started: _edge_hook says so
         name = _HOOK_NAMES[hook]
         # NodeLifecycle's own: found on the node's class, not shadowed by the instance,
@@ -872,10 +937,13 @@ class Service(Generic[N, A, R]):
             type(node), name, None
         ) is not _DEFAULT_HOOKS.get(name):
             return False
-        self._phase = hook
-        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
+        if self._phase_listeners:
+            self._enter(hook)
+        else:
+            self._phase_value = hook  # what _enter does when nobody listens
+        if hook is _ON_STOP or hook is _POST_STOP:
             # Recorded for the report as a hook that ran: "ok", in no time (it was not called).
-            self._phases[name] = trusted_phase_report(name, 0.0, "ok")  # type: ignore[arg-type]
+            self._phases[name] = _PASSED_OVER[name]
         return True
 
     async def _edge_hook(
@@ -890,8 +958,8 @@ class Service(Generic[N, A, R]):
         failure is a ``TimeoutError`` saying which limit it hit. A stop hook's duration
         and outcome go into the report.
         """
-        self._phase = hook
-        if hook in (Phase.PRE_START, Phase.ON_START) and self._startup_aborted:
+        self._enter(hook)
+        if hook in (_PRE_START, _ON_START) and self._startup_aborted:
             return asyncio.CancelledError(f"{hook} was not started: start() was cancelled")
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -942,7 +1010,7 @@ class Service(Generic[N, A, R]):
 
     def _record_phase(self, hook: Phase, started: float, outcome: PhaseOutcome) -> None:
         """Record a stop hook's duration and outcome for the report."""
-        if hook is Phase.ON_STOP or hook is Phase.POST_STOP:
+        if hook is _ON_STOP or hook is _POST_STOP:
             took = asyncio.get_running_loop().time() - started
             name = _HOOK_NAMES[hook]
             self._phases[name] = trusted_phase_report(name, took, outcome)  # type: ignore[arg-type]
@@ -955,8 +1023,11 @@ class Service(Generic[N, A, R]):
         outcome, the token has fired when this returns.
         """
         token = self._token
-        self._phase = Phase.RUN
-        run_ctx = trusted_context(RunContext, token, self._tasks)
+        if self._phase_listeners:
+            self._enter(_RUN)
+        else:
+            self._phase_value = _RUN  # what _enter does when nobody listens
+        run_ctx = trusted_run_context(token, self._tasks)
         run_task = self._call_hook("run", self._node, run_ctx)
         if isinstance(run_task, BaseException):
             self._fire_after("run", run_task)
@@ -965,13 +1036,19 @@ class Service(Generic[N, A, R]):
 
         overran = False
         while not run_task.done() and not token.is_cancelled():
-            fired = token._park()
+            # The future parked on the token since start() (`_watch_fire`) is resolved when
+            # it fires: waited on as is (not cancelled here: it stamps the firing), with no
+            # other parked for this wait (the core parks, then wakes, each one).
+            fired = self._fire_watch
+            parked = fired is None or fired.done()  # then a future of this wait's own
+            if parked:
+                fired = token._park()
             if fired is None:
                 break
             try:
                 await self._wait((run_task, fired))
             finally:
-                if not fired.done():
+                if parked and not fired.done():
                     fired.cancel()
         if not run_task.done():
             # The token fired first: `run` has its share of the budget to return.
@@ -1012,7 +1089,8 @@ class Service(Generic[N, A, R]):
 
     def _run_phase(self, outcome: PhaseOutcome) -> None:
         """Record ``run``'s stage: from the token firing until ``run`` ended."""
-        took = max(0.0, asyncio.get_running_loop().time() - self._fired())
+        fired = self._fired_at if self._fired_at is not None else self._fired()
+        took = max(0.0, asyncio.get_running_loop().time() - fired)
         self._phases["run"] = trusted_phase_report("run", took, outcome)
 
     async def _join(self, until: float) -> ServiceError | None:
@@ -1025,7 +1103,10 @@ class Service(Generic[N, A, R]):
         ``join_all`` does at its deadline. A cancellation of the lifecycle task does not
         cut the join short: it goes on to the same end.
         """
-        self._phase = Phase.JOIN
+        if self._phase_listeners:
+            self._enter(_JOIN)
+        else:
+            self._phase_value = _JOIN  # what _enter does when nobody listens
         tasks = self._tasks
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -1078,6 +1159,10 @@ class Service(Generic[N, A, R]):
 
 _SKIPPED: Final = {name: PhaseReport(name, 0.0, "skipped") for name in PHASE_NAMES}
 """The report of each stage that did not run (immutable values: one of each is enough)."""
+
+_PASSED_OVER: Final = {name: PhaseReport(name, 0.0, "ok") for name in ("on_stop", "post_stop")}
+"""The report of a stop hook passed over (``Service._passed_over``): ``"ok"``, in no time
+(immutable values: one of each is enough)."""
 
 _TIMED_OUT: Final = object()
 """What the join's timer resolves its future with."""

@@ -37,45 +37,61 @@ _RPC_SIGNATURES: Final = {
 
 
 _OBJECT_GETATTRIBUTE: Final = object.__getattribute__
-_get_hooks: Final = operator.attrgetter(*NODE_HOOKS)
+_get_lookup_and_hooks: Final = operator.attrgetter("__getattribute__", *NODE_HOOKS)
+_HOOK_NAMES: Final = frozenset(NODE_HOOKS)
 
-_CHECKED_NODE_TYPES: Final[weakref.WeakKeyDictionary[type, tuple[object, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Node classes whose hooks passed the check, with the hook objects that passed: a node
-of such a class whose hooks are still those objects (looked up on the class, not shadowed
-by the instance) needs no new check (``Service(...)`` is made once a start)."""
+_CHECKED_NODE_TYPES: Final[dict[int, tuple[weakref.ref[type], tuple[object, ...]]]] = {}
+"""Node classes whose hooks passed the check, by ``id``: a weak reference to the class
+(what tells it from a later class at the same address) and its ``__getattribute__`` and
+hook objects that passed. A node of such a class whose hooks are still those objects
+(looked up on the class, not shadowed by the instance) needs no new check
+(``Service(...)`` is made once a start). Weak: an entry goes with its class (a callback
+of the reference), so a class made per service is not kept. A plain ``dict`` looked up
+by ``id`` is a C call, where a ``WeakKeyDictionary.get`` is a Python one that makes a new
+weak reference to look up each time."""
 
 
-def _class_hooks(node: object) -> tuple[object, ...] | None:
-    """The node's hooks as its class defines them, if that is where its attribute lookup
-    finds them (no instance attribute of that name, no ``__getattribute__`` of its own);
-    else ``None``."""
-    cls = type(node)
-    if cls.__getattribute__ is not _OBJECT_GETATTRIBUTE:
-        return None
-    own = getattr(node, "__dict__", None)
-    if own and not own.keys().isdisjoint(NODE_HOOKS):
-        return None
+def _class_hooks(node: object, cls: type) -> tuple[object, ...] | None:
+    """``cls.__getattribute__`` followed by the node's hooks as its class ``cls`` defines
+    them, if that is where its attribute lookup finds them (no instance attribute of
+    that name, no ``__getattribute__`` of its own); else ``None``."""
     try:
-        hooks: tuple[object, ...] = _get_hooks(cls)
+        found: tuple[object, ...] = _get_lookup_and_hooks(cls)
     except AttributeError:
         return None
-    return hooks
+    if found[0] is not _OBJECT_GETATTRIBUTE:
+        return None
+    own = getattr(node, "__dict__", None)
+    if own and not _HOOK_NAMES.isdisjoint(own):  # a set's lookups, not a tuple's scans
+        return None
+    return found
+
+
+def _remember(cls: type, found: tuple[object, ...]) -> None:
+    """Record that ``cls``, with ``found`` as its lookup and hooks, passed the check."""
+    key = id(cls)
+
+    def forget(ref: weakref.ref[type]) -> None:
+        entry = _CHECKED_NODE_TYPES.get(key)
+        if entry is not None and entry[0] is ref:
+            del _CHECKED_NODE_TYPES[key]
+
+    _CHECKED_NODE_TYPES[key] = (weakref.ref(cls, forget), found)
 
 
 def check_node(node: object) -> str | None:
     """Check ``node``'s hooks and ``NAME``; return its ``NAME``."""
-    hooks = _class_hooks(node)
-    if hooks is None or _CHECKED_NODE_TYPES.get(type(node)) != hooks:
+    cls = type(node)
+    found = _class_hooks(node, cls)
+    entry = None if found is None else _CHECKED_NODE_TYPES.get(id(cls))
+    if entry is None or entry[0]() is not cls or entry[1] != found:
         _check_async_methods(node, NODE_HOOKS, "node", "NodeLifecycle", _NODE_SIGNATURES)
-        if hooks is not None:
-            _CHECKED_NODE_TYPES[type(node)] = hooks
+        if found is not None:
+            _remember(cls, found)
     name = getattr(node, "NAME", None)
     if name is not None and not isinstance(name, str):
         raise TypeError(
-            f"Service(): `{type(node).__name__}.NAME` must be str or None, "
-            f"got {type(name).__name__}"
+            f"Service(): `{cls.__name__}.NAME` must be str or None, got {type(name).__name__}"
         )
     return name
 
