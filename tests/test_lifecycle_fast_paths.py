@@ -561,7 +561,7 @@ def test_stages_entered_inline_without_listeners_are_the_listeners_stages(
         assert status.reason == ExitReason.RunCompleted()
         return svc
 
-    spy = run(loop_factory, quiet())
+    spy = run_on(loop_factory, quiet())
     assert spy.written == ["created", *stages]
     assert "_enter" not in called, called
     assert spy._phase == "exited"
@@ -574,7 +574,7 @@ def test_stages_entered_inline_without_listeners_are_the_listeners_stages(
         await svc.start()
         return svc
 
-    assert run(loop_factory, listened())._phase == "exited"
+    assert run_on(loop_factory, listened())._phase == "exited"
     assert told == stages
 
 
@@ -611,7 +611,7 @@ def test_a_hook_result_is_checked_awaitable_past_the_coroutine_fast_path(
     async def returns() -> None:
         pass
 
-    status = run(loop_factory, start(lambda loop: lambda ctx: returns()))
+    status = run_on(loop_factory, start(lambda loop: lambda ctx: returns()))
     assert status.reason == ExitReason.RunCompleted()
     assert inspected == []
 
@@ -620,11 +620,11 @@ def test_a_hook_result_is_checked_awaitable_past_the_coroutine_fast_path(
         fut.set_result(None)
         return lambda ctx: fut
 
-    status = run(loop_factory, start(done_future))
+    status = run_on(loop_factory, start(done_future))
     assert status.reason == ExitReason.RunCompleted()
     assert len(inspected) == 1
 
-    failed = run(loop_factory, start(lambda loop: lambda ctx: 42))
+    failed = run_on(loop_factory, start(lambda loop: lambda ctx: 42))
     assert isinstance(failed, RunFailed)
     assert isinstance(failed.__cause__, TypeError)
     assert "returned int, not a coroutine; declare it `async def run(...)`" in str(failed.__cause__)
@@ -686,7 +686,7 @@ def test_run_waits_on_the_future_parked_since_start(
             finally:
                 sys.setprofile(None)
 
-        status = run(loop_factory, main())
+        status = run_on(loop_factory, main())
         return status, len(parks)
 
     shared, parks = lifecycle(Service)

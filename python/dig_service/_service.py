@@ -772,39 +772,27 @@ class Service(Generic[N, A, R]):
     def _share_end(self) -> float:
         """The end of the share of ``run`` and the join (and of a start-up hook the token
         interrupted): ``shutdown_deadline - stop_reserve`` after the token fired."""
-        fired = self._fired_at if self._fired_at is not None else self._fired()
-        config = self._config
-        # ServiceConfig.run_and_join_budget, without the property's call.
-        return fired + (config.shutdown_deadline - config.stop_reserve)
+        return self._fired() + self._config.run_and_join_budget
 
     def _stop_end(self, start: float) -> float:
         """The end of the stop hooks' window when they start at ``start``: what is left of
         the budget, never less than the reserve."""
         config = self._config
-        fired = self._fired_at if self._fired_at is not None else self._fired()
-        return max(fired + config.shutdown_deadline, start + config.stop_reserve)
+        return max(self._fired() + config.shutdown_deadline, start + config.stop_reserve)
 
     def _report(self) -> ShutdownReport:
         """The report of the shutdown, as it stands now (its end)."""
         loop = asyncio.get_running_loop()
-        fired = self._fired_at if self._fired_at is not None else self._fired()
+        fired = self._fired()
         watch = self._fire_watch
         if watch is not None and not watch.done():
             watch.cancel()
         self._fire_watch = None
-        phases = self._phases
-        get = phases.get
         return trusted_shutdown_report(
             _reason_of(self._token),
             max(0.0, loop.time() - fired),
             self._live_at_fire,
-            # PHASE_NAMES, in order, spelled out (no list comprehension's call).
-            [
-                get("run") or _SKIPPED["run"],
-                get("join") or _SKIPPED["join"],
-                get("on_stop") or _SKIPPED["on_stop"],
-                get("post_stop") or _SKIPPED["post_stop"],
-            ],
+            [self._phases.get(name) or _SKIPPED[name] for name in PHASE_NAMES],
             list(self._stragglers),
         )
 
@@ -1089,8 +1077,7 @@ class Service(Generic[N, A, R]):
 
     def _run_phase(self, outcome: PhaseOutcome) -> None:
         """Record ``run``'s stage: from the token firing until ``run`` ended."""
-        fired = self._fired_at if self._fired_at is not None else self._fired()
-        took = max(0.0, asyncio.get_running_loop().time() - fired)
+        took = max(0.0, asyncio.get_running_loop().time() - self._fired())
         self._phases["run"] = trusted_phase_report("run", took, outcome)
 
     async def _join(self, until: float) -> ServiceError | None:
