@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::mem::ManuallyDrop;
 use std::thread::ThreadId;
 
+use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -76,17 +77,19 @@ impl ForeignTask for PyForeign {
     fn quiet_end(&self) -> Option<TaskOutcome> {
         attach_unless_exiting(|py| {
             let task = self.task.bind(py);
-            let ask = |method| task.call_method0(method).and_then(|v| v.is_truthy());
             // An error from a task's own method (a subclass's) is left to
             // the handle's report, which calls the same methods.
-            if !ask(pyo3::intern!(py, "done")).ok()? {
+            let done = task.call_method0(pyo3::intern!(py, "done"));
+            if !done.and_then(|d| d.is_truthy()).ok()? {
                 return None;
             }
-            if ask(pyo3::intern!(py, "cancelled")).ok()? {
-                return Some(TaskOutcome::Cancelled);
+            // As the handle's report reads it: `None` for a return, a
+            // `CancelledError` raised for a cancellation.
+            match task.call_method0(pyo3::intern!(py, "exception")) {
+                Ok(exc) => exc.is_none().then_some(TaskOutcome::Completed),
+                Err(e) if e.is_instance_of::<CancelledError>(py) => Some(TaskOutcome::Cancelled),
+                Err(_) => None,
             }
-            let exception = task.call_method0(pyo3::intern!(py, "exception")).ok()?;
-            exception.is_none().then_some(TaskOutcome::Completed)
         })
         .flatten()
     }
