@@ -2,7 +2,8 @@
 # Every check, Rust and Python, from a bare checkout (what CI runs, through
 # .ci/run): installs what it needs (Rust crates through cargo, Python
 # packages through pip into ./.venv and into one venv per CPython), then
-#   1. cargo fmt, clippy -D warnings, cargo test;
+#   1. cargo fmt, clippy -D warnings, rustdoc -D warnings (public and
+#      private views: no broken intra-doc link), cargo test;
 #   2. the release artefacts (scripts/build-wheels.sh): the manylinux2014
 #      abi3 wheel, checked by auditwheel, and the sdist;
 #   3. ruff, mypy --strict, stubtest and the benchmark smoke run, against
@@ -41,6 +42,10 @@ cargo fmt --all --check
 
 step "cargo clippy"
 cargo clippy --all-targets --all-features -- -D warnings
+
+step "cargo doc (-D warnings; the public view, then the private one)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --document-private-items
 
 step "cargo test"
 cargo test --all-features

@@ -24,7 +24,7 @@
 //!
 //! | flag | effect |
 //! |---|---|
-//! | `testing` | ships [`testing::TestNode`] |
+//! | `testing` | ships `testing::TestNode` |
 //! | `python` | the PyO3 bindings (`dig_service._core`) |
 //! | `abi3` | `python`, built against the stable ABI (CPython >= 3.11) |
 

@@ -25,7 +25,7 @@
 //!   hook runs at all. A start-up hook that ignores the request is dropped
 //!   at the end of its share, and fails.
 //! - **A report.** Whenever a shutdown began, what `start()` returns
-//!   carries a [`ShutdownReport`](crate::ShutdownReport)
+//!   carries a [`ShutdownReport`]
 //!   ([`ExitStatus::report`], [`ServiceError::report`]): reason, total
 //!   time, each stage's duration and outcome, every straggler.
 //! - **Panics are failures, not crashes.** A panic inside any hook is
@@ -267,7 +267,7 @@ where
     /// When several stages fail, the error returned is the first of run >
     /// on_stop > post_stop > join; the others are logged. Whenever a
     /// shutdown began, the status or error carries its
-    /// [`ShutdownReport`](crate::ShutdownReport).
+    /// [`ShutdownReport`].
     pub async fn start(&self) -> Result<ExitStatus> {
         let Ok(rt) = Handle::try_current() else {
             return Err(ServiceError::NoRuntime("Service::start"));

@@ -58,7 +58,8 @@ impl fmt::Display for DisconnectReason {
     }
 }
 
-/// A JSON-RPC 2.0 error object, as returned by [`RpcApi::dispatch`].
+/// A JSON-RPC 2.0 error object, as returned by
+/// [`RpcApi::dispatch`](crate::RpcApi::dispatch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonRpcError {
     /// The JSON-RPC error code (−32601 is "method not found").

@@ -30,6 +30,11 @@
 //! | [`fork`] | `os.fork()`: a child never hangs on its parent's locks |
 //! | [`exit`] | interpreter exit never aborts with threads still running |
 //! | [`interop`] | what they share: stdlib objects, argument checks, clocks |
+//!
+//! The modules are private: the links resolve in
+//! `cargo doc --document-private-items`, the view for whoever works on them.
+
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod aio;
 mod bridge;
