@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::mem::ManuallyDrop;
 use std::thread::ThreadId;
 
-use pyo3::exceptions::asyncio::CancelledError;
+use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -27,6 +27,25 @@ use super::exit::attach_unless_exiting;
 use super::interop::call_on_loop;
 use super::release::release;
 use crate::tasks::{ForeignTask, TaskOutcome};
+
+/// How an asyncio task ended, read from what its `exception()` gave: `None`
+/// returned for a return, `CancelledError` raised for a cancellation, any
+/// other exception, returned or raised, for a failure; `None` while the
+/// task is not done (`InvalidStateError`). The one reading of a task's end
+/// that its handle's report, a supervised task's report and the join's
+/// count of quiet ends share.
+pub(crate) fn outcome_of(
+    py: Python<'_>,
+    exception: &PyResult<Bound<'_, PyAny>>,
+) -> Option<TaskOutcome> {
+    match exception {
+        Ok(exc) if exc.is_none() => Some(TaskOutcome::Completed),
+        Ok(_) => Some(TaskOutcome::Failed),
+        Err(e) if e.is_instance_of::<CancelledError>(py) => Some(TaskOutcome::Cancelled),
+        Err(e) if e.is_instance_of::<InvalidStateError>(py) => None,
+        Err(_) => Some(TaskOutcome::Failed),
+    }
+}
 
 /// An asyncio task as the core registry sees it. Its references are
 /// released attached wherever it is dropped (`release.rs`): the core may
@@ -83,12 +102,10 @@ impl ForeignTask for PyForeign {
             if !done.and_then(|d| d.is_truthy()).ok()? {
                 return None;
             }
-            // As the handle's report reads it: `None` for a return, a
-            // `CancelledError` raised for a cancellation.
-            match task.call_method0(pyo3::intern!(py, "exception")) {
-                Ok(exc) => exc.is_none().then_some(TaskOutcome::Completed),
-                Err(e) if e.is_instance_of::<CancelledError>(py) => Some(TaskOutcome::Cancelled),
-                Err(_) => None,
+            // A failure is left to the report too, for its log line.
+            match outcome_of(py, &task.call_method0(pyo3::intern!(py, "exception"))) {
+                Some(TaskOutcome::Failed) | None => None,
+                quiet => quiet,
             }
         })
         .flatten()

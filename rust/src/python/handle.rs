@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
+use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::exit;
-use super::foreign::PyForeign;
+use super::foreign::{outcome_of, PyForeign};
 use super::interop::{log_task_exception, log_task_warning, type_name};
 use super::kinds::PyTaskKind;
 use crate::shutdown::ShutdownReason;
@@ -185,10 +185,10 @@ impl PyTaskHandle {
         exception: &PyResult<Bound<'_, PyAny>>,
     ) -> bool {
         match &self.inner {
-            HandleInner::Python(t) if !t.critical => match exception {
-                Ok(exc) => !exc.is_none(),
-                Err(e) => !e.is_instance_of::<CancelledError>(py),
-            },
+            HandleInner::Python(t) if !t.critical => !matches!(
+                outcome_of(py, exception),
+                Some(TaskOutcome::Completed | TaskOutcome::Cancelled)
+            ),
             _ => true,
         }
     }
@@ -421,20 +421,18 @@ impl PyTaskHandle {
         tracked: &PyTracked,
         exception: PyResult<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        if let Err(e) = &exception {
-            if e.is_instance_of::<InvalidStateError>(py) {
-                // Not done: called early, not by the loop. Nothing to report.
-                return Err(exception.unwrap_err());
-            }
-        }
+        let Some(outcome) = outcome_of(py, &exception) else {
+            // Not done: called early, not by the loop. Nothing to report.
+            return exception.map(drop);
+        };
         if tracked.reported.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
         // From here on the entry leaves the registry whatever happens
         // (a logging handler that raises, an exception whose `__str__`
         // raises): a task reported once is never left live.
-        let (outcome, err) = match exception {
-            Ok(exc) if exc.is_none() => {
+        let err = match (outcome, exception) {
+            (TaskOutcome::Completed, _) => {
                 let token = tracked.registry.shutdown();
                 if tracked.critical && !token.is_cancelled() {
                     let msg = format!(
@@ -444,14 +442,16 @@ impl PyTaskHandle {
                     let _ = log_task_warning(py, &msg);
                     token.cancel(ShutdownReason::Fatal(msg));
                 }
-                (TaskOutcome::Completed, None)
+                None
             }
-            Ok(exc) => {
+            (TaskOutcome::Failed, Ok(exc)) => {
                 self.report_failure(py, tracked, &exc);
-                (TaskOutcome::Failed, None)
+                None
             }
-            Err(e) if e.is_instance_of::<CancelledError>(py) => (TaskOutcome::Cancelled, None),
-            Err(e) => (TaskOutcome::Failed, Some(e)),
+            // `exception()` itself raised (not `CancelledError`): the
+            // caller sees that error.
+            (TaskOutcome::Failed, Err(e)) => Some(e),
+            _ => None,
         };
         tracked.registry.finish_foreign(tracked.id, outcome);
         err.map_or(Ok(()), Err)

@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::thread;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::asyncio::{CancelledError, InvalidStateError};
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -43,7 +42,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::aio;
 use super::errors;
 use super::exit::{self, attach_unless_exiting};
-use super::foreign::{cancel_on_loop, PyForeign};
+use super::foreign::{cancel_on_loop, outcome_of, PyForeign};
 use super::handle::{describe_exception, failure_reason};
 use super::interop::{coroutine_type, iscoroutine, log_task, text_arg, type_name};
 use super::kinds::PyTaskKind;
@@ -299,21 +298,15 @@ impl PySupervisedHandle {
             ));
         }
         let exception = task.call_method0(pyo3::intern!(py, "exception"));
-        if let Err(e) = &exception {
-            if e.is_instance_of::<InvalidStateError>(py) {
-                return Err(exception.unwrap_err());
-            }
-        }
+        let Some(outcome) = outcome_of(py, &exception) else {
+            // Not done: called early, not by the loop. Nothing to report.
+            return exception.map(drop);
+        };
         // Relaxed: a read-modify-write on one location; exactly one caller
         // reads `false` (see `TaskHandle.__call__`).
         if self.reported.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let outcome = match exception {
-            Ok(exc) if exc.is_none() => TaskOutcome::Completed,
-            Err(e) if e.is_instance_of::<CancelledError>(py) => TaskOutcome::Cancelled,
-            _ => TaskOutcome::Failed,
-        };
         self.registry.finish_foreign(self.id, outcome);
         // The factory may reference this handle: let the cycle go.
         let factory = self.factory.lock().take();
