@@ -1,6 +1,6 @@
 """Type stubs for the native core ``dig_service._core`` (checked by ``mypy.stubtest``)."""
 
-from asyncio import Future
+from asyncio import Future, Task
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from datetime import timedelta
 from typing import Any, ClassVar, Self, final
@@ -36,6 +36,7 @@ __all__ = [
     "_before_fork",
     "_bridged_sleep",
     "_emit_tracing_event",
+    "_format_task_stack",
     "_restore_reason",
     "_shutdown_at_exit",
     "runtime_started",
@@ -402,6 +403,7 @@ def _bridged_sleep(
     seconds: float | timedelta, on_drop: Callable[[], object]
 ) -> Awaitable[None]: ...
 def _restore_reason(variant: str, message: str) -> ShutdownReason: ...
+def _format_task_stack(task: Task[Any]) -> str: ...
 def _before_fork() -> None: ...
 def _after_fork_in_parent() -> None: ...
 def _after_fork_in_child() -> None: ...

@@ -20,12 +20,11 @@ Guarantees (SPEC section 7; the Rust crate's ``ShutdownReport`` has the same fie
 
 from __future__ import annotations
 
-import asyncio
-import linecache
 from dataclasses import dataclass
 from typing import Any, Final, Literal, final
 
 from ._core import ShutdownReason, TaskKind
+from ._core import _format_task_stack as format_task_stack
 from ._display import variant_name
 
 __all__ = [
@@ -211,46 +210,3 @@ def trusted_shutdown_report(
     set_phases(report, phases)
     set_stragglers(report, stragglers)
     return report
-
-
-def format_task_stack(task: asyncio.Task[Any]) -> str:
-    """Where ``task`` is suspended, as text: one ``File "...", line N, in f`` entry (with
-    its source line) a frame, down the chain of its ``await``\\ s (what
-    ``task.print_stack()`` shows of a coroutine is only its outermost frame), then what
-    the innermost one awaits when that is not a coroutine."""
-    lines: list[str] = []
-    obj: Any = task.get_coro()
-    for _ in range(128):  # a bounded walk: an await chain is never this deep
-        frame = (
-            getattr(obj, "cr_frame", None)
-            or getattr(obj, "gi_frame", None)
-            or getattr(obj, "ag_frame", None)
-        )
-        if frame is None:
-            break
-        code = frame.f_code
-        lines.append(f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
-        source = linecache.getline(code.co_filename, frame.f_lineno).strip()
-        if source:
-            lines.append(f"  {source}")
-        nxt = (
-            getattr(obj, "cr_await", None)
-            or getattr(obj, "gi_yieldfrom", None)
-            or getattr(obj, "ag_await", None)
-        )
-        if nxt is None:
-            break
-        if not any(hasattr(nxt, a) for a in ("cr_frame", "gi_frame", "ag_frame")):
-            lines.append(f"awaiting {_describe_awaitable(nxt)}")
-            break
-        obj = nxt
-    return "\n".join(lines)
-
-
-def _describe_awaitable(obj: object) -> str:
-    if type(obj).__name__ == "FutureIter":  # the C implementation of Future.__await__
-        return "an asyncio Future"
-    if isinstance(obj, asyncio.Future):
-        state = "cancelled" if obj.cancelled() else ("done" if obj.done() else "pending")
-        return f"a {type(obj).__name__} ({state})"
-    return type(obj).__qualname__

@@ -263,10 +263,14 @@ async fn mixed_service_stops_cleanly_on_request() {
 /// `start()` fails with `ShutdownDeadlineExceeded` naming `py-stubborn`
 /// once the deadline has passed, the task is cancelled on its loop, and
 /// `on_stop` still ran and collected the Python side's report (the
-/// service's exit is bounded by the one deadline plus the loop's wind-down).
+/// service's exit is bounded by the one deadline plus the loop's wind-down);
+/// the Rust report shows the Python straggler's stack, taken just before
+/// the deadline cancelled it.
 ///
-/// **Catches:** a service that hangs on a Python straggler, or that loses
-/// the deadline error behind a clean exit status.
+/// **Catches:** a service that hangs on a Python straggler, that loses the
+/// deadline error behind a clean exit status, or whose report says "no
+/// stack captured" for a Python task (the core's foreign tasks once had no
+/// stack to give).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_service_reports_python_straggler() {
     example::init_python().expect("embedded Python");
@@ -292,12 +296,28 @@ async fn mixed_service_reports_python_straggler() {
         .expect("start() returned")
         .unwrap()
         .unwrap_err();
-    match err {
+    match &err {
         ServiceError::ShutdownDeadlineExceeded { pending_names, .. } => {
-            assert_eq!(pending_names, ["py-stubborn"]);
+            assert_eq!(pending_names, &["py-stubborn"]);
         }
         other => panic!("expected ShutdownDeadlineExceeded, got {other:?}"),
     }
+    let report = err.report().expect("start() reports its shutdown");
+    let [straggler] = report.stragglers.as_slice() else {
+        panic!("one straggler expected: {:?}", report.stragglers);
+    };
+    let stack = straggler
+        .stack
+        .as_deref()
+        .expect("a Python straggler's stack");
+    // Where it waited when the deadline cancelled it: its own frame, then
+    // the sleep it awaits.
+    assert!(
+        stack.contains("mixed_tasks.py") && stack.contains("in stubborn"),
+        "{stack}"
+    );
+    assert!(stack.contains("await asyncio.sleep(3600)"), "{stack}");
+    assert!(report.to_string().contains("in stubborn"), "{report}");
     let outcomes = svc.node().python_outcomes().expect("on_stop ran");
     assert_eq!(outcomes["py-stubborn"], "cancelled");
     assert_stats(svc.tasks().stats(), 4, 1);

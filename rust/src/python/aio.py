@@ -1,13 +1,16 @@
 """asyncio glue of the native module ``dig_service._core``.
 
-This source is compiled into ``_core`` when it is imported (``aio.rs``); its
+This source is compiled into ``_core`` when it is imported (``aio.rs``). Its
 functions are private to ``_core`` (no ``_core`` attribute names them) and
-run on the event loop's thread. They are Python because what they do
+run on the event loop's thread; the one exception is ``format_task_stack``,
+which ``_core`` exposes as ``_format_task_stack`` and which reads a task's
+frames on whichever thread asks. They are Python because what they do
 (awaiting a future, setting many futures' results, a timer) is what asyncio
 itself does fastest, and because ``ShutdownToken.cancelled()`` and
 ``TaskRegistry.join_all()`` must return real coroutines (users hand them to
-``asyncio.create_task``). It imports nothing but ``asyncio``: the errors it
-raises are raised by the ``_core`` methods it calls.
+``asyncio.create_task``). It imports nothing but ``asyncio`` (and
+``linecache``, when a stack is formatted): the errors it raises are raised by
+the ``_core`` methods it calls.
 """
 
 from __future__ import annotations
@@ -150,3 +153,56 @@ async def _backoff(delay: float, token: _Token) -> bool:
     else:
         await asyncio.sleep(0)
     return not token.is_cancelled()
+
+
+def format_task_stack(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` is suspended, as text: one ``File "...", line N, in f`` entry (with
+    its source line) a frame, down the chain of its ``await``\\ s (what
+    ``task.print_stack()`` shows of a coroutine is only its outermost frame), then what
+    the innermost one awaits when that is not a coroutine. Never raises (an
+    ``Exception``): what could not be read is said in the text.
+
+    ``_core._format_task_stack``: the stacks of Python stragglers in a shutdown report,
+    the Python ``Service``'s and (through the core's foreign tasks) a Rust ``Service``'s
+    in a mixed binary."""
+    import linecache  # only when a report wants stacks
+
+    lines: list[str] = []
+    try:
+        obj: Any = task.get_coro()
+        for _ in range(128):  # a bounded walk: an await chain is never this deep
+            frame = (
+                getattr(obj, "cr_frame", None)
+                or getattr(obj, "gi_frame", None)
+                or getattr(obj, "ag_frame", None)
+            )
+            if frame is None:
+                break
+            code = frame.f_code
+            lines.append(f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+            source = linecache.getline(code.co_filename, frame.f_lineno).strip()
+            if source:
+                lines.append(f"  {source}")
+            nxt = (
+                getattr(obj, "cr_await", None)
+                or getattr(obj, "gi_yieldfrom", None)
+                or getattr(obj, "ag_await", None)
+            )
+            if nxt is None:
+                break
+            if not any(hasattr(nxt, a) for a in ("cr_frame", "gi_frame", "ag_frame")):
+                lines.append(f"awaiting {_describe_awaitable(nxt)}")
+                break
+            obj = nxt
+    except Exception as exc:  # a task or an awaitable whose attributes raise
+        lines.append(f"(the rest of its stack could not be read: {exc!r})")
+    return "\n".join(lines)
+
+
+def _describe_awaitable(obj: object) -> str:
+    if type(obj).__name__ == "FutureIter":  # the C implementation of Future.__await__
+        return "an asyncio Future"
+    if isinstance(obj, asyncio.Future):
+        state = "cancelled" if obj.cancelled() else ("done" if obj.done() else "pending")
+        return f"a {type(obj).__name__} ({state})"
+    return type(obj).__qualname__

@@ -12,7 +12,10 @@
 //! Guarantees:
 //! - **One copy per process.** `aio.py` runs once; every wake-up and every
 //!   join uses the same function objects.
-//! - **Private to `_core`.** No `_core` attribute names these functions;
+//! - **Private to `_core`.** No `_core` attribute names these functions
+//!   but `format_task_stack`, which is `_core._format_task_stack` (the
+//!   package's shutdown report formats its stragglers' stacks with it, and
+//!   the core's foreign tasks with it too, for a Rust `Service`'s report);
 //!   what they call back into (`ShutdownToken._park`,
 //!   `TaskRegistry._try_close`, `TaskRegistry._stop_stragglers`) is in
 //!   `_core.pyi` like every other `_core` name.
@@ -81,3 +84,15 @@ glue!(
     /// `supervise(handle, token)`: the coroutine of a supervised task.
     supervise
 );
+glue!(
+    /// `format_task_stack(task)`: where an asyncio task is suspended, as text.
+    format_task_stack
+);
+
+/// `_format_task_stack(task)`: where the asyncio task `task` is suspended, as
+/// text, one `File "...", line N, in f` entry a frame down its `await`s
+/// (the stacks of a shutdown report's Python stragglers).
+#[pyfunction]
+pub(crate) fn _format_task_stack(task: &Bound<'_, PyAny>) -> PyResult<String> {
+    format_task_stack(task.py())?.call1((task,))?.extract()
+}

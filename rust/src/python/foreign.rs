@@ -111,6 +111,19 @@ impl ForeignTask for PyForeign {
         .flatten()
     }
 
+    fn stack(&self) -> Option<String> {
+        attach_unless_exiting(|py| {
+            let task = self.task.bind(py);
+            match aio::format_task_stack(py).and_then(|f| f.call1((task,))?.extract::<String>()) {
+                Ok(stack) => (!stack.is_empty()).then_some(stack),
+                // A coroutine whose attributes raise: say so in the report
+                // rather than show no stack.
+                Err(e) => Some(format!("(its stack could not be read: {e})")),
+            }
+        })
+        .flatten()
+    }
+
     fn cancel(&self) {
         attach_unless_exiting(|py| {
             cancel_on_loop(

@@ -92,6 +92,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logbridge::_emit_tracing_event, m)?)?;
     m.add_function(wrap_pyfunction!(native::_bridged_sleep, m)?)?;
     m.add_function(wrap_pyfunction!(kinds::_restore_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_format_task_stack, m)?)?;
     kinds::remember_restore(m)?;
     m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork_in_parent, m)?)?;
