@@ -21,8 +21,9 @@
 //! ```
 //!
 //! - `--stubborn` adds a Python task that ignores the token: the deadline
-//!   cancels it, the service reports `ShutdownDeadlineExceeded` naming it,
-//!   and the exit code is 1.
+//!   cancels it, the service reports `ShutdownDeadlineExceeded` naming it
+//!   (the shutdown report printed at the end shows the stack it was stuck
+//!   in), and the exit code is 1.
 //! - `--deadline SECS` is the shutdown deadline (default 5).
 //! - `--stop-after SECS` requests the shutdown by itself after SECS, as if
 //!   Ctrl-C had been pressed (for trying it headless).
@@ -477,7 +478,17 @@ async fn serve(args: Args) -> u8 {
     });
 
     say!("starting; press Ctrl-C (or send SIGTERM) to stop");
-    match svc.start().await {
+    let result = svc.start().await;
+    // The shutdown's report: each stage's time, and every straggler (a
+    // Python one with the stack it was stuck in).
+    let report = match &result {
+        Ok(status) => status.report(),
+        Err(e) => e.report(),
+    };
+    for line in report.map(ToString::to_string).unwrap_or_default().lines() {
+        say!("{line}");
+    }
+    match result {
         Ok(status) => {
             say!("service stopped: {status}");
             u8::try_from(status.exit_code()).unwrap_or(1)
