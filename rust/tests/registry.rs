@@ -916,3 +916,132 @@ async fn quiet_end_scan_stops_at_a_running_task() {
     join.await.unwrap().expect("every task ended");
     assert_eq!(r.stats().completed, 103);
 }
+
+/// A foreign task that records, in one shared log, every call the registry
+/// makes of it (the provided `stop` included, through the three it calls).
+struct Recorder {
+    name: &'static str,
+    finished: bool,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    fn new(name: &'static str, finished: bool, log: &Arc<Mutex<Vec<String>>>) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            finished,
+            log: log.clone(),
+        })
+    }
+
+    fn note(&self, what: &str) {
+        self.log.lock().push(format!("{} {what}", self.name));
+    }
+}
+
+impl ForeignTask for Recorder {
+    fn cancel(&self) {
+        self.note("cancel");
+    }
+
+    fn is_finished(&self) -> bool {
+        self.note("is_finished");
+        self.finished
+    }
+
+    fn stack(&self) -> Option<String> {
+        self.note("stack");
+        Some(format!("in {}", self.name))
+    }
+}
+
+/// **Proves:** at a deadline the registry stops each live foreign task
+/// through `ForeignTask::stop`, whose provided form asks `is_finished`,
+/// then (only if it was not) the stack when one is wanted, then `cancel`;
+/// stacks go to the oldest stragglers up to `max_stacks`, a task that had
+/// already finished neither counts against them nor is named, and each
+/// stack lands on its own straggler.
+///
+/// **Catches:** a finished task cancelled or named, a stack asked of a task
+/// that is not cancelled, or more stacks taken than asked for (each may
+/// cost a GIL acquisition in the Python bindings).
+#[tokio::test]
+async fn foreign_stragglers_are_stopped_through_stop_oldest_stacks_first() {
+    let (r, _token) = registry();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for (name, finished) in [("a", false), ("done", true), ("b", false), ("c", false)] {
+        r.track_foreign(
+            name,
+            TaskKind::RpcHandler,
+            Recorder::new(name, finished, &log),
+        )
+        .unwrap();
+    }
+    let stopped = r.close_and_stop_all_with_stacks(2);
+    assert_eq!(stopped.names, ["a", "b", "c"]);
+    let stacks: Vec<_> = stopped.tasks.iter().map(|t| t.stack.as_deref()).collect();
+    assert_eq!(stacks, [Some("in a"), Some("in b"), None]);
+    assert_eq!(
+        *log.lock(),
+        [
+            "a is_finished",
+            "a stack",
+            "a cancel",
+            "done is_finished",
+            "b is_finished",
+            "b stack",
+            "b cancel",
+            "c is_finished",
+            "c cancel",
+        ]
+    );
+}
+
+/// A foreign task that answers `stop` itself, as the Python bindings do
+/// (one GIL acquisition for the three steps).
+struct OneCall {
+    calls: AtomicUsize,
+    wanted: Mutex<Vec<bool>>,
+}
+
+impl ForeignTask for OneCall {
+    fn cancel(&self) {
+        panic!("the registry called cancel, not stop");
+    }
+
+    fn is_finished(&self) -> bool {
+        panic!("the registry called is_finished, not stop");
+    }
+
+    fn stop(&self, want_stack: bool) -> Option<Option<String>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.wanted.lock().push(want_stack);
+        Some(want_stack.then(|| "where it waited".to_owned()))
+    }
+}
+
+/// **Proves:** an implementation's own `stop` is the one call the registry
+/// makes of a straggler at a deadline (no `is_finished`, no `cancel`
+/// besides), once per task, with `want_stack` true for the first
+/// `max_stacks` only; its answer is the straggler's stack.
+///
+/// **Catches:** the registry bypassing an overridden `stop` (a Python
+/// straggler would then cost three GIL acquisitions from a tokio worker
+/// instead of one).
+#[tokio::test]
+async fn an_overridden_stop_is_the_only_call_a_straggler_gets() {
+    let (r, _token) = registry();
+    let task = Arc::new(OneCall {
+        calls: AtomicUsize::new(0),
+        wanted: Mutex::new(Vec::new()),
+    });
+    for name in ["x", "y"] {
+        r.track_foreign(name, TaskKind::Maintenance, task.clone())
+            .unwrap();
+    }
+    let stopped = r.close_and_stop_all_with_stacks(1);
+    assert_eq!(task.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(*task.wanted.lock(), [true, false]);
+    let stacks: Vec<_> = stopped.tasks.iter().map(|t| t.stack.as_deref()).collect();
+    assert_eq!(stacks, [Some("where it waited"), None]);
+}

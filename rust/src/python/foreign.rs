@@ -81,16 +81,40 @@ impl Drop for PyForeign {
     }
 }
 
+impl PyForeign {
+    /// Whether the asyncio task is done (an error from its `done()`: not).
+    fn done(&self, py: Python<'_>) -> bool {
+        self.task
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "done"))
+            .and_then(|d| d.is_truthy())
+            .unwrap_or(false)
+    }
+
+    /// Its stack, as text; `None` when it has no frame to show.
+    fn stack_text(&self, py: Python<'_>) -> Option<String> {
+        let task = self.task.bind(py);
+        match aio::format_task_stack(py).and_then(|f| f.call1((task,))?.extract::<String>()) {
+            Ok(stack) => (!stack.is_empty()).then_some(stack),
+            // Only if the formatter itself failed (it reports what it cannot
+            // read in its text): say so rather than show no stack.
+            Err(e) => Some(format!("(its stack could not be read: {e})")),
+        }
+    }
+
+    fn cancel_in(&self, py: Python<'_>) {
+        cancel_on_loop(
+            py,
+            self.event_loop.bind(py),
+            self.thread,
+            self.task.bind(py),
+        );
+    }
+}
+
 impl ForeignTask for PyForeign {
     fn is_finished(&self) -> bool {
-        attach_unless_exiting(|py| {
-            self.task
-                .bind(py)
-                .call_method0(pyo3::intern!(py, "done"))
-                .and_then(|d| d.is_truthy())
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
+        attach_unless_exiting(|py| self.done(py)).unwrap_or(false)
     }
 
     fn quiet_end(&self) -> Option<TaskOutcome> {
@@ -112,27 +136,32 @@ impl ForeignTask for PyForeign {
     }
 
     fn stack(&self) -> Option<String> {
-        attach_unless_exiting(|py| {
-            let task = self.task.bind(py);
-            match aio::format_task_stack(py).and_then(|f| f.call1((task,))?.extract::<String>()) {
-                Ok(stack) => (!stack.is_empty()).then_some(stack),
-                // A coroutine whose attributes raise: say so in the report
-                // rather than show no stack.
-                Err(e) => Some(format!("(its stack could not be read: {e})")),
-            }
-        })
-        .flatten()
+        attach_unless_exiting(|py| self.stack_text(py)).flatten()
     }
 
     fn cancel(&self) {
+        attach_unless_exiting(|py| self.cancel_in(py));
+    }
+
+    /// One attach for the three steps: a Rust `Service`'s deadline asks
+    /// this of each Python straggler from a tokio worker, and each attach
+    /// may wait for a busy loop thread to let the GIL go.
+    fn stop(&self, want_stack: bool) -> Option<Option<String>> {
         attach_unless_exiting(|py| {
-            cancel_on_loop(
-                py,
-                self.event_loop.bind(py),
-                self.thread,
-                self.task.bind(py),
-            );
-        });
+            if self.done(py) {
+                return None;
+            }
+            let stack = if want_stack {
+                self.stack_text(py)
+            } else {
+                None
+            };
+            self.cancel_in(py);
+            Some(stack)
+        })
+        // The interpreter is exiting: its tasks are going with it; report
+        // the task as a straggler, as `is_finished` would have.
+        .unwrap_or(Some(None))
     }
 }
 

@@ -87,6 +87,21 @@ impl ForeignTask for LateForeign {
     fn is_finished(&self) -> bool {
         self.get().is_some_and(|t| t.is_finished())
     }
+
+    fn stack(&self) -> Option<String> {
+        self.get().and_then(|t| t.stack())
+    }
+
+    fn stop(&self, want_stack: bool) -> Option<Option<String>> {
+        match self.get() {
+            Some(task) => task.stop(want_stack),
+            // Not made yet: nothing has ended, nothing to show.
+            None => {
+                self.cancel();
+                Some(None)
+            }
+        }
+    }
 }
 
 /// A supervised task: its name, kind and restarts; stop it for good, ask

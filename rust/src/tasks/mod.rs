@@ -902,14 +902,9 @@ impl TaskRegistry {
         foreign.sort_unstable_by_key(|(at, ..)| *at);
         let mut stacks_left = max_stacks;
         for (at, name, kind, f) in foreign {
-            if !f.is_finished() {
-                let stack = if stacks_left > 0 {
-                    stacks_left -= 1;
-                    f.stack()
-                } else {
-                    None
-                };
-                f.cancel();
+            let want_stack = stacks_left > 0;
+            if let Some(stack) = f.stop(want_stack) {
+                stacks_left -= usize::from(want_stack);
                 live.push((at, name, kind, TaskOrigin::Python, stack));
             }
         }

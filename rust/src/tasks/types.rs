@@ -188,6 +188,24 @@ pub trait ForeignTask: Send + Sync + 'static {
     fn stack(&self) -> Option<String> {
         None
     }
+
+    /// Stop the task for a deadline, in one call: `None` if it has
+    /// [already ended](Self::is_finished) (then nothing is done); else
+    /// [cancel](Self::cancel) it and return `Some` of its
+    /// [stack](Self::stack), taken just before, if `want_stack` (`Some(None)`
+    /// otherwise, or when it has none). This provided method calls those
+    /// three in that order; override it when each of them must acquire
+    /// something (a Python task: the GIL), to acquire it once. Called by
+    /// [`TaskRegistry::close_and_stop_all_with_stacks`], once per live
+    /// foreign task, with no registry lock held.
+    fn stop(&self, want_stack: bool) -> Option<Option<String>> {
+        if self.is_finished() {
+            return None;
+        }
+        let stack = if want_stack { self.stack() } else { None };
+        self.cancel();
+        Some(stack)
+    }
 }
 
 /// Identifies a foreign task in its registry; see
