@@ -171,11 +171,7 @@ def format_task_stack(task: asyncio.Task[Any]) -> str:
     try:
         obj: Any = task.get_coro()
         for _ in range(128):  # a bounded walk: an await chain is never this deep
-            frame = (
-                getattr(obj, "cr_frame", None)
-                or getattr(obj, "gi_frame", None)
-                or getattr(obj, "ag_frame", None)
-            )
+            frame = _first_attr(obj, _FRAMES)
             if frame is None:
                 break
             code = frame.f_code
@@ -183,20 +179,31 @@ def format_task_stack(task: asyncio.Task[Any]) -> str:
             source = linecache.getline(code.co_filename, frame.f_lineno).strip()
             if source:
                 lines.append(f"  {source}")
-            nxt = (
-                getattr(obj, "cr_await", None)
-                or getattr(obj, "gi_yieldfrom", None)
-                or getattr(obj, "ag_await", None)
-            )
+            nxt = _first_attr(obj, _AWAITED)
             if nxt is None:
                 break
-            if not any(hasattr(nxt, a) for a in ("cr_frame", "gi_frame", "ag_frame")):
+            if not any(hasattr(nxt, a) for a in _FRAMES):
                 lines.append(f"awaiting {_describe_awaitable(nxt)}")
                 break
             obj = nxt
     except Exception as exc:  # a task or an awaitable whose attributes raise
         lines.append(f"(the rest of its stack could not be read: {exc!r})")
     return "\n".join(lines)
+
+
+# The frame of a coroutine, a generator, an async generator; what each awaits.
+_FRAMES = ("cr_frame", "gi_frame", "ag_frame")
+_AWAITED = ("cr_await", "gi_yieldfrom", "ag_await")
+
+
+def _first_attr(obj: object, names: tuple[str, ...]) -> Any:
+    """``getattr(obj, a, None) or getattr(obj, b, None) or ...`` over ``names``."""
+    value = None
+    for name in names:
+        value = getattr(obj, name, None)
+        if value:
+            break
+    return value
 
 
 def _describe_awaitable(obj: object) -> str:

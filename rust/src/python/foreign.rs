@@ -93,8 +93,7 @@ impl PyForeign {
 
     /// Its stack, as text; `None` when it has no frame to show.
     fn stack_text(&self, py: Python<'_>) -> Option<String> {
-        let task = self.task.bind(py);
-        match aio::format_task_stack(py).and_then(|f| f.call1((task,))?.extract::<String>()) {
+        match aio::_format_task_stack(self.task.bind(py)) {
             Ok(stack) => (!stack.is_empty()).then_some(stack),
             // Only if the formatter itself failed (it reports what it cannot
             // read in its text): say so rather than show no stack.
@@ -119,14 +118,13 @@ impl ForeignTask for PyForeign {
 
     fn quiet_end(&self) -> Option<TaskOutcome> {
         attach_unless_exiting(|py| {
-            let task = self.task.bind(py);
             // An error from a task's own method (a subclass's) is left to
             // the handle's report, which calls the same methods.
-            let done = task.call_method0(pyo3::intern!(py, "done"));
-            if !done.and_then(|d| d.is_truthy()).ok()? {
+            if !self.done(py) {
                 return None;
             }
             // A failure is left to the report too, for its log line.
+            let task = self.task.bind(py);
             match outcome_of(py, &task.call_method0(pyo3::intern!(py, "exception"))) {
                 Some(TaskOutcome::Failed) | None => None,
                 quiet => quiet,
