@@ -86,37 +86,62 @@ pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 /// A `str` argument.
+#[inline]
 pub(crate) fn str_arg<'a, 'py>(
     obj: &'a Bound<'py, PyAny>,
     func: &str,
     param: &str,
 ) -> PyResult<&'a Bound<'py, PyString>> {
-    obj.cast::<PyString>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{func}: `{param}` must be str, got {}",
-            type_name(obj)
-        ))
-    })
+    match obj.cast::<PyString>() {
+        Ok(s) => Ok(s),
+        Err(_) => Err(not_a_str(obj, func, param)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn not_a_str(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{func}: `{param}` must be str, got {}",
+        type_name(obj)
+    ))
+}
+
+/// The `TypeError` for a `param` of `func` that must be a bool and is not.
+#[cold]
+#[inline(never)]
+pub(crate) fn not_a_bool(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{func}: `{param}` must be bool (True or False), got {}",
+        type_name(obj)
+    ))
 }
 
 /// A `str` argument that is valid Unicode text (no lone surrogates, so it
 /// has a UTF-8 form): the object and its text.
+#[inline]
 pub(crate) fn text_arg<'a, 'py>(
     obj: &'a Bound<'py, PyAny>,
     func: &str,
     param: &str,
 ) -> PyResult<(&'a Bound<'py, PyString>, &'a str)> {
     let s = str_arg(obj, func, param)?;
-    let text = s.to_str().map_err(|cause| {
-        let err = PyValueError::new_err(format!(
-            "{func}: `{param}` must be valid Unicode text, got a str with a lone surrogate \
-             (not encodable as UTF-8): {}",
-            s.repr().map(|r| r.to_string()).unwrap_or_default()
-        ));
-        err.set_cause(s.py(), Some(cause));
-        err
-    })?;
-    Ok((s, text))
+    match s.to_str() {
+        Ok(text) => Ok((s, text)),
+        Err(cause) => Err(not_text(s, cause, func, param)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn not_text(s: &Bound<'_, PyString>, cause: PyErr, func: &str, param: &str) -> PyErr {
+    let err = PyValueError::new_err(format!(
+        "{func}: `{param}` must be valid Unicode text, got a str with a lone surrogate \
+         (not encodable as UTF-8): {}",
+        s.repr().map(|r| r.to_string()).unwrap_or_default()
+    ));
+    err.set_cause(s.py(), Some(cause));
+    err
 }
 
 /// A duration in seconds: int, float or `datetime.timedelta`; finite and >= 0.

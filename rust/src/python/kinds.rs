@@ -59,15 +59,22 @@ impl PyTaskKind {
     }
 
     /// A `TaskKind` argument, or a `TypeError` naming `param`.
+    #[inline]
     pub(crate) fn from_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyResult<TaskKind> {
         match obj.cast::<PyTaskKind>() {
             Ok(k) => Ok((*k.get()).into()),
-            Err(_) => Err(PyTypeError::new_err(format!(
-                "{func}: `{param}` must be a dig_service.TaskKind (e.g. TaskKind.BackgroundLoop), got {}",
-                type_name(obj)
-            ))),
+            Err(_) => Err(not_a_kind(obj, func, param)),
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn not_a_kind(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{func}: `{param}` must be a dig_service.TaskKind (e.g. TaskKind.BackgroundLoop), got {}",
+        type_name(obj)
+    ))
 }
 
 impl From<PyTaskKind> for TaskKind {

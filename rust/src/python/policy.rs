@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
 
-use super::interop::{duration, seconds_arg, type_name};
+use super::interop::{duration, not_a_bool, seconds_arg, type_name};
 use crate::tasks::{Restart, RestartPolicy};
 
 /// When a supervised task is restarted.
@@ -144,12 +144,7 @@ impl PyRestartPolicy {
         if let Some(obj) = critical {
             p.core.critical = obj
                 .cast::<PyBool>()
-                .map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "{FUNC}: `critical` must be bool (True or False), got {}",
-                        type_name(obj)
-                    ))
-                })?
+                .map_err(|_| not_a_bool(obj, FUNC, "critical"))?
                 .is_true();
         }
         // Everything the core checks was checked above, field by field.

@@ -3,7 +3,7 @@
 //! A Python spawn is one crossing in (checks, the asyncio task, one
 //! registry insert) and one crossing out: its loop's young sweep notices
 //! the end of a short-lived task (`young.rs`), a done callback that of a
-//! long-lived one (`handle.rs`). Measured to the instruction (`bench/p1_instructions.py`):
+//! long-lived one (`handle.rs`). Measured to the instruction (`bench/instructions.py p1.registry`):
 //! the coroutine's state is asked only when something else holds it, the
 //! running loop comes from a memo (`running_loop.rs`), and the task is
 //! built directly where the loop's `create_task` is known to do just that.
@@ -32,7 +32,8 @@ use super::exit;
 use super::foreign::PyForeign;
 use super::handle::PyTaskHandle;
 use super::interop::{
-    base_event_loop, copy_context, coroutine_type, iscoroutine, task_type, text_arg, type_name,
+    base_event_loop, copy_context, coroutine_type, iscoroutine, not_a_bool, task_type, text_arg,
+    type_name,
 };
 use super::kinds::PyTaskKind;
 use super::registry::PyTaskRegistry;
@@ -64,32 +65,16 @@ pub(crate) fn spawn<'py>(
             check_coroutine_state(coro)?;
         }
     } else if !iscoroutine(py)?.call1((coro,))?.is_truthy()? {
-        let hint = if coro.is_callable() {
-            " (call the async function: spawn(name, kind, work()), not spawn(name, kind, work))"
-        } else {
-            ""
-        };
-        return Err(PyTypeError::new_err(format!(
-            "{FUNC}: `coro` must be a coroutine object{hint}, got {}",
-            type_name(coro)
-        )));
+        return Err(not_a_coroutine(coro, FUNC));
     }
     // From here on, every refusal closes the coroutine so that Python
     // does not warn that it was never awaited.
-    let refuse = |err: PyErr| {
-        let _ = coro.call_method0(pyo3::intern!(py, "close"));
-        err
-    };
+    let refuse = |err: PyErr| close_refused(coro, err);
     let (name_str, name_text) = text_arg(name, FUNC, "name").map_err(refuse)?;
     let kind = PyTaskKind::from_arg(kind, FUNC, "kind").map_err(refuse)?;
     let critical = match critical.0 {
         Ok(flag) => flag,
-        Err(other) => {
-            return Err(refuse(PyTypeError::new_err(format!(
-                "{FUNC}: `critical` must be bool (True or False), got {}",
-                type_name(&other)
-            ))))
-        }
+        Err(other) => return Err(refuse(not_a_bool(&other, FUNC, "critical"))),
     };
     if core.is_closed() {
         return Err(refuse(errors::service_err(
@@ -160,6 +145,33 @@ pub(crate) fn spawn<'py>(
         core.finish_foreign(id, TaskOutcome::Cancelled);
     }
     handle
+}
+
+// The refusals of `spawn`, out of line: its hot path is the one that
+// succeeds, and every line of code it touches is an instruction-cache line
+// a spawn fetches (SPEC P1).
+
+#[cold]
+#[inline(never)]
+fn not_a_coroutine(coro: &Bound<'_, PyAny>, func: &str) -> PyErr {
+    let hint = if coro.is_callable() {
+        " (call the async function: spawn(name, kind, work()), not spawn(name, kind, work))"
+    } else {
+        ""
+    };
+    PyTypeError::new_err(format!(
+        "{func}: `coro` must be a coroutine object{hint}, got {}",
+        type_name(coro)
+    ))
+}
+
+/// Close a refused coroutine, so that Python does not warn that it was
+/// never awaited, and hand `err` back.
+#[cold]
+#[inline(never)]
+fn close_refused(coro: &Bound<'_, PyAny>, err: PyErr) -> PyErr {
+    let _ = coro.call_method0(pyo3::intern!(coro.py(), "close"));
+    err
 }
 
 /// `loop.create_task(coro, name=name)`, without the call where it is known
