@@ -94,27 +94,25 @@ pub(crate) fn str_arg<'a, 'py>(
 ) -> PyResult<&'a Bound<'py, PyString>> {
     match obj.cast::<PyString>() {
         Ok(s) => Ok(s),
-        Err(_) => Err(not_a_str(obj, func, param)),
+        Err(_) => Err(wrong_type(obj, func, param, "str")),
     }
 }
 
+/// The `TypeError` for a `param` of `func` that must be `expected` and is
+/// `obj`: "FUNC: `PARAM` must be EXPECTED, got TYPE". Out of line, for the
+/// argument checks on hot paths (SPEC P1): a refusal is the cold branch.
 #[cold]
 #[inline(never)]
-fn not_a_str(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
+pub(crate) fn wrong_type(obj: &Bound<'_, PyAny>, func: &str, param: &str, expected: &str) -> PyErr {
     PyTypeError::new_err(format!(
-        "{func}: `{param}` must be str, got {}",
+        "{func}: `{param}` must be {expected}, got {}",
         type_name(obj)
     ))
 }
 
 /// The `TypeError` for a `param` of `func` that must be a bool and is not.
-#[cold]
-#[inline(never)]
 pub(crate) fn not_a_bool(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
-    PyTypeError::new_err(format!(
-        "{func}: `{param}` must be bool (True or False), got {}",
-        type_name(obj)
-    ))
+    wrong_type(obj, func, param, "bool (True or False)")
 }
 
 /// A `str` argument that is valid Unicode text (no lone surrogates, so it

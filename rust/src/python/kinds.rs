@@ -11,12 +11,11 @@
 //!   with a `TypeError` that names the function and the parameter: the one
 //!   `ShutdownReason` check of the bindings.
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyString;
 
-use super::interop::{text_arg, type_name};
+use super::interop::{text_arg, wrong_type};
 use crate::shutdown::ShutdownReason;
 use crate::tasks::TaskKind;
 
@@ -63,18 +62,14 @@ impl PyTaskKind {
     pub(crate) fn from_arg(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyResult<TaskKind> {
         match obj.cast::<PyTaskKind>() {
             Ok(k) => Ok((*k.get()).into()),
-            Err(_) => Err(not_a_kind(obj, func, param)),
+            Err(_) => Err(wrong_type(
+                obj,
+                func,
+                param,
+                "a dig_service.TaskKind (e.g. TaskKind.BackgroundLoop)",
+            )),
         }
     }
-}
-
-#[cold]
-#[inline(never)]
-fn not_a_kind(obj: &Bound<'_, PyAny>, func: &str, param: &str) -> PyErr {
-    PyTypeError::new_err(format!(
-        "{func}: `{param}` must be a dig_service.TaskKind (e.g. TaskKind.BackgroundLoop), got {}",
-        type_name(obj)
-    ))
 }
 
 impl From<PyTaskKind> for TaskKind {
@@ -263,11 +258,12 @@ impl PyShutdownReason {
     ) -> PyResult<ShutdownReason> {
         match obj.cast::<PyShutdownReason>() {
             Ok(r) => Ok(r.get().clone().into()),
-            Err(_) => Err(PyTypeError::new_err(format!(
-                "{func}: `{param}` must be a dig_service.ShutdownReason \
-                 (e.g. ShutdownReason.UserRequested()), got {}",
-                type_name(obj)
-            ))),
+            Err(_) => Err(wrong_type(
+                obj,
+                func,
+                param,
+                "a dig_service.ShutdownReason (e.g. ShutdownReason.UserRequested())",
+            )),
         }
     }
 }
