@@ -31,6 +31,7 @@ use super::exit;
 use super::foreign::{outcome_of, PyForeign};
 use super::interop::{log_task_exception, log_task_warning, type_name};
 use super::kinds::PyTaskKind;
+use super::spawn::TaskContext;
 use crate::shutdown::ShutdownReason;
 use crate::tasks::{
     ForeignTask, ForeignTaskId, TaskFailure, TaskKind, TaskOrigin, TaskOutcome, TaskRegistry,
@@ -55,10 +56,15 @@ pub(crate) struct PyTracked {
     /// The task is in its loop's young set (`young.rs`), with no done
     /// callback: a sweep notices its end.
     young: AtomicBool,
-    /// The task's context, where `spawn` knows it: its end is reported in
-    /// it, by the young sweep or by the done callback (which then needs no
-    /// context of its own). `None`: the task is never young.
+    /// The task's context, where `spawn` made it (CPython 3.11): its end is
+    /// reported in it, by the young sweep or by the done callback (which
+    /// then needs no context of its own).
     context: Option<Py<PyAny>>,
+    /// The task tells its own context (`Task.get_context()`, CPython >=
+    /// 3.12), asked only when the end is reported in it. With `context`
+    /// `None` and this `false`, the context is unknown and the task is
+    /// never young.
+    context_of_task: bool,
 }
 
 enum HandleInner {
@@ -124,8 +130,13 @@ impl PyTaskHandle {
         registry: TaskRegistry,
         id: ForeignTaskId,
         critical: bool,
-        context: Option<Py<PyAny>>,
+        context: TaskContext,
     ) -> Self {
+        let (context, context_of_task) = match context {
+            TaskContext::Given(context) => (Some(context), false),
+            TaskContext::OfTask => (None, true),
+            TaskContext::Unknown => (None, false),
+        };
         Self {
             name,
             inner: HandleInner::Python(PyTracked {
@@ -137,6 +148,7 @@ impl PyTaskHandle {
                 reported: AtomicBool::new(false),
                 young: AtomicBool::new(false),
                 context,
+                context_of_task,
             }),
         }
     }
@@ -166,11 +178,30 @@ impl PyTaskHandle {
         }
     }
 
-    /// The task's context, if `spawn` knows it (see `PyTracked::context`).
-    pub(crate) fn task_context<'py>(&self, py: Python<'py>) -> Option<&Bound<'py, PyAny>> {
+    /// Whether `spawn` knows where the task's context is (see
+    /// `PyTracked::context`): only then can the task be young.
+    pub(crate) fn knows_context(&self) -> bool {
         match &self.inner {
-            HandleInner::Python(t) => t.context.as_ref().map(|c| c.bind(py)),
-            HandleInner::Native { .. } => None,
+            HandleInner::Python(t) => t.context.is_some() || t.context_of_task,
+            HandleInner::Native { .. } => false,
+        }
+    }
+
+    /// The task's context, if `spawn` knows where it is (see
+    /// `PyTracked::context`); an error from the task's `get_context()`.
+    pub(crate) fn task_context<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match &self.inner {
+            HandleInner::Python(t) => match &t.context {
+                Some(context) => Ok(Some(context.bind(py).clone())),
+                None if t.context_of_task => t
+                    .foreign
+                    .task
+                    .bind(py)
+                    .call_method0(pyo3::intern!(py, "get_context"))
+                    .map(Some),
+                None => Ok(None),
+            },
+            HandleInner::Native { .. } => Ok(None),
         }
     }
 

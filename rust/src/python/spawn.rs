@@ -25,6 +25,7 @@ use std::thread;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyString, PyType};
 
 use super::errors;
@@ -83,11 +84,7 @@ pub(crate) fn spawn<'py>(
         )));
     }
     let event_loop = running_loop(py, FUNC).map_err(refuse)?;
-    // The task's context, made here so that its end can be reported in it
-    // (`young.rs`), as a done callback added now would have been.
-    let context = copy_context(py)?.call0().map_err(refuse)?;
-    let (task, may_have_run, context) =
-        create_task_in(&event_loop, coro, name_str, refuse, Some(context))?;
+    let (task, may_have_run, context) = create_task_in(&event_loop, coro, name_str, refuse, true)?;
     // The task exists: from here on a failure cancels it before its
     // first step (so its coroutine never runs) and leaves nothing live.
     let foreign = Arc::new(PyForeign::new(
@@ -112,7 +109,7 @@ pub(crate) fn spawn<'py>(
             core.clone(),
             id,
             critical,
-            context.map(Bound::unbind),
+            context,
         ),
     )
     .and_then(|handle| {
@@ -202,20 +199,39 @@ pub(crate) fn create_task<'py>(
     name: &Bound<'py, PyString>,
     refuse: impl Fn(PyErr) -> PyErr,
 ) -> PyResult<(Bound<'py, PyAny>, bool)> {
-    create_task_in(event_loop, coro, name, refuse, None).map(|(task, ran, _)| (task, ran))
+    create_task_in(event_loop, coro, name, refuse, false).map(|(task, ran, _)| (task, ran))
 }
 
-/// [`create_task`], and the task's context if it is known: `context` itself
-/// where the task is built directly (it runs in `context`); where the loop
-/// or its factory makes it, the context of a stock `asyncio.Task` on
-/// CPython >= 3.12 (`Task.get_context()`, new in 3.12); else `None`.
+/// Where the context a task runs in can be found, so that its end can be
+/// reported in it (`young.rs`), as a done callback added at its creation
+/// would have run in it.
+pub(crate) enum TaskContext {
+    /// Made by `spawn` and given to the task (`asyncio.Task(...,
+    /// context=)`): on CPython 3.11, where a task does not tell its own.
+    Given(Py<PyAny>),
+    /// The task's own, asked when needed (`Task.get_context()`, new in
+    /// CPython 3.12): a stock `asyncio.Task` on CPython >= 3.12. No context
+    /// is copied at spawn beyond the one the task makes for itself.
+    OfTask,
+    /// Not known: a task of another type, or a factory's task on 3.11.
+    Unknown,
+}
+
+/// Whether this CPython has `Task.get_context()` (3.12 and later).
+fn tasks_tell_their_context(py: Python<'_>) -> bool {
+    static HAS: PyOnceLock<bool> = PyOnceLock::new();
+    *HAS.get_or_init(py, || py.version_info() >= (3, 12))
+}
+
+/// [`create_task`], and, if `want_context`, where the task's context can
+/// be found ([`TaskContext`]); `Unknown` if not `want_context`.
 pub(crate) fn create_task_in<'py>(
     event_loop: &Bound<'py, PyAny>,
     coro: &Bound<'py, PyAny>,
     name: &Bound<'py, PyString>,
     refuse: impl Fn(PyErr) -> PyErr,
-    context: Option<Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyAny>, bool, Option<Bound<'py, PyAny>>)> {
+    want_context: bool,
+) -> PyResult<(Bound<'py, PyAny>, bool, TaskContext)> {
     let py = event_loop.py();
     let direct = match task_creation(event_loop)? {
         TaskCreation::AsyncioStock => {
@@ -234,27 +250,33 @@ pub(crate) fn create_task_in<'py>(
             .is_none(),
         TaskCreation::CreateTask => false,
     };
+    let told = want_context && tasks_tell_their_context(py);
     let kwargs = PyDict::new(py);
     kwargs.set_item(pyo3::intern!(py, "name"), name)?;
     if direct {
         kwargs.set_item(pyo3::intern!(py, "loop"), event_loop)?;
-        if let Some(context) = &context {
-            kwargs.set_item(pyo3::intern!(py, "context"), context)?;
-        }
+        let context = if told {
+            // The task copies the current context itself, as
+            // `copy_context()` here would: it tells it when asked.
+            TaskContext::OfTask
+        } else if want_context {
+            let context = copy_context(py)?.call0().map_err(&refuse)?;
+            kwargs.set_item(pyo3::intern!(py, "context"), &context)?;
+            TaskContext::Given(context.unbind())
+        } else {
+            TaskContext::Unknown
+        };
         Ok((task_type(py)?.call((coro,), Some(&kwargs))?, false, context))
     } else {
         let task = event_loop
             .call_method(pyo3::intern!(py, "create_task"), (coro,), Some(&kwargs))
             .map_err(refuse)?;
-        let known = if context.is_some()
-            && task.get_type().is(task_type(py)?)
-            && py.version_info() >= (3, 12)
-        {
-            Some(task.call_method0(pyo3::intern!(py, "get_context"))?)
+        let context = if told && task.get_type().is(task_type(py)?) {
+            TaskContext::OfTask
         } else {
-            None
+            TaskContext::Unknown
         };
-        Ok((task, true, known))
+        Ok((task, true, context))
     }
 }
 

@@ -49,10 +49,11 @@
 //!   runs in it, so a logging filter that reads a context variable set by
 //!   the spawner sees it as it did in a done callback added at spawn.
 //! - **Only stock tasks whose context is known.** Only tasks of exactly
-//!   `asyncio.Task` are young: built by `spawn` itself (in a context it
-//!   made), or by the loop or a factory on CPython >= 3.12
-//!   (`Task.get_context()`). Any other task, and a factory's task on 3.11,
-//!   gets its done callback at once, as before.
+//!   `asyncio.Task` are young: on CPython >= 3.12 any of them, whose
+//!   context is asked of the task (`Task.get_context()`) only when a report
+//!   runs in it; on 3.11 one built by `spawn` itself, in a context it copied
+//!   and keeps. Any other task, and a factory's task on 3.11, gets its done
+//!   callback at once, as before.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -112,9 +113,7 @@ pub(crate) fn track(
     handle: &Bound<'_, PyTaskHandle>,
 ) -> PyResult<bool> {
     let py = event_loop.py();
-    if handle.get().task_context(py).is_none()
-        || !task.get_type().is(super::interop::task_type(py)?)
-    {
+    if !handle.get().knows_context() || !task.get_type().is(super::interop::task_type(py)?) {
         return Ok(false);
     }
     let young = current(event_loop)?;
@@ -221,8 +220,9 @@ pub(crate) fn promote(handle: &Bound<'_, PyTaskHandle>) {
     // its end cannot be noticed, and the error goes where a failing done
     // callback's would.
     let kwargs = PyDict::new(py);
-    let added = kwargs
-        .set_item(pyo3::intern!(py, "context"), tracked.task_context(py))
+    let added = tracked
+        .task_context(py)
+        .and_then(|context| kwargs.set_item(pyo3::intern!(py, "context"), context))
         .and_then(|()| {
             task.call_method(
                 pyo3::intern!(py, "add_done_callback"),
@@ -277,11 +277,21 @@ fn sweep_one(py: Python<'_>, handle: &Py<PyTaskHandle>, raise: &mut Option<PyErr
     // context variable); a quiet report needs no `Context.run`.
     // Asked once, for both the choice below and the report.
     let exception = task.call_method0(pyo3::intern!(py, "exception"));
-    let reported = match tracked.task_context(py) {
-        Some(context) if tracked.report_may_log(py, &exception) => context
-            .call_method1(pyo3::intern!(py, "run"), (handle, &task))
-            .map(drop),
-        _ => tracked.report_swept(py, exception),
+    let reported = if tracked.report_may_log(py, &exception) {
+        match tracked.task_context(py) {
+            Ok(Some(context)) => context
+                .call_method1(pyo3::intern!(py, "run"), (handle, &task))
+                .map(drop),
+            Ok(None) => tracked.report_swept(py, exception),
+            // The task's own `get_context()` failed (it does not, on a
+            // stock task): report anyway, outside its context, and say so.
+            Err(err) => {
+                report_error(py, &task, err, "reading the task's context failed");
+                tracked.report_swept(py, exception)
+            }
+        }
+    } else {
+        tracked.report_swept(py, exception)
     };
     if let Err(err) = reported {
         if err.is_instance_of::<PyException>(py) {
