@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::errors::service_err;
 use super::handle::PyTaskHandle;
-use super::interop::{duration, seconds_arg, text_arg};
+use super::interop::{duration, seconds_arg, text_arg, wrong_type};
 use super::kinds::PyTaskKind;
 use super::registry::PyTaskRegistry;
 use super::runtime;
@@ -70,12 +70,9 @@ pub(crate) fn spawn_native_sleeper(
 ) -> PyResult<PyTaskHandle> {
     const FUNC: &str = "spawn_native_sleeper()";
     let _inside = super::exit::enter()?;
-    let registry = registry.cast::<PyTaskRegistry>().map_err(|_| {
-        pyo3::exceptions::PyTypeError::new_err(format!(
-            "{FUNC}: `registry` must be a dig_service.TaskRegistry, got {}",
-            super::interop::type_name(registry)
-        ))
-    })?;
+    let registry = registry
+        .cast::<PyTaskRegistry>()
+        .map_err(|_| wrong_type(registry, FUNC, "registry", "a dig_service.TaskRegistry"))?;
     let name = text_arg(name, FUNC, "name")?;
     let secs = seconds_arg(seconds, FUNC, "seconds")?;
     let kind = match kind {

@@ -11,11 +11,11 @@
 //! - **Values.** Both are immutable and compare by value; a policy reads
 //!   back exactly the numbers it was given (durations as float seconds).
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
 
-use super::interop::{duration, not_a_bool, seconds_arg, type_name};
+use super::interop::{duration, not_a_bool, seconds_arg, wrong_type};
 use crate::tasks::{Restart, RestartPolicy};
 
 /// When a supervised task is restarted.
@@ -105,10 +105,12 @@ impl PyRestartPolicy {
             p.restart = *obj
                 .cast::<PyRestart>()
                 .map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "{FUNC}: `restart` must be a dig_service.Restart (e.g. Restart.Transient), got {}",
-                        type_name(obj)
-                    ))
+                    wrong_type(
+                        obj,
+                        FUNC,
+                        "restart",
+                        "a dig_service.Restart (e.g. Restart.Transient)",
+                    )
                 })?
                 .get();
             p.core.restart = p.restart.into();
@@ -205,10 +207,7 @@ impl PyRestartPolicy {
 /// `max_restarts`: an `int` (not a `bool`) from 0 to 2**32 - 1.
 fn count_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<u32> {
     if !obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(format!(
-            "{FUNC}: `{param}` must be an int, got {}",
-            type_name(obj)
-        )));
+        return Err(wrong_type(obj, FUNC, param, "an int"));
     }
     obj.extract::<u32>().map_err(|_| {
         PyValueError::new_err(format!(

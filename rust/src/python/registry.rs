@@ -20,7 +20,6 @@
 
 use std::thread;
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
@@ -30,7 +29,7 @@ use super::exit;
 use super::foreign::StopBatch;
 use super::fork;
 use super::handle::PyTaskHandle;
-use super::interop::{call_on_loop, monotonic_of, seconds_arg, type_name};
+use super::interop::{call_on_loop, monotonic_of, seconds_arg, wrong_type};
 use super::kinds::PyTaskKind;
 use super::release::{with_attached, Attached};
 use super::spawn::Flag;
@@ -78,10 +77,12 @@ impl PyTaskRegistry {
     #[new]
     fn new(shutdown: &Bound<'_, PyAny>) -> PyResult<Self> {
         let token = shutdown.cast::<PyShutdownToken>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "TaskRegistry(): `shutdown` must be a dig_service.ShutdownToken, got {}",
-                type_name(shutdown)
-            ))
+            wrong_type(
+                shutdown,
+                "TaskRegistry()",
+                "shutdown",
+                "a dig_service.ShutdownToken",
+            )
         })?;
         Ok(Self::from_core(
             TaskRegistry::new(token.get().core.clone()),

@@ -23,7 +23,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyString, PyType};
@@ -34,7 +34,7 @@ use super::foreign::PyForeign;
 use super::handle::PyTaskHandle;
 use super::interop::{
     base_event_loop, copy_context, coroutine_type, iscoroutine, not_a_bool, task_type, text_arg,
-    type_name,
+    type_name, wrong_type,
 };
 use super::kinds::PyTaskKind;
 use super::registry::PyTaskRegistry;
@@ -156,10 +156,7 @@ fn not_a_coroutine(coro: &Bound<'_, PyAny>, func: &str) -> PyErr {
     } else {
         ""
     };
-    PyTypeError::new_err(format!(
-        "{func}: `coro` must be a coroutine object{hint}, got {}",
-        type_name(coro)
-    ))
+    wrong_type(coro, func, "coro", &format!("a coroutine object{hint}"))
 }
 
 /// Close a refused coroutine, so that Python does not warn that it was

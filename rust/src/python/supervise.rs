@@ -44,7 +44,7 @@ use super::errors;
 use super::exit::{self, attach_unless_exiting};
 use super::foreign::{cancel_on_loop, outcome_of, PyForeign};
 use super::handle::{describe_exception, failure_reason};
-use super::interop::{coroutine_type, iscoroutine, log_task, text_arg, type_name};
+use super::interop::{coroutine_type, iscoroutine, log_task, text_arg, type_name, wrong_type};
 use super::kinds::PyTaskKind;
 use super::policy::PyRestartPolicy;
 use super::registry::PyTaskRegistry;
@@ -369,21 +369,18 @@ pub(crate) fn supervise<'py>(
         } else {
             ""
         };
-        return Err(PyTypeError::new_err(format!(
-            "{FUNC}: `factory` must be a callable that returns a new coroutine{hint}, got {}",
-            type_name(factory)
-        )));
+        return Err(wrong_type(
+            factory,
+            FUNC,
+            "factory",
+            &format!("a callable that returns a new coroutine{hint}"),
+        ));
     }
     let policy = match policy {
         None => PyRestartPolicy::default(),
         Some(p) => p
             .cast::<PyRestartPolicy>()
-            .map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "{FUNC}: `policy` must be a dig_service.RestartPolicy, got {}",
-                    type_name(p)
-                ))
-            })?
+            .map_err(|_| wrong_type(p, FUNC, "policy", "a dig_service.RestartPolicy"))?
             .get()
             .clone(),
     };
